@@ -64,6 +64,11 @@ class PathConfig:
     bfs_fallback: bool = True
     partial_paths: bool = True
     max_expansions: int = 20000  # per A* search; then BFS fallback
+    # "landmark": the paper's anchor heuristic (ALT lower bound from anchors near the answer);
+    # "target": exact distances to the answer from a short BFS (faster on large KGs, same path lengths).
+    heuristic: Literal["landmark", "target"] = "landmark"
+    # Search oversample*k candidate paths, keep the k whose relations the question mentions most.
+    oversample: int = 4
     seed: int = 0
 
 
@@ -158,6 +163,9 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 5
+    # After the linear warmup: "cosine" or "linear" decay to 0 at the last step, or "constant".
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0  # DeepSpeed gradient clipping; 0 = off
     epochs: int = 1
     max_steps: int = 0  # 0 = epochs decide
     micro_batch_size: int = 4  # per worker

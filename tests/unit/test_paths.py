@@ -1,0 +1,365 @@
+"""KI path synthesis (kale_ray.core.paths): multi-path A* with landmark heuristic, BFS fallback, partial paths."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from itertools import islice
+
+import networkx as nx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kale_ray.core.kg import GraphIndex, KnowledgeGraph
+from kale_ray.core.paths import (
+    KGPath,
+    PathSearchParams,
+    bfs_distances,
+    bfs_tree,
+    find_paths,
+    graph_index_from_networkx,
+    landmark_heuristic,
+    path_to_named,
+    sample_paths,
+    to_simple_undirected_networkx,
+)
+
+MODES = ("landmark", "target")
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+def random_graph(seed: int, n_lo: int = 50, n_hi: int = 300, num_rel: int = 4):
+    r = np.random.default_rng(seed)
+    n = int(r.integers(n_lo, n_hi + 1))
+    m = int(n * r.uniform(0.7, 2.0))
+    tr = np.stack([r.integers(0, n, m), r.integers(0, num_rel, m), r.integers(0, n, m)], axis=1)
+    tr = np.unique(tr, axis=0).astype(np.int64)
+    index = GraphIndex.build(tr, n)
+    return tr, index, to_simple_undirected_networkx(index)
+
+
+def assert_valid(path: KGPath, triples: np.ndarray, source: int, max_hops: int) -> None:
+    tset = {tuple(map(int, t)) for t in triples}
+    assert len(path.nodes) == len(path.hops) + 1
+    assert path.nodes[0] == source
+    assert len(path.hops) <= max_hops
+    assert len(set(path.nodes)) == len(path.nodes), "paths are simple"
+    for (h, r, t), a, b in zip(path.hops, path.nodes, path.nodes[1:]):
+        assert (h, r, t) in tset, "every hop is a real, forward-stored triple"
+        assert {h, t} == {a, b}, "hop i joins nodes i and i+1 (the walk chains)"
+    for i in range(len(path.hops) - 1):  # consecutive hops share the walk's middle node
+        assert path.nodes[i + 1] in (path.hops[i][0], path.hops[i][2])
+        assert path.nodes[i + 1] in (path.hops[i + 1][0], path.hops[i + 1][2])
+
+
+def nx_k_shortest_lengths(g, s, t, k, max_hops):
+    out = []
+    for p in islice(nx.shortest_simple_paths(g, s, t), k):
+        if len(p) - 1 > max_hops:
+            break
+        out.append(len(p) - 1)
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# BFS and heuristic
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("seed", range(4))
+def test_bfs_distances_match_networkx(seed):
+    _, index, g = random_graph(seed)
+    for s in (0, index.num_nodes // 2, index.num_nodes - 1):
+        ref = nx.single_source_shortest_path_length(g, s)
+        d = bfs_distances(index, s)
+        assert d.dtype == np.int32
+        assert {i: int(x) for i, x in enumerate(d) if x >= 0} == ref
+        d2 = bfs_distances(index, s, max_depth=2)
+        assert {i: int(x) for i, x in enumerate(d2) if x >= 0} == {v: x for v, x in ref.items() if x <= 2}
+        dist, pedge, pnode = bfs_tree(index, s, max_depth=3)
+        for v in np.flatnonzero(dist > 0):  # parent pointers follow real edges one level up
+            e = pedge[v]
+            assert index.nbr[e] == v and dist[pnode[v]] == dist[v] - 1
+            assert index.indptr[pnode[v]] <= e < index.indptr[pnode[v] + 1]
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("mode,two_sided", [("landmark", True), ("landmark", False), ("target", True)])
+def test_heuristic_is_admissible_and_consistent(seed, mode, two_sided):
+    tr, index, g = random_graph(seed)
+    rng = np.random.default_rng(seed)
+    for max_hops in (2, 4):
+        params = PathSearchParams(max_hops=max_hops, heuristic=mode, two_sided=two_sided, num_anchors=4)
+        for t in rng.choice(index.num_nodes, size=4, replace=False).tolist():
+            heur = landmark_heuristic(index, t, params, rng)
+            true = bfs_distances(index, t)
+            h = heur.h
+            reach = true >= 0
+            assert np.all(h[reach] <= true[reach]), "h never overestimates the hop distance"
+            assert h[t] == 0
+            src = np.repeat(np.arange(index.num_nodes), np.diff(index.indptr))
+            assert np.all(np.abs(h[src] - h[index.nbr]) <= 1), "consistent along every edge"
+            if mode == "landmark":
+                anchors = heur.anchors.tolist()
+                assert t not in anchors and len(anchors) <= params.num_anchors
+                assert all(1 <= true[a] <= params.anchor_hops for a in anchors)
+            else:
+                exact = reach & (true <= heur.exact_depth)
+                assert np.array_equal(h[exact], np.maximum(true[exact], (np.arange(len(h)) != t)[exact]))
+
+
+# --------------------------------------------------------------------------- #
+# find_paths vs networkx on random graphs
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("mode", MODES)
+def test_find_paths_matches_networkx(seed, mode):
+    tr, index, g = random_graph(seed)
+    rng = np.random.default_rng(100 + seed)
+    params = PathSearchParams(max_hops=3, k=3, heuristic=mode)
+    n_full = n_partial = 0
+    for i in range(30):
+        s, t = (int(x) for x in rng.integers(0, index.num_nodes, 2))
+        if i % 2:  # half the targets from the source's 5-hop ball, so near and far pairs both occur
+            ball = np.flatnonzero(bfs_distances(index, s, max_depth=5) > 0)
+            t = int(rng.choice(ball)) if ball.size else t
+        paths = find_paths(index, tr, s, t, params, np.random.default_rng(seed))
+        try:
+            d = nx.shortest_path_length(g, s, t)
+        except nx.NetworkXNoPath:
+            d = None
+        for p in paths:
+            assert_valid(p, tr, s, params.max_hops)
+        if s == t:
+            assert [p.method for p in paths] == ["trivial"] and paths[0].nodes == [s] and paths[0].hops == []
+            continue
+        if d is not None and d <= params.max_hops:
+            n_full += 1
+            assert paths and all(p.complete and p.nodes[-1] == t for p in paths)
+            assert paths[0].length == d
+            lens = [p.length for p in paths]
+            assert lens == sorted(lens), "shortest first"
+            assert lens == nx_k_shortest_lengths(g, s, t, params.k, params.max_hops), "the k shortest simple paths"
+            assert len({tuple(p.nodes) for p in paths}) == len(paths), "distinct"
+        else:
+            assert not any(p.complete for p in paths)
+            if d is not None:  # connected but too far: one partial path, a prefix of a shortest path
+                n_partial += 1
+                assert len(paths) == 1 and paths[0].method == "partial"
+                p = paths[0]
+                assert p.length == params.max_hops
+                assert nx.shortest_path_length(g, p.nodes[-1], t) == d - params.max_hops
+            else:
+                assert paths == []
+    assert n_full > 0 and n_partial > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_partial_paths_when_target_too_far(mode):
+    # a chain 0-1-2-...-9: the target is 9 hops away
+    tr = np.array([[i, 0, i + 1] for i in range(9)], dtype=np.int64)
+    index = GraphIndex.build(tr, 10)
+    params = PathSearchParams(max_hops=3, k=2, heuristic=mode)
+    paths = find_paths(index, tr, 0, 9, params, np.random.default_rng(0))
+    assert len(paths) == 1 and not paths[0].complete and paths[0].method == "partial"
+    assert paths[0].nodes == [0, 1, 2, 3]
+    assert paths[0].hops == [(0, 0, 1), (1, 0, 2), (2, 0, 3)]
+    assert find_paths(index, tr, 0, 9, PathSearchParams(max_hops=3, partial_paths=False, heuristic=mode),
+                      np.random.default_rng(0)) == []
+
+
+def test_no_partial_path_across_components():
+    tr = np.array([[0, 0, 1], [1, 0, 2], [3, 0, 4]], dtype=np.int64)
+    index = GraphIndex.build(tr, 6)
+    for mode in MODES:
+        p = PathSearchParams(max_hops=2, heuristic=mode)
+        assert find_paths(index, tr, 0, 4, p, np.random.default_rng(0)) == []
+        assert find_paths(index, tr, 0, 5, p, np.random.default_rng(0)) == []  # 5 is isolated
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bfs_fallback_with_tiny_budget(mode):
+    tr, index, g = random_graph(7, 150, 250)
+    rng = np.random.default_rng(7)
+    checked = 0
+    for _ in range(40):
+        s, t = (int(x) for x in rng.integers(0, index.num_nodes, 2))
+        try:
+            d = nx.shortest_path_length(g, s, t)
+        except nx.NetworkXNoPath:
+            continue
+        if not 2 <= d <= 4:
+            continue
+        params = PathSearchParams(max_hops=4, k=3, max_expansions=1, heuristic=mode)
+        paths = find_paths(index, tr, s, t, params, np.random.default_rng(0), stats=(stats := {}))
+        assert stats.get("fallbacks") == 1
+        assert paths and paths[0].method == "bfs" and paths[0].complete and paths[0].length == d
+        for p in paths:
+            assert_valid(p, tr, s, 4)
+        lens = [p.length for p in paths]
+        assert lens == sorted(lens) and len({tuple(p.nodes) for p in paths}) == len(paths)
+        # without the fallback nothing is proven, so nothing comes back
+        no_fb = PathSearchParams(max_hops=4, k=3, max_expansions=1, bfs_fallback=False, heuristic=mode)
+        assert all(p.complete for p in find_paths(index, tr, s, t, no_fb, np.random.default_rng(0)))
+        checked += 1
+    assert checked >= 5
+
+
+# --------------------------------------------------------------------------- #
+# hand-made graphs
+# --------------------------------------------------------------------------- #
+def diamond():
+    #     1
+    #   /   \          0 -r0-> 1 -r1-> 3 ;  0 -r0-> 2 ; 3 -r2-> 2 (stored backwards for the walk 2->3)
+    #  0     3         long way round: 0 -r3-> 4 -r3-> 5 -r3-> 3
+    #   \   /
+    #     2
+    tr = np.array([[0, 0, 1], [1, 1, 3], [0, 0, 2], [3, 2, 2], [0, 3, 4], [4, 3, 5], [5, 3, 3]], dtype=np.int64)
+    return tr, GraphIndex.build(tr, 6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_diamond_gives_exactly_the_expected_paths(mode):
+    tr, index = diamond()
+    params = PathSearchParams(max_hops=3, k=3, heuristic=mode)
+    paths = find_paths(index, tr, 0, 3, params, np.random.default_rng(0))
+    assert [p.method for p in paths] == ["astar"] * 3 and all(p.complete for p in paths)
+    got = {tuple(p.nodes): p.hops for p in paths[:2]}
+    assert got == {(0, 1, 3): [(0, 0, 1), (1, 1, 3)], (0, 2, 3): [(0, 0, 2), (3, 2, 2)]}
+    assert paths[2].nodes == [0, 4, 5, 3] and paths[2].hops == [(0, 3, 4), (4, 3, 5), (5, 3, 3)]
+    # k=2: the two shortest only; max_hops=2: the long way is out of reach
+    assert {tuple(p.nodes) for p in find_paths(index, tr, 0, 3, PathSearchParams(max_hops=3, k=2, heuristic=mode),
+                                               np.random.default_rng(1))} == {(0, 1, 3), (0, 2, 3)}
+    assert len(find_paths(index, tr, 0, 3, PathSearchParams(max_hops=2, k=5, heuristic=mode),
+                          np.random.default_rng(0))) == 2
+    # walking the other way reports the same forward triples
+    back = find_paths(index, tr, 3, 0, params, np.random.default_rng(0))
+    assert {tuple(p.nodes) for p in back} == {(3, 1, 0), (3, 2, 0), (3, 5, 4, 0)}
+    assert {tuple(p.hops) for p in back if p.length == 2} == {((1, 1, 3), (0, 0, 1)), ((3, 2, 2), (0, 0, 2))}
+
+
+def test_parallel_edges_and_distinct_nodes():
+    tr = np.array([[0, 0, 1], [0, 1, 1], [1, 0, 2]], dtype=np.int64)  # two relations 0->1
+    index = GraphIndex.build(tr, 3)
+    by_nodes = find_paths(index, tr, 0, 2, PathSearchParams(max_hops=2, k=3), np.random.default_rng(0))
+    assert len(by_nodes) == 1
+    by_edges = find_paths(index, tr, 0, 2, PathSearchParams(max_hops=2, k=3, distinct_nodes=False),
+                          np.random.default_rng(0))
+    assert sorted(p.hops for p in by_edges) == [[(0, 0, 1), (1, 0, 2)], [(0, 1, 1), (1, 0, 2)]]
+
+
+def test_trivial_and_bad_ids():
+    tr, index = diamond()
+    p = PathSearchParams()
+    assert find_paths(index, tr, 2, 2, p, np.random.default_rng(0)) == [KGPath([], [2], True, "trivial")]
+    with pytest.raises(ValueError, match="target id 6"):
+        find_paths(index, tr, 0, 6, p, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="source id -1"):
+        find_paths(index, tr, -1, 3, p, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="source id '0'"):
+        find_paths(index, tr, "0", 3, p, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="target id 99"):
+        sample_paths(index, tr, [0], [3, 99], p, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="source id 7"):
+        bfs_distances(index, 7)
+    for bad in (dict(k=0), dict(max_hops=-1), dict(heuristic="dijkstra"), dict(max_expansions=1.5)):
+        with pytest.raises(ValueError):
+            PathSearchParams(**bad)
+
+
+def test_path_to_named_and_networkx_interop():
+    kg = KnowledgeGraph.from_named_triples([("aspirin", "treats", "headache"), ("headache", "symptom_of", "flu"),
+                                            ("flu", "caused_by", "virus")])
+    index = GraphIndex.from_kg(kg)
+    a, v = kg.entity_index["aspirin"], kg.entity_index["virus"]
+    paths = find_paths(index, kg.triples, v, a, PathSearchParams(max_hops=3), np.random.default_rng(0))
+    assert path_to_named(paths[0], kg) == [["flu", "caused_by", "virus"], ["headache", "symptom_of", "flu"],
+                                           ["aspirin", "treats", "headache"]]
+    assert all(kg.has_named_triple(*h) for h in path_to_named(paths[0], kg))
+    g = nx.MultiDiGraph()
+    g.add_edge("a", "b", relation="r")
+    g.add_edge("c", "b", relation="s")
+    idx2, kg2 = graph_index_from_networkx(g)
+    p = find_paths(idx2, kg2.triples, kg2.entity_index["a"], kg2.entity_index["c"], PathSearchParams(),
+                   np.random.default_rng(0))
+    assert path_to_named(p[0], kg2) == [["a", "r", "b"], ["c", "s", "b"]]
+
+
+# --------------------------------------------------------------------------- #
+# sample_paths, determinism
+# --------------------------------------------------------------------------- #
+def test_sample_paths_dedups_pairs_and_caches_per_target():
+    tr, index, g = random_graph(11, 100, 150)
+    params = PathSearchParams(max_hops=3, k=2)
+    srcs, tgts = [1, 2, 1, 3], [5, 8, 5]
+    stats: dict = {}
+    out = sample_paths(index, tr, srcs, tgts, params, np.random.default_rng(0), stats=stats)
+    keys = [tuple(p.nodes) for p in out]
+    assert len(keys) == len(set(keys))
+    for s in (1, 2, 3):
+        for t in (5, 8):
+            mine = [p for p in out if p.nodes[0] == s and (p.nodes[-1] == t or not p.complete)]
+            assert len([p for p in mine if p.complete and p.nodes[-1] == t]) <= params.k
+    for p in out:
+        assert_valid(p, tr, p.nodes[0], 3)
+    assert stats["heuristics"] == 2, "one landmark heuristic per distinct target, reused across sources"
+    assert sample_paths(index, tr, [4], [4], params, np.random.default_rng(0)) == []
+    assert [p.method for p in sample_paths(index, tr, [4], [4], params, np.random.default_rng(0),
+                                           include_trivial=True)] == ["trivial"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_deterministic_for_a_seed(mode):
+    tr, index, _ = random_graph(3, 200, 300)
+    params = PathSearchParams(max_hops=4, k=3, heuristic=mode)
+    a = sample_paths(index, tr, [0, 10, 20], [30, 40], params, np.random.default_rng(42))
+    b = sample_paths(index, tr, [0, 10, 20], [30, 40], params, np.random.default_rng(42))
+    assert [x.to_dict() for x in a] == [y.to_dict() for y in b]
+
+
+# --------------------------------------------------------------------------- #
+# property test
+# --------------------------------------------------------------------------- #
+@st.composite
+def small_graph_and_pair(draw):
+    n = draw(st.integers(2, 25))
+    m = draw(st.integers(1, 50))
+    rows = draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, 2), st.integers(0, n - 1)),
+                         min_size=1, max_size=m, unique=True))
+    s = draw(st.integers(0, n - 1))
+    t = draw(st.integers(0, n - 1))
+    return n, np.array(sorted(rows), dtype=np.int64), s, t
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_graph_and_pair(), st.sampled_from(MODES), st.integers(1, 4), st.integers(1, 4), st.booleans())
+def test_property_every_hop_is_a_triple_and_length_is_nx_distance(data, mode, max_hops, k, two_sided):
+    n, tr, s, t = data
+    index = GraphIndex.build(tr, n)
+    g = to_simple_undirected_networkx(index)
+    params = PathSearchParams(max_hops=max_hops, k=k, heuristic=mode, two_sided=two_sided)
+    paths = find_paths(index, tr, s, t, params, np.random.default_rng(0))
+    for p in paths:
+        assert_valid(p, tr, s, max_hops)
+    try:
+        d = nx.shortest_path_length(g, s, t)
+    except nx.NetworkXNoPath:
+        d = None
+    complete = [p for p in paths if p.complete]
+    if d is not None and d <= max_hops:
+        assert complete and complete[0].length == d
+        expected = [0] if s == t else nx_k_shortest_lengths(g, s, t, k, max_hops)
+        assert [p.length for p in complete] == expected
+    else:
+        assert not complete
+
+
+# --------------------------------------------------------------------------- #
+# purity
+# --------------------------------------------------------------------------- #
+def test_import_does_not_pull_heavy_frameworks():
+    code = ("import kale_ray.core.paths, sys; "
+            "bad = {'ray', 'vllm', 'torch', 'deepspeed', 'networkx'} & set(sys.modules); assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
