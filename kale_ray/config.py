@@ -121,6 +121,9 @@ class SynthConfig:
     # teacher output is still written aside with its reason.
     fallback_to_template: bool = True
     max_rows: int = 0  # 0 = all
+    # Rows with fewer hops get the exact template rationale instead of a teacher call: a
+    # one-fact question's rationale is the fact itself. 0 = send every row to the teacher.
+    teacher_min_hops: int = 0
 
 
 @dataclasses.dataclass
@@ -269,7 +272,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return None
+
+
+def _build(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
+    """``cls`` from ``data``; fields not in ``data`` come from ``base`` (or the field defaults).
+
+    A nested section given as a mapping starts from that section's *default instance*, so a
+    partial override (``eval.generation.backend=x``) keeps the section's non-class defaults
+    (``EvalConfig.generation.max_tokens=16``) instead of resetting them.
+    """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -279,17 +296,28 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
             close = difflib.get_close_matches(str(k), list(fields), n=1)
             hint = f" (did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown key '{key}'{hint}")
+        if isinstance(v, dict):
+            sub = getattr(base, k) if base is not None else _field_default(fields[k])
+            if dataclasses.is_dataclass(sub) and not isinstance(sub, type):
+                kwargs[k] = _build(type(sub), v, key, base=sub)
+                continue
         kwargs[k] = _coerce(v, hints[k], key)
-    obj = cls(**kwargs)
+    obj = dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     return obj
 
 
 def _parse_scalar(text: str) -> Any:
     """Parse an override's right-hand side as YAML (so 1e-4, true, [1,2] and null work)."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string; a user means the number
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:

@@ -126,7 +126,7 @@ class KnowledgeGraph:
         rel: dict[str, int] = {}
         rows: list[tuple[int, int, int]] = []
         seen: set[tuple[int, int, int]] = set()
-        rejects = rejects or Rejects()
+        rejects = rejects if rejects is not None else Rejects()  # an empty Rejects is falsy (__len__)
         for h, r, t in triples:
             hi = ent.setdefault(h, len(ent))
             ri = rel.setdefault(r, len(rel))
@@ -178,6 +178,8 @@ def _parse_triple_line(path: Path, lineno: int, text: str, fmt: str) -> tuple[st
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             return f"not valid JSON ({e.msg})"
+        except (ValueError, RecursionError) as e:  # e.g. an integer over the digit limit, deep nesting
+            return f"not valid JSON ({type(e).__name__})"
         if isinstance(obj, list):
             parts = obj
         elif isinstance(obj, dict):
@@ -191,7 +193,10 @@ def _parse_triple_line(path: Path, lineno: int, text: str, fmt: str) -> tuple[st
         else:
             return "expected a JSON object or list"
     elif fmt == "csv":
-        parts = next(csv.reader(io.StringIO(text)))
+        try:
+            parts = next(csv.reader(io.StringIO(text)))
+        except csv.Error as e:  # e.g. a bare carriage return inside an unquoted field
+            return f"not valid CSV ({e})"
     else:
         parts = text.split("\t")
     if len(parts) != 3:
@@ -241,11 +246,15 @@ def read_names(path: str | Path, on_error: str = "error", rejects: Rejects | Non
                 obj = json.loads(text)
                 eid, name = str(obj["id"]), str(obj["name"])
                 als = [str(a) for a in obj.get("aliases", [])]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
                 _bad(path, lineno, f"expected JSON with id and name ({e})", text[:200], rejects, on_error, "malformed_name")
                 continue
         else:
-            parts = text.split("\t") if fmt == "tsv" else next(csv.reader(io.StringIO(text)))
+            try:
+                parts = text.split("\t") if fmt == "tsv" else next(csv.reader(io.StringIO(text)))
+            except csv.Error as e:
+                _bad(path, lineno, f"not valid CSV ({e})", text[:200], rejects, on_error, "malformed_name")
+                continue
             if len(parts) < 2 or not parts[0].strip() or not parts[1].strip():
                 _bad(path, lineno, "expected id<TAB>name[<TAB>alias...]", text[:200], rejects, on_error, "malformed_name")
                 continue

@@ -74,7 +74,8 @@ def match_choice(generation: str, choices: Sequence[str]) -> str | None:
     by_norm = {normalize(c): c for c in choices}
     if text in by_norm:
         return by_norm[text]
-    starts = [c for n, c in by_norm.items() if n and text.startswith(n)]
+    # the text starts with the choice as whole words ("planter" does not start with "plant")
+    starts = [c for n, c in by_norm.items() if n and text.startswith(n + " ")]
     if starts:
         return max(starts, key=lambda c: len(normalize(c)))
     found = [c for n, c in by_norm.items() if n and _contains(text, c)]

@@ -294,15 +294,17 @@ def split_questions(questions: list[QAExample], test_fraction: float, seed: int 
     test_ids = {multi[i].id for i in order[:n_test]}
     test = [q for q in multi if q.id in test_ids]
     train = [q for q in questions if q.id not in test_ids]
-    seen = {q.id for q in train}
+    # One training question per distinct text: a generated 1-hop question and a hop probe
+    # asking the same (head, relation) are the same question (all their answers are accepted).
+    seen = {normalize(q.question) for q in train}
     for q in questions:
         for p in q.probes:
             probe = QAExample.from_dict(p)
-            fact_id = _qid(probe.question_entities, probe.question)
-            if fact_id in seen:
+            text = normalize(probe.question)
+            if text in seen:
                 continue
-            seen.add(fact_id)
-            probe.id = fact_id
+            seen.add(text)
+            probe.id = _qid(probe.question_entities, probe.question)
             train.append(probe)
     # a test question must not be asked in train under the same text
     test_text = {normalize(q.question) for q in test}
@@ -368,17 +370,36 @@ def read_qa_jsonl(path: str | Path, rejects: Rejects | None = None, on_error: st
             if choices and normalize(a) not in {normalize(c) for c in choices}:
                 bad(lineno, f"answer {a!r} is not one of the choices", text, "answer_not_in_choices")
                 continue
-            all_answers = [str(x) for x in obj.get("answers", [])] or [a]
+            # "all_answers" is what write_qa_jsonl writes; "answers" is the documented input key
+            extra = obj.get("answers") if obj.get("answers") is not None else obj.get("all_answers")
+            lists = {"answers": extra, "question_entities": obj.get("question_entities"),
+                     "answer_entities": obj.get("answer_entities")}
+            wrong = [k for k, v in lists.items() if v is not None and not (
+                isinstance(v, list) and all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in v))]
+            if wrong:
+                bad(lineno, f"'{wrong[0]}' must be a list of strings", text, "malformed_qa")
+                continue
+            num_hops, hops, probes = obj.get("num_hops"), obj.get("hops"), obj.get("probes")
+            if num_hops is not None and (isinstance(num_hops, bool) or not isinstance(num_hops, int)):
+                bad(lineno, "'num_hops' must be an integer", text, "malformed_qa")
+                continue
+            if hops is not None and not (isinstance(hops, list) and all(isinstance(h, list) for h in hops)):
+                bad(lineno, "'hops' must be a list of [head, relation, tail] lists", text, "malformed_qa")
+                continue
+            if probes is not None and not (isinstance(probes, list) and all(isinstance(x, dict) for x in probes)):
+                bad(lineno, "'probes' must be a list of objects", text, "malformed_qa")
+                continue
+            all_answers = [str(x) for x in extra or []] or [a]
             if a not in all_answers:
                 all_answers = [a] + all_answers
             yield QAExample(
                 id=str(obj.get("id") or _qid(str(path), lineno, q)),
                 question=q.strip(), answer=a, choices=choices, all_answers=all_answers,
-                question_entities=[str(x) for x in obj.get("question_entities", [])],
-                answer_entities=[str(x) for x in obj.get("answer_entities", [])],
-                num_hops=int(obj.get("num_hops", 0) or 0),
-                hops=obj.get("hops", []) or [],
-                probes=obj.get("probes", []) or [],
+                question_entities=[str(x) for x in lists["question_entities"] or []],
+                answer_entities=[str(x) for x in lists["answer_entities"] or []],
+                num_hops=int(num_hops or 0),
+                hops=hops or [],
+                probes=probes or [],
             )
 
 

@@ -347,6 +347,11 @@ def _run_pending(cfg: SynthConfig, kg: KnowledgeGraph, index: GraphIndex, rows: 
     if backend == "template":
         gen_rows = iter(ok_rows)
     elif backend in ("vllm", "http"):
+        for row in [r for r in ok_rows if int(r.get("num_hops") or 0) < cfg.teacher_min_hops and r.get("num_hops")]:
+            kept, _ = steps.finish_row(row, kg, "template", False)
+            buffers[row["shard"]]["kept"].append(kept)
+            account(row["shard"])
+        ok_rows = [r for r in ok_rows if not (int(r.get("num_hops") or 0) < cfg.teacher_min_hops and r.get("num_hops"))]
         gen_rows = _teacher_stage(cfg, ok_rows, out_dir, progress, buffers, account)
     else:
         raise ValueError(f"generation.backend: unknown backend {backend!r} (vllm, http, template)")

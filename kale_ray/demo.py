@@ -1,0 +1,117 @@
+"""The main job: KALE end to end on the embedded defaults (UMLS + SmolLM2-135M-Instruct).
+
+    kale-ray demo --out runs/demo
+
+1. synthesis: generated multi-hop QA -> KI paths -> vLLM teacher rationales (Ray Data)
+2. training rows rendered with the student's chat template
+3. SFT baseline and KALE, same data / steps / seed / LoRA, Ray Train + DeepSpeed
+4. evaluation of both (and the untrained base) on the held-out questions through vLLM
+5. metrics.json, report.md, plot.png
+
+Each stage writes under ``--out``; a rerun resumes (finished shards, checkpoints and
+evaluations are reused).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from kale_ray.config import DemoConfig, EvalConfig, dump_config
+from kale_ray.report import machine_info, plot, write_metrics, write_report
+
+
+def _done(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
+    import ray
+
+    from kale_ray.eval.evaluate import evaluate
+    from kale_ray.models import resolve_model
+    from kale_ray.synth.format import write_training_rows
+    from kale_ray.synth.pipeline import run_synthesis
+    from kale_ray.train.trainer import run_training
+
+    out = Path(cfg.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
+
+    t = time.perf_counter()
+    model_path = resolve_model(cfg.train.model.name, cfg.train.model.cache_dir)
+    timings["resolve_model"] = time.perf_counter() - t
+
+    # 1. synthesis
+    t = time.perf_counter()
+    synth_cfg = copy.deepcopy(cfg.synth)
+    synth_cfg.out_dir = str(out / "synth")
+    summary = run_synthesis(synth_cfg, progress).to_dict()
+    timings["synthesis"] = time.perf_counter() - t
+    for k, v in summary["seconds"].items():
+        timings[f"synthesis.{k}"] = v
+
+    # 2. training rows
+    t = time.perf_counter()
+    rows = write_training_rows(out / "synth", model_path, out / "train_rows", cfg.train.model.trust_remote_code)
+    timings["format_training_rows"] = time.perf_counter() - t
+    progress(f"[demo] {rows['rows']} training rows")
+
+    # 3. SFT and KALE with the same budget
+    histories, train_summaries, merged = {}, {}, {}
+    for loss in ("sft", "kale"):
+        t = time.perf_counter()
+        tcfg = copy.deepcopy(cfg.train)
+        tcfg.loss = loss
+        tcfg.data = str(out / "train_rows")
+        tcfg.out_dir = str(out / loss)
+        done = _done(out / loss / "train_summary.json")
+        if done is None:
+            progress(f"[demo] training {loss} on Ray Train + DeepSpeed ZeRO-{tcfg.zero_stage}, {tcfg.num_workers} workers")
+            res = run_training(tcfg, run_name=f"demo-{loss}")
+            train_summaries[loss], histories[loss], merged[loss] = res.summary, res.history, res.merged_dir
+        else:
+            train_summaries[loss] = done
+            histories[loss] = [json.loads(x) for x in (out / loss / "history.jsonl").read_text().splitlines() if x]
+            merged[loss] = str(out / loss / "merged")
+        timings[f"train.{loss}"] = time.perf_counter() - t
+
+    # 4. evaluation
+    evals = {}
+    test_file = out / "synth" / "qa" / "test.jsonl"
+    for name, path in (("base", cfg.train.model.name), ("sft", merged["sft"]), ("kale", merged["kale"])):
+        t = time.perf_counter()
+        ecfg = copy.deepcopy(cfg.eval)
+        ecfg.model = copy.deepcopy(cfg.train.model)
+        ecfg.model.name = path
+        ecfg.data = str(test_file)
+        ecfg.out_dir = str(out / f"eval_{name}")
+        done = _done(out / f"eval_{name}" / "metrics.json")
+        evals[name] = done if done is not None else evaluate(ecfg, label=name, progress=progress)
+        timings[f"eval.{name}"] = time.perf_counter() - t
+
+    timings["total"] = time.perf_counter() - t_all
+    metrics = {
+        "model": cfg.train.model.name,
+        "machine": machine_info(),
+        "synthesis": summary,
+        "training_rows": rows,
+        "train": {k: {kk: v.get(kk) for kk in ("steps", "samples", "final_loss", "samples_per_s", "seconds_per_step", "wall_seconds",
+                                                "rejected", "first_loss")} for k, v in train_summaries.items()},
+        "eval": evals,
+        "sft": {"accuracy": evals["sft"]["accuracy"], "known_and_incorrect_rate": evals["sft"]["known_and_incorrect_rate"]},
+        "kale": {"accuracy": evals["kale"]["accuracy"], "known_and_incorrect_rate": evals["kale"]["known_and_incorrect_rate"]},
+        "timings": timings,
+    }
+    write_metrics(out, metrics)
+    plot(out / "plot.png", histories, evals)
+    write_report(out, metrics)
+    progress(f"[demo] done in {timings['total'] / 60:.1f} min: sft acc {evals['sft']['accuracy']:.3f}, "
+             f"kale acc {evals['kale']['accuracy']:.3f}; report: {out / 'report.md'}")
+    return metrics

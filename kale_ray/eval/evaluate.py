@@ -1,0 +1,103 @@
+"""Held-out QA evaluation with generation through vLLM (ray.data.llm), plus hop probes.
+
+The student sees exactly the prompt string training used (``student_messages`` rendered
+with the model's chat template), greedy decoding; answers are scored by choice matching
+(multiple choice) or normalised match (open questions).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from kale_ray.config import EvalConfig, dump_config
+from kale_ray.core.parse import is_correct
+from kale_ray.core.prompts import render_chat, student_messages
+from kale_ray.core.qa import QAExample, read_qa_jsonl
+from kale_ray.core.rejects import Rejects
+from kale_ray.eval.metrics import summarize
+
+
+def eval_items(questions: list[QAExample], with_probes: bool = True) -> list[dict[str, Any]]:
+    """One item per question, and one per hop probe (kind='probe', qid = its question)."""
+    items = []
+    for q in questions:
+        items.append({"item_id": q.id, "qid": q.id, "kind": "question", "question": q.question,
+                      "choices": list(q.choices), "all_answers": list(q.all_answers or [q.answer]),
+                      "num_hops": q.num_hops})
+        if with_probes:
+            for i, p in enumerate(q.probes):
+                items.append({"item_id": f"{q.id}#hop{i}", "qid": q.id, "kind": "probe", "question": p["question"],
+                              "choices": list(p.get("choices") or []),
+                              "all_answers": list(p.get("all_answers") or [p["answer"]]), "num_hops": 1})
+    return items
+
+
+def score(item: dict[str, Any], generation: str, error: str = "") -> dict[str, Any]:
+    if error:
+        return dict(item, generation="", prediction=None, correct=False, parsed=False, skipped=_skip_reason(error))
+    ok, pred = is_correct(generation, item["all_answers"], item["choices"])
+    return dict(item, generation=generation, prediction=pred, correct=bool(ok), parsed=pred is not None, skipped="")
+
+
+def _skip_reason(error: str) -> str:
+    e = error.lower()
+    if "maximum context length" in e or "too long" in e or "max_model_len" in e or "longer than" in e:
+        return "prompt_too_long"
+    return "generation_failed"
+
+
+def evaluate(cfg: EvalConfig, label: str = "model", progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate ``cfg.model`` on ``cfg.data``; write predictions.jsonl and metrics.json. Ray must be up."""
+    import ray
+
+    from kale_ray.llm import build_vllm_processor
+    from kale_ray.models import load_tokenizer, resolve_model
+
+    t0 = time.perf_counter()
+    out_dir = Path(cfg.out_dir).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out_dir / "config.yaml")
+    rejects = Rejects()
+    questions = list(read_qa_jsonl(cfg.data, rejects))
+    if rejects.total():
+        rejects.write_jsonl(out_dir / "rejected_qa_lines.jsonl")
+    items = eval_items(questions, cfg.known_and_incorrect)
+    model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)
+    tok = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    budget = cfg.model.max_model_len - cfg.generation.max_tokens
+    scored: list[dict] = []
+    to_run = []
+    for it in items:
+        prompt = render_chat(student_messages(it["question"], it["choices"]), tok)
+        n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        if n > budget:  # reject before the engine, with the numbers
+            scored.append(score(it, "", f"prompt too long: {n} tokens > {budget}"))
+        else:
+            to_run.append(dict(it, prompt=prompt, choices=json.dumps(it["choices"]),
+                               all_answers=json.dumps(it["all_answers"])))
+    progress(f"[eval:{label}] {len(questions)} questions, {len(items)} items (with hop probes) through vLLM")
+    if to_run:
+        proc = build_vllm_processor(model_path, cfg.generation, cfg.model.max_model_len, cfg.model.trust_remote_code)
+        ds = ray.data.from_items(to_run, override_num_blocks=max(1, min(32, len(to_run) // cfg.generation.batch_size)))
+        for row in proc(ds).iter_rows():
+            item = {k: row[k] for k in ("item_id", "qid", "kind", "question", "num_hops")}
+            item["choices"] = json.loads(row["choices"])
+            item["all_answers"] = json.loads(row["all_answers"])
+            err = row.get("__inference_error__") or row.get("gen_error") or ""
+            gen = row.get("generation")
+            scored.append(score(item, "" if gen is None else str(gen), "" if err in (None, "None") else str(err)))
+    if len(scored) != len(items):
+        raise RuntimeError(f"evaluation lost items: {len(items)} in, {len(scored)} scored")
+    scored.sort(key=lambda r: r["item_id"])
+    with (out_dir / "predictions.jsonl").open("w") as f:
+        for r in scored:
+            f.write(json.dumps(r) + "\n")
+    metrics = summarize(scored)
+    metrics.update(label=label, model=cfg.model.name, data=cfg.data, seconds=time.perf_counter() - t0)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    progress(f"[eval:{label}] accuracy {metrics['accuracy']:.3f} (n={metrics['n_questions']}), "
+             f"probe accuracy {metrics['probe_accuracy']:.3f}, known&incorrect {metrics['known_and_incorrect_rate']:.3f} "
+             f"({metrics['seconds']:.0f}s)")
+    return metrics

@@ -1,0 +1,103 @@
+"""Run reports: metrics.json, report.md and a PNG plot (loss curves, accuracy bars)."""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+
+def plot(out_png: Path, histories: dict[str, list[dict]], evals: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    for name, hist in histories.items():
+        if hist:
+            ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], label=f"{name} total loss")
+            if "ce" in hist[0] and name != "sft":
+                ax.plot([h["step"] for h in hist], [h["ce"] for h in hist], "--", label=f"{name} answer CE")
+    ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.set_title("training loss"); ax.legend(fontsize=8)
+    ax = axes[1]
+    if histories.get("kale") and "kl" in histories["kale"][0]:
+        h = histories["kale"]
+        ax.plot([x["step"] for x in h], [x["kl"] for x in h], color="tab:purple")
+        ax.set_title("KALE: KL(teacher view || student view)"); ax.set_xlabel("step")
+    else:
+        ax.axis("off")
+    ax = axes[2]
+    names = list(evals)
+    accs = [evals[n]["accuracy"] for n in names]
+    lo = [evals[n]["accuracy"] - evals[n]["accuracy_ci95"][0] for n in names]
+    hi = [evals[n]["accuracy_ci95"][1] - evals[n]["accuracy"] for n in names]
+    kis = [evals[n]["known_and_incorrect_rate"] for n in names]
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], accs, width=0.4, yerr=[lo, hi], capsize=4, label="accuracy (95% CI)")
+    ax.bar([i + 0.2 for i in x], kis, width=0.4, label="known & incorrect rate")
+    ax.set_xticks(list(x)); ax.set_xticklabels(names); ax.set_ylim(0, 1); ax.legend(fontsize=8)
+    ax.set_title("held-out multi-hop questions")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def write_report(out: Path, metrics: dict[str, Any]) -> None:
+    ev = metrics["eval"]
+    lines = [
+        "# KALE demo report", "",
+        f"KG: `{metrics['synthesis']['kg']['source']}` ({metrics['synthesis']['kg']['entities']} entities, "
+        f"{metrics['synthesis']['kg']['triples']} triples); model: `{metrics['model']}`; "
+        f"machine: {metrics['machine']['cpus']} CPUs, {metrics['machine']['platform']}.", "",
+        "## Held-out multi-hop questions", "",
+        "| model | accuracy | 95% CI | probe (hop fact) accuracy | known & incorrect rate | K&I given known | n |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in ev.items():
+        lines.append(f"| {name} | {m['accuracy']:.3f} | [{m['accuracy_ci95'][0]:.3f}, {m['accuracy_ci95'][1]:.3f}] | "
+                     f"{m['probe_accuracy']:.3f} | {m['known_and_incorrect_rate']:.3f} | "
+                     f"{m['known_and_incorrect_given_known']:.3f} | {m['n_questions']} |")
+    if "sft" in ev and "kale" in ev:
+        d = ev["kale"]["accuracy"] - ev["sft"]["accuracy"]
+        lines += ["", f"KALE - SFT accuracy: **{d * 100:+.1f} points** (same data, steps, seed and LoRA budget). "
+                      "With this many questions, differences inside the CIs are not significant."]
+    s = metrics["synthesis"]
+    lines += ["", "## Synthesis", "",
+              f"- rows in {s['rows_in']}, out {s['rows_out']}, rejected {s['rejected'] or 0}",
+              f"- rationales by teacher: {s['teacher_counts']}",
+              f"- teacher outputs that failed verification (replaced by the template rationale): {s['teacher_rejected'] or 0}",
+              f"- tokens generated: {s['tokens_generated']}",
+              f"- questions: {s['qa']}", "",
+              "## Training", ""]
+    for name, t in metrics["train"].items():
+        lines.append(f"- {name}: {t.get('steps')} steps, final loss {_fmt(t.get('final_loss'))}, "
+                     f"{_fmt(t.get('samples_per_s'))} samples/s, {_fmt(t.get('seconds_per_step'))} s/step, {_fmt(t.get('wall_seconds'))} s")
+    lines += ["", "## Time per stage (s)", "", "| stage | seconds |", "|---|---|"]
+    for k, v in metrics["timings"].items():
+        lines.append(f"| {k} | {v:.1f} |")
+    lines += ["", "![plot](plot.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def machine_info() -> dict[str, Any]:
+    import os
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        import torch, transformers, ray, vllm, deepspeed  # noqa: E401
+
+        info.update(torch=torch.__version__, transformers=transformers.__version__, ray=ray.__version__,
+                    vllm=vllm.__version__, deepspeed=deepspeed.__version__)
+    except Exception as e:  # versions are informative only
+        info["versions_error"] = str(e)
+    return info
+
+
+def write_metrics(out: Path, metrics: dict[str, Any]) -> None:
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))

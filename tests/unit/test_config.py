@@ -1,0 +1,222 @@
+"""Typed configs (kale_ray.config): defaults, YAML + overrides, errors that name the key."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from kale_ray.config import (
+    ConfigError,
+    DemoConfig,
+    EvalConfig,
+    SynthConfig,
+    TrainConfig,
+    dump_config,
+    load_config,
+)
+
+ALL = [SynthConfig, TrainConfig, EvalConfig, DemoConfig]
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_defaults_load_equal_dataclass_defaults(cls):
+    assert load_config(cls) == cls()
+    assert load_config(cls, None, []) == cls()
+
+
+def test_train_defaults_values():
+    cfg = load_config(TrainConfig)
+    assert cfg.lr == 2e-4 and isinstance(cfg.lr, float)
+    assert cfg.lora.r == 16 and cfg.lora.enabled is True
+    assert cfg.ka.direction == "forward"
+    assert cfg.zero_stage == 2
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = tmp_path / "train.yaml"
+    p.write_text("lr: 0.001\nepochs: 3\nlora:\n  r: 4\n  alpha: 8\nka:\n  lam: 0.5\n")
+    cfg = load_config(TrainConfig, p, ["epochs=5", "lora.r=8", "ka.direction=reverse"])
+    assert cfg.lr == pytest.approx(1e-3)
+    assert cfg.epochs == 5  # override beats YAML
+    assert cfg.lora.r == 8  # nested override beats YAML
+    assert cfg.lora.alpha == 8  # YAML sibling of an overridden key survives
+    assert cfg.lora.dropout == 0.0  # untouched field keeps its default
+    assert cfg.ka.lam == 0.5 and cfg.ka.direction == "reverse"
+    assert cfg.model.name == TrainConfig().model.name
+
+
+def test_nested_override_without_yaml():
+    cfg = load_config(TrainConfig, None, ["lora.r=8", "lr=1e-3", "use_gpu=true", "lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.lora.r == 8 and isinstance(cfg.lora.r, int)
+    assert cfg.lr == pytest.approx(1e-3) and isinstance(cfg.lr, float)
+    assert cfg.use_gpu is True
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.lora.alpha == 32
+
+
+def test_int_given_to_float_field_becomes_float():
+    cfg = load_config(TrainConfig, None, ["lr=1"])
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+
+
+def test_deeply_nested_override():
+    cfg = load_config(DemoConfig, None, ["train.lora.r=2", "synth.paths.k=5", "synth.kg.on_error=skip"])
+    assert cfg.train.lora.r == 2
+    assert cfg.synth.paths.k == 5
+    assert cfg.synth.kg.on_error == "skip"
+    assert cfg.train.lora.alpha == 32
+
+
+def test_partial_override_keeps_non_class_default_of_section():
+    """EvalConfig.generation defaults to max_tokens=16 (not GenerationConfig's 96): overriding
+    one generation key must not reset the others to the class defaults."""
+    base = EvalConfig()
+    assert base.generation.max_tokens == 16
+    cfg = load_config(EvalConfig, None, ["generation.backend=template"])
+    assert cfg.generation.backend == "template"
+    assert cfg.generation.max_tokens == 16
+    demo = load_config(DemoConfig, None, ["eval.generation.backend=template"])
+    assert demo.eval.generation.max_tokens == 16
+
+
+def test_partial_yaml_section_keeps_non_class_default(tmp_path):
+    p = tmp_path / "eval.yaml"
+    p.write_text("generation:\n  backend: http\n")
+    cfg = load_config(EvalConfig, p)
+    assert cfg.generation.backend == "http"
+    assert cfg.generation.max_tokens == 16
+
+
+def test_type_error_names_key():
+    with pytest.raises(ConfigError) as ei:
+        load_config(TrainConfig, None, ["lr=fast"])
+    msg = str(ei.value)
+    assert "lr" in msg and "fast" in msg
+
+
+def test_type_error_names_nested_key():
+    with pytest.raises(ConfigError) as ei:
+        load_config(TrainConfig, None, ["lora.r=big"])
+    assert "lora.r" in str(ei.value)
+
+
+def test_type_error_in_yaml_names_key(tmp_path):
+    p = tmp_path / "t.yaml"
+    p.write_text("lora:\n  enabled: maybe\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(TrainConfig, p)
+    assert "lora.enabled" in str(ei.value)
+
+
+def test_bool_is_not_an_int():
+    with pytest.raises(ConfigError, match="epochs"):
+        load_config(TrainConfig, None, ["epochs=true"])
+
+
+def test_list_item_error_names_index():
+    with pytest.raises(ConfigError) as ei:
+        load_config(SynthConfig, None, ["qa.hops=[1, two]"])
+    assert "qa.hops[1]" in str(ei.value)
+
+
+def test_unknown_key_did_you_mean():
+    with pytest.raises(ConfigError) as ei:
+        load_config(TrainConfig, None, ["lrr=0.1"])
+    msg = str(ei.value)
+    assert "unknown key 'lrr'" in msg
+    assert "did you mean" in msg and "'lr'" in msg
+
+
+def test_unknown_nested_key_did_you_mean():
+    with pytest.raises(ConfigError) as ei:
+        load_config(TrainConfig, None, ["lora.rr=8"])
+    msg = str(ei.value)
+    assert "lora.rr" in msg and "did you mean 'lora.r'" in msg
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("paths:\n  max_hop: 2\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(SynthConfig, p)
+    assert "paths.max_hop" in str(ei.value) and "paths.max_hops" in str(ei.value)
+
+
+def test_unknown_key_far_from_anything_has_no_suggestion():
+    with pytest.raises(ConfigError) as ei:
+        load_config(TrainConfig, None, ["zzzzzzzz=1"])
+    assert "zzzzzzzz" in str(ei.value) and "did you mean" not in str(ei.value)
+
+
+def test_literal_violation_lists_allowed_values():
+    with pytest.raises(ConfigError) as ei:
+        load_config(SynthConfig, None, ["generation.backend=openai"])
+    msg = str(ei.value)
+    assert "generation.backend" in msg and "openai" in msg
+    for allowed in ("vllm", "http", "template"):
+        assert allowed in msg
+
+
+def test_literal_int_violation():
+    with pytest.raises(ConfigError) as ei:
+        load_config(TrainConfig, None, ["zero_stage=4"])
+    msg = str(ei.value)
+    assert "zero_stage" in msg
+    for allowed in ("0", "1", "2", "3"):
+        assert allowed in msg
+    assert load_config(TrainConfig, None, ["zero_stage=3"]).zero_stage == 3
+
+
+def test_string_field_keeps_override_text():
+    # YAML would read these as numbers (0123 even as octal 83); a str field keeps what was typed.
+    cfg = load_config(TrainConfig, None, ["model.name=0123", "data=1e5", "loss=7"])
+    assert cfg.model.name == "0123"
+    assert cfg.data == "1e5"
+    assert cfg.loss == "7"
+    # optional string field too
+    s = load_config(SynthConfig, None, ["kg.names=2024", "generation.http_model=1.5"])
+    assert s.kg.names == "2024" and s.generation.http_model == "1.5"
+
+
+def test_optional_field_accepts_null():
+    cfg = load_config(DemoConfig, None, ["ray_address=null"])
+    assert cfg.ray_address is None
+    cfg = load_config(DemoConfig, None, ["ray_address=auto"])
+    assert cfg.ray_address == "auto"
+
+
+def test_yaml_top_level_list_rejected_with_file_name(tmp_path):
+    p = tmp_path / "listy_config.yaml"
+    p.write_text("- lr: 0.1\n- epochs: 2\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(TrainConfig, p)
+    assert "listy_config.yaml" in str(ei.value)
+
+
+def test_invalid_yaml_names_file(tmp_path):
+    p = tmp_path / "broken.yaml"
+    p.write_text("lr: [1, 2\n")
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        load_config(TrainConfig, p)
+
+
+def test_missing_file_and_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(TrainConfig, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(TrainConfig, None, ["lr"])
+
+
+def test_empty_yaml_is_defaults(tmp_path):
+    p = tmp_path / "empty.yaml"
+    p.write_text("# nothing here\n")
+    assert load_config(SynthConfig, p) == SynthConfig()
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_dump_then_load_roundtrip(cls, tmp_path):
+    cfg = load_config(cls, None, [])
+    p = tmp_path / "dump.yaml"
+    dump_config(cfg, p)
+    again = load_config(cls, p)
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)

@@ -1,0 +1,202 @@
+"""Row-level synthesis steps (kale_ray.synth.steps) on builtin UMLS, without Ray."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kale_ray.config import PathConfig
+from kale_ray.core.kg import GraphIndex, KnowledgeGraph
+from kale_ray.core.parse import verify_rationale
+from kale_ray.core.prompts import template_rationale
+from kale_ray.core.qa import QAExample, normalize
+from kale_ray.synth.steps import (
+    SynthContext,
+    finish_row,
+    link_and_search,
+    path_entity_names,
+    path_params,
+    qa_row,
+    reject_record,
+)
+
+
+@pytest.fixture(scope="module")
+def ctx(umls_kg):
+    return SynthContext(umls_kg, GraphIndex.from_kg(umls_kg), PathConfig(max_hops=3, k=3, seed=0))
+
+
+@pytest.fixture(scope="module")
+def searched(umls_questions, ctx):
+    qs = [q for q in umls_questions if q.num_hops >= 2][:30]
+    return [link_and_search(qa_row(q), ctx) for q in qs]
+
+
+def _walk_end(path, start):
+    """Follow a path's hops in walk direction from ``start`` (a hop may be walked tail->head)."""
+    cur = start
+    for h, _, t in path:
+        if h == cur:
+            cur = t
+        elif t == cur:
+            cur = h
+        else:
+            return None
+    return cur
+
+
+def test_path_params_from_config():
+    cfg = PathConfig(max_hops=2, k=5, heuristic="target", bfs_fallback=False)
+    p = path_params(cfg)
+    assert (p.max_hops, p.k, p.heuristic, p.bfs_fallback) == (2, 5, "target", False)
+
+
+def test_qa_row_drops_probes(umls_questions):
+    q = umls_questions[0]
+    row = qa_row(q)
+    assert "probes" not in row
+    assert row["id"] == q.id and row["hops"] == q.hops and row["all_answers"] == q.all_answers
+
+
+def test_link_and_search_paths_are_real_walks(umls_kg, searched, ctx):
+    assert searched
+    complete = 0
+    for row in searched:
+        assert row["reject_reason"] == "", row["reject_detail"]
+        assert row["paths"] and len(row["paths"]) <= ctx.params.k
+        assert len(row["path_methods"]) == len(row["paths"])
+        q_ents, a_ents = row["question_entities"], row["answer_entities"]
+        assert q_ents == [row["hops"][0][0]]
+        assert set(a_ents) >= {row["hops"][-1][2]}
+        for path, method in zip(row["paths"], row["path_methods"]):
+            assert 1 <= len(path) <= ctx.params.max_hops
+            for h, r, t in path:
+                assert umls_kg.has_named_triple(h, r, t), (h, r, t)
+            ends = [_walk_end(path, s) for s in q_ents]
+            ends = [e for e in ends if e is not None]
+            assert ends, f"path {path} does not start at a question entity {q_ents}"
+            if method != "partial":
+                complete += 1
+                assert any(e in a_ents for e in ends), f"path {path} does not end at an answer {a_ents}"
+        assert row["path_complete"] == (row["path_methods"][0] != "partial")
+    assert complete > 0
+
+
+def test_link_and_search_facts_and_request(umls_kg, searched):
+    for row in searched:
+        assert row["facts"]
+        if row["path_complete"]:
+            assert len(row["facts"]) == len({tuple(h) for h in row["paths"][0]})
+        first = row["paths"][0]
+        for h, _, t in first:
+            assert any(umls_kg.entity_name(h) in f and umls_kg.entity_name(t) in f for f in row["facts"])
+        msgs = json.loads(row["teacher_messages"])
+        body = msgs[1]["content"]
+        for f in row["facts"]:
+            assert f in body
+        assert f"<answer>{row['answer']}</answer>" in body
+
+
+def test_link_and_search_is_deterministic(umls_questions, ctx):
+    q = next(q for q in umls_questions if q.num_hops == 3)
+    a = link_and_search(qa_row(q), ctx)
+    b = link_and_search(qa_row(q), ctx)
+    assert a["paths"] == b["paths"] and a["facts"] == b["facts"]
+
+
+def test_answer_not_in_kg_is_rejected(umls_questions, ctx):
+    q = QAExample.from_dict(umls_questions[0].to_dict())
+    row = qa_row(q)
+    row.update(answer="a unicorn horn", all_answers=["a unicorn horn"], answer_entities=[])
+    out = link_and_search(row, ctx)
+    assert out["reject_reason"] == "answer_not_linked"
+    assert "unicorn" in out["reject_detail"]
+    assert out["paths"] == [] and out["teacher_messages"] == ""
+    rec = reject_record(out)
+    assert rec["reason"] == "answer_not_linked" and rec["id"] == q.id
+
+
+def test_question_not_linked(ctx):
+    row = qa_row(QAExample(id="zz", question="What is the airspeed velocity of a swallow?", answer="plant"))
+    out = link_and_search(row, ctx)
+    assert out["reject_reason"] == "question_not_linked"
+
+
+def test_no_path_between_components():
+    kg = KnowledgeGraph.from_named_triples([("alga", "r", "bird"), ("cell", "r", "dog")])
+    ctx = SynthContext(kg, GraphIndex.from_kg(kg), PathConfig(max_hops=3))
+    out = link_and_search(qa_row(QAExample(id="x", question="What does alga r?", answer="dog")), ctx)
+    assert out["question_entities"] == ["alga"] and out["answer_entities"] == ["dog"]
+    assert out["reject_reason"] == "no_path" and out["paths"] == []
+
+
+# --------------------------------------------------------------------------- #
+# finish_row
+# --------------------------------------------------------------------------- #
+def _contradiction_case(searched):
+    """A searched row and a generation that names the gold early but concludes a wrong choice."""
+    for row in searched:
+        accepted = {normalize(a) for a in row["all_answers"]}
+        wrong = [c for c in row["choices"]
+                 if normalize(c) not in accepted and not any(f" {a} " in f" {normalize(c)} " for a in accepted)]
+        if wrong:
+            facts = ". ".join(row["facts"])
+            gen = f"{facts}. Some say {row['answer']}. So the answer is {wrong[0]}."
+            return row, gen
+    pytest.skip("no row with a usable wrong choice")
+
+
+def test_finish_row_contradiction_rejected_without_fallback(umls_kg, searched):
+    row, gen = _contradiction_case(searched)
+    row = dict(row, generation=gen, gen_error="")
+    ents = path_entity_names(umls_kg, row["paths"])
+    assert verify_rationale(gen, row["all_answers"], row["choices"], ents) == (False, "contradicts_gold")
+    kept, rej = finish_row(row, umls_kg, "vllm", fallback_to_template=False)
+    assert kept is None
+    assert rej["reason"] == "contradicts_gold" and rej["id"] == row["id"] and rej["generation"] == gen
+
+
+def test_finish_row_contradiction_falls_back_to_template(umls_kg, searched):
+    row, gen = _contradiction_case(searched)
+    row = dict(row, generation=gen, gen_error="")
+    kept, rej = finish_row(row, umls_kg, "vllm", fallback_to_template=True)
+    assert kept is not None and rej is not None
+    assert kept["teacher"] == "template-fallback"
+    assert kept["rationale"] == template_rationale(row["facts"], row["answer"])
+    assert kept["rationale"].endswith(f"So the answer is {row['answer']}.")
+    assert rej["reason"] == "contradicts_gold"
+    assert kept["id"] == row["id"] and kept["answer"] == row["answer"] and kept["paths"] == row["paths"]
+
+
+def test_finish_row_good_teacher_kept(umls_kg, searched):
+    row = dict(searched[0])
+    gen = "<think>let me see</think>" + template_rationale(row["facts"], row["answer"])
+    row.update(generation=gen, gen_error="", gen_tokens=17)
+    kept, rej = finish_row(row, umls_kg, "vllm", fallback_to_template=False)
+    assert rej is None
+    assert kept["teacher"] == "vllm"
+    assert kept["rationale"] == template_rationale(row["facts"], row["answer"])  # think block removed
+    assert kept["gen_tokens"] == 17 and kept["num_hops"] == row["num_hops"]
+    assert kept["all_answers"] == row["all_answers"] and kept["choices"] == row["choices"]
+
+
+def test_finish_row_generation_failed(umls_kg, searched):
+    row = dict(searched[0], generation="", gen_error="timeout after 60s")
+    kept, rej = finish_row(row, umls_kg, "http", fallback_to_template=False)
+    assert kept is None and rej["reason"] == "generation_failed" and "timeout" in rej["detail"]
+    kept, rej = finish_row(row, umls_kg, "http", fallback_to_template=True)
+    assert kept["teacher"] == "template-fallback" and rej["reason"] == "generation_failed"
+
+
+def test_finish_row_template_backend_keeps_template(umls_kg, searched):
+    row = dict(searched[0], generation="So the answer is nonsense.", gen_error="")
+    for fallback in (False, True):
+        kept, rej = finish_row(row, umls_kg, "template", fallback_to_template=fallback)
+        assert rej is None
+        assert kept["teacher"] == "template"
+        assert kept["rationale"] == template_rationale(row["facts"], row["answer"])
+        for f in row["facts"]:
+            assert f[0].upper() + f[1:] in kept["rationale"]
+        # the template rationale passes the same verification a teacher's would
+        ents = path_entity_names(umls_kg, row["paths"])
+        assert verify_rationale(kept["rationale"], row["all_answers"], row["choices"], ents) == (True, "")
