@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -42,7 +43,13 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
+        if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=cfg.ray_address, log_to_driver=False)
+        else:
+            # Local: logical CPUs for the train workers (one each) plus room for Ray Data's
+            # read/split tasks; with exactly os.cpu_count() the data feed can starve.
+            ray.init(num_cpus=max(os.cpu_count() or 1, cfg.train.num_workers + 2), include_dashboard=False,
+                     log_to_driver=False)
 
     t = time.perf_counter()
     model_path = resolve_model(cfg.train.model.name, cfg.train.model.cache_dir)

@@ -387,6 +387,9 @@ def _teacher_stage(cfg: SynthConfig, ok_rows: list[dict], out_dir: Path, progres
     gen = cfg.generation
     if not ok_rows:
         return
+    # Rows leave the teacher in input order, so shards complete one after another and a
+    # crash loses at most the shards in flight.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     items = [{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()} for r in ok_rows]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(64, len(items) // max(1, gen.batch_size))))
     if gen.backend == "vllm":
