@@ -1,0 +1,180 @@
+"""Fine-tune with Ray Train (``TorchTrainer``) + DeepSpeed ZeRO; the driver side.
+
+:func:`run_training` reads the training rows with Ray Data, launches ``cfg.num_workers``
+workers running :func:`kale_ray.train.loop.train_loop_per_worker` (gloo on CPU, nccl on
+GPU) and writes under ``cfg.out_dir``::
+
+    adapter/             PEFT adapter (safetensors)              [LoRA only]
+    merged/              full HF model + tokenizer (safetensors; vLLM serves it)
+    history.jsonl        one line per optimizer step: step, loss, ce, kl, lr, tokens, samples, seconds
+    rejects.jsonl        rows the collator rejected, with their reason
+    train_summary.json   steps, samples, rejects by reason, times, final loss, config
+    ray/<run_name>/      Ray Train run folder with the checkpoints
+
+Rerunning with the same ``out_dir`` and run name resumes from the last checkpoint: Ray
+Train V2 restores a run from the snapshot in ``storage_path/name`` (``resume_from_checkpoint``
+is deprecated in V2) and ``ray.train.get_checkpoint()`` hands it to the workers, which
+skip the finished steps and carry the history over. ``FailureConfig(max_failures)``
+restarts a failed worker group from the same checkpoint.
+
+On a multi-node cluster ``out_dir`` must be on storage that every node sees (NFS or similar):
+rank 0 writes ``adapter/``/``merged/``, the workers write checkpoints under ``out_dir/ray``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from kale_ray.config import TrainConfig, to_dict
+from kale_ray.models import resolve_model
+from kale_ray.train.loop import STATE_FILE, train_loop_per_worker
+from kale_ray.train.registry import get_loss
+
+
+@dataclasses.dataclass
+class TrainResult:
+    out_dir: str
+    adapter_dir: str | None
+    merged_dir: str | None
+    history: list[dict]
+    summary: dict
+
+
+def training_files(path: str | Path) -> tuple[list[str], list[str]]:
+    """``(jsonl files, parquet files)`` of a data folder (or a single file); empty files skipped."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(p.glob("*.jsonl")) + sorted(p.glob("*.parquet"))
+    else:
+        raise FileNotFoundError(f"training data not found: {p}")
+    files = [f for f in files if f.stat().st_size > 0]
+    jsonl = [str(f.resolve()) for f in files if f.suffix == ".jsonl"]
+    parquet = [str(f.resolve()) for f in files if f.suffix == ".parquet"]
+    if not jsonl and not parquet:
+        raise FileNotFoundError(f"no non-empty *.jsonl or *.parquet files in {p}")
+    return jsonl, parquet
+
+
+def read_training_data(path: str | Path):
+    """A Ray Dataset over the JSONL and/or Parquet training files in ``path``."""
+    import ray.data
+
+    jsonl, parquet = training_files(path)
+    parts = []
+    if jsonl:
+        parts.append(ray.data.read_json(jsonl))
+    if parquet:
+        parts.append(ray.data.read_parquet(parquet))
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+def _ensure_ray(cfg: TrainConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # a cluster (also what `ray job submit` gives the driver)
+    else:
+        # Local: the train workers take one CPU each; leave room for Ray Data's read tasks.
+        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.num_workers + 2))
+
+
+def _summary(cfg: TrainConfig, state: dict, wall: float, n_rows: int) -> dict[str, Any]:
+    history = state["history"]
+    train_seconds = sum(h["seconds"] for h in history)
+    samples = sum(h["samples"] for h in history)
+    return {
+        "loss": cfg.loss,
+        "steps": state["step"],
+        "total_steps": state.get("total_steps"),
+        "epochs_completed": state["epoch"],
+        "rows_in_data": n_rows,
+        # Ray's streaming_split(equal=True) gives every worker the same number of rows: the
+        # remainder is left out of each epoch.
+        "rows_left_out_by_equal_split_per_epoch": n_rows % cfg.num_workers,
+        "samples": samples,
+        "tokens": sum(h["tokens"] for h in history),
+        "rejected": state["rejects"],
+        "rejected_total": sum(state["rejects"].values()),
+        "collator_stats": state["stats"],
+        "attempts": state["attempts"],
+        "wall_seconds": round(wall, 2),
+        "train_seconds": round(train_seconds, 2),
+        "samples_per_s": round(samples / train_seconds, 3) if train_seconds > 0 else None,
+        "seconds_per_step": round(train_seconds / len(history), 4) if history else None,
+        "final_loss": history[-1]["loss"] if history else None,
+        "first_loss": history[0]["loss"] if history else None,
+        "config": to_dict(cfg),
+    }
+
+
+def run_training(cfg: TrainConfig, run_name: str | None = None) -> TrainResult:
+    """Train ``cfg.loss`` on ``cfg.data``; a rerun with the same out_dir/run name resumes."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    get_loss(cfg.loss)  # fail fast on an unknown name, listing the known ones
+    t0 = time.time()
+    out_dir = Path(cfg.out_dir).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(
+        cfg,
+        data=str(Path(cfg.data).expanduser().resolve()),
+        out_dir=str(out_dir),
+        model=dataclasses.replace(cfg.model, cache_dir=str(Path(cfg.model.cache_dir).expanduser().resolve())),
+    )
+    model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)
+    if Path(model_path).exists():
+        model_path = str(Path(model_path).resolve())
+    _ensure_ray(cfg)
+    ds = read_training_data(cfg.data)
+    n_rows = ds.count()
+    if n_rows < cfg.num_workers:
+        raise ValueError(f"{cfg.data}: {n_rows} rows, fewer than num_workers={cfg.num_workers}")
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "model_path": model_path, "out_dir": str(out_dir), "n_rows": n_rows},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        run_config=RunConfig(
+            storage_path=str(out_dir / "ray"),
+            name=run_name or "train",
+            checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.keep_checkpoints)),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets={"train": ds},
+        # Same row order on every run, so that a resume skips exactly the rows already trained on.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint (run folder {out_dir / 'ray'})")
+    with result.checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / STATE_FILE).read_text())
+
+    history = state["history"]
+    with (out_dir / "history.jsonl").open("w") as f:
+        for row in history:
+            f.write(json.dumps(row) + "\n")
+    with (out_dir / "rejects.jsonl").open("w") as f:
+        for row in state["rejected_rows"]:
+            f.write(json.dumps(row, default=str) + "\n")
+    summary = _summary(cfg, state, time.time() - t0, n_rows)
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    adapter = out_dir / "adapter"
+    merged = out_dir / "merged"
+    return TrainResult(
+        out_dir=str(out_dir),
+        adapter_dir=str(adapter) if cfg.lora.enabled and adapter.exists() else None,
+        merged_dir=str(merged) if merged.exists() else None,
+        history=history,
+        summary=summary,
+    )
