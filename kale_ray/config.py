@@ -120,6 +120,9 @@ class SynthConfig:
     # rationale (teacher='template-fallback') instead of only rejecting it. The rejected
     # teacher output is still written aside with its reason.
     fallback_to_template: bool = True
+    # A teacher rationale must name at least this share of its path's non-answer entities
+    # (question + intermediate entities), and at least one, to count as grounded.
+    min_path_coverage: float = 0.5
     max_rows: int = 0  # 0 = all
     # Rows with fewer hops get the exact template rationale instead of a teacher call: a
     # one-fact question's rationale is the fact itself. 0 = send every row to the teacher.
@@ -151,6 +154,37 @@ class KAConfig:
 
 
 @dataclasses.dataclass
+class KaLMConfig:
+    """KaLM's training loss: ``L = L_exp + lm_weight * L_LM`` (``loss: kalm``).
+
+    ``L_exp`` is the dual-view contrastive loss: "[ head, relation ]" and "{ tail }" embedded
+    by the LM (last-layer hidden state of the last non-pad token, L2-normalised),
+    ``S = (e_hr . e_t - margin I) / tau`` with in-batch negatives and false negatives (same
+    tail, or another known tail of (h, r)) masked out; ``L_LM`` is the triple-completion
+    cross-entropy on the tail tokens. Defaults are the official run's (PursuitYP/KaLM).
+    """
+
+    tau: float = 0.05  # fixed temperature (the official code's learnable 1/tau is never optimised)
+    margin: float = 0.02  # additive margin subtracted from the positive pair's cosine
+    lm_weight: float = 0.01  # lambda; 0 skips the LM forward pass entirely
+    symmetric: bool = True  # (CE over rows + CE over columns) / 2; false = rows (hr -> t) only
+    mask_false_negatives: bool = True
+    # All-gather the embeddings of every worker's micro-batch so each (h, r) sees
+    # world_size x micro_batch_size - 1 negatives instead of micro_batch_size - 1. Costs one
+    # all_gather of 2 x (B, H) embeddings (+ ids) per micro-batch and a (G, G) score matrix, G = B x world.
+    gather_negatives: bool = False
+    max_embed_len: int = 64  # tokens per embedded view; longer views are cut on the right (counted)
+
+    def __post_init__(self) -> None:
+        if not self.tau > 0:
+            raise ConfigError(f"kalm.tau: must be > 0, got {self.tau}")
+        if self.lm_weight < 0:
+            raise ConfigError(f"kalm.lm_weight: must be >= 0, got {self.lm_weight}")
+        if self.max_embed_len < 2:
+            raise ConfigError(f"kalm.max_embed_len: must be >= 2, got {self.max_embed_len}")
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """Fine-tuning on Ray Train + DeepSpeed."""
 
@@ -163,6 +197,7 @@ class TrainConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     ka: KAConfig = dataclasses.field(default_factory=KAConfig)
+    kalm: KaLMConfig = dataclasses.field(default_factory=KaLMConfig)
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 5
@@ -191,6 +226,33 @@ class EvalConfig:
         default_factory=lambda: GenerationConfig(max_tokens=16, temperature=0.0)
     )
     known_and_incorrect: bool = True
+
+
+@dataclasses.dataclass
+class KaLMEvalConfig:
+    """KaLM evaluation: embedding-based KG completion and multiple-choice KGQA by generation."""
+
+    max_test_triples: int = 0  # 0 = every test triple; else a seeded sample of this many
+    embed_batch_size: int = 64  # texts per forward pass when embedding entities / queries
+    # "ray": a Ray Data map_batches actor; "local": a batched torch pass in this process;
+    # "auto": ray when Ray is initialised.
+    embed_with: Literal["auto", "ray", "local"] = "auto"
+    embed_threads: int = 0  # torch threads of the embedding pass; 0 = all cores
+    # Ranking is done in blocks of query_chunk x entity_chunk scores: never a full N x N matrix.
+    query_chunk: int = 256
+    entity_chunk: int = 4096
+    kgqa: bool = True
+    kgqa_per_task: int = 50  # questions per KGQA task (tail, head, relation, triple classification)
+    num_choices: int = 4
+    generation: GenerationConfig = dataclasses.field(
+        default_factory=lambda: GenerationConfig(max_tokens=24, temperature=0.0)
+    )
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("embed_batch_size", "query_chunk", "entity_chunk", "num_choices"):
+            if getattr(self, key) < (2 if key == "num_choices" else 1):
+                raise ConfigError(f"eval.{key}: must be >= {2 if key == 'num_choices' else 1}, got {getattr(self, key)}")
 
 
 @dataclasses.dataclass

@@ -7,8 +7,10 @@ A rationale is kept only if it is consistent with the gold answer:
    otherwise ``answer_not_mentioned``;
 3. its concluding statement ("the answer is X", or the last sentence) does not name a
    wrong choice instead of the gold one — otherwise ``contradicts_gold``;
-4. for multi-hop paths, it mentions at least one fact of the path (an intermediate entity
-   or the question entity) — otherwise ``not_grounded`` (``require_grounding``).
+4. it is grounded in the path it was given: it names at least ``min_path_coverage`` of the
+   path's entities other than the answer (the question entity and the intermediate ones),
+   and at least one of them — otherwise ``not_grounded`` (``require_grounding``). "The
+   answer is X." alone names the answer but explains nothing, and is rejected.
 
 Each check returns ``(ok, reason)``, datatrove-style.
 """
@@ -44,7 +46,8 @@ def final_statement(text: str) -> str:
 
 
 def verify_rationale(rationale: str, answers: Sequence[str], choices: Sequence[str] = (),
-                     path_entities: Sequence[str] = (), require_grounding: bool = True) -> tuple[bool, str]:
+                     path_entities: Sequence[str] = (), require_grounding: bool = True,
+                     min_path_coverage: float = 0.0) -> tuple[bool, str]:
     text = clean_generation(rationale)
     if len(normalize(text)) < 3:
         return False, "empty_generation"
@@ -56,8 +59,11 @@ def verify_rationale(rationale: str, answers: Sequence[str], choices: Sequence[s
     gold_in_final = any(_contains(final, a) for a in answers)
     if not gold_in_final and any(_contains(final, w) for w in wrong):
         return False, "contradicts_gold"
-    if require_grounding and path_entities:
-        if not any(_contains(norm, e) for e in path_entities):
+    gold = {normalize(a) for a in answers}
+    support = [e for e in path_entities if normalize(e) not in gold]
+    if require_grounding and support:
+        named = sum(_contains(norm, e) for e in support)
+        if named == 0 or named < min_path_coverage * len(support):
             return False, "not_grounded"
     return True, ""
 

@@ -358,7 +358,7 @@ def _run_pending(cfg: SynthConfig, kg: KnowledgeGraph, index: GraphIndex, rows: 
 
     for row in gen_rows:
         kept, reject = steps.finish_row(row, kg, backend if backend != "vllm" else f"vllm:{_model_label(cfg)}",
-                                        cfg.fallback_to_template)
+                                        cfg.fallback_to_template, cfg.min_path_coverage)
         shard = row["shard"]
         if kept is not None:
             buffers[shard]["kept"].append(kept)

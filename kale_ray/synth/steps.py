@@ -130,8 +130,8 @@ def path_entity_names(kg: KnowledgeGraph, paths: list[list[list[str]]]) -> list[
     return names
 
 
-def finish_row(row: dict[str, Any], kg: KnowledgeGraph, teacher: str, fallback_to_template: bool
-               ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+def finish_row(row: dict[str, Any], kg: KnowledgeGraph, teacher: str, fallback_to_template: bool,
+               min_path_coverage: float = 0.5) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """Parse and verify a teacher generation. Returns (kept_row or None, rejected_record or None).
 
     With ``fallback_to_template`` a failed teacher rationale is replaced by the template one
@@ -151,7 +151,8 @@ def finish_row(row: dict[str, Any], kg: KnowledgeGraph, teacher: str, fallback_t
             ok, reason = False, "generation_failed"
         else:
             ents = path_entity_names(kg, row.get("paths") or [])
-            ok, reason = verify_rationale(text, answers, choices, ents, require_grounding=True)
+            ok, reason = verify_rationale(text, answers, choices, ents, require_grounding=True,
+                                          min_path_coverage=min_path_coverage)
         if ok:
             rationale, source = text, teacher
         else:

@@ -137,3 +137,17 @@ def test_is_correct_open():
     assert is_correct("Paris is nice but the answer is Lyon", ["Paris"]) == (False, "lyon")
     ok, pred = is_correct("", ["Paris"])
     assert ok is False and pred is None
+
+
+def test_bare_answer_is_not_grounded_and_coverage_is_enforced():
+    """Naming only the answer explains nothing; with min_path_coverage=0.5 a rationale must
+    name at least half of the path's non-answer entities (here 2 of 3: alga, plant, organism)."""
+    from kale_ray.core.parse import verify_rationale
+
+    path = ["alga", "plant", "organism", "entity"]
+    assert verify_rationale("The answer is entity.", ["entity"], (), path) == (False, "not_grounded")
+    one = "Alga is a kind of thing, so the answer is entity."
+    assert verify_rationale(one, ["entity"], (), path, min_path_coverage=0.5) == (False, "not_grounded")
+    assert verify_rationale(one, ["entity"], (), path, min_path_coverage=0.0) == (True, "")
+    two = "Alga is a plant, and so the answer is entity."
+    assert verify_rationale(two, ["entity"], (), path, min_path_coverage=0.5) == (True, "")
