@@ -14,7 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-SCRIPTS = ["bench_paths.py", "bench_ka_loss.py"]
+SCRIPTS = ["bench_paths.py", "bench_ka_loss.py", "bench_generation.py"]
 
 
 def _get(d, *keys, default=None):

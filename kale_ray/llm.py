@@ -22,6 +22,10 @@ import numpy as np
 
 from kale_ray.config import GenerationConfig
 
+# Worker env for local runs: progress lines from training reach the driver, vLLM's
+# per-request INFO chatter does not.
+QUIET_ENV = {"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}}
+
 
 def _on_gpu(gen: GenerationConfig) -> bool:
     return gen.num_gpus_per_replica > 0
@@ -49,12 +53,15 @@ def engine_kwargs(gen: GenerationConfig, max_model_len: int, trust_remote_code: 
 
 
 def sampling_params(gen: GenerationConfig, max_tokens: int | None = None) -> dict[str, Any]:
-    return {
+    sp = {
         "max_tokens": int(max_tokens or gen.max_tokens),
         "temperature": float(gen.temperature),
         "top_p": float(gen.top_p),
         "seed": int(gen.seed),
     }
+    if gen.ignore_eos:
+        sp["ignore_eos"] = True
+    return sp
 
 
 def _concurrency(gen: GenerationConfig):
