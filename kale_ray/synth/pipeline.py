@@ -81,12 +81,16 @@ def prepare_questions(cfg: SynthConfig, kg: KnowledgeGraph, out_dir: Path, rejec
 # --------------------------------------------------------------------------- #
 def _atomic_write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with tmp.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r, default=_json_default) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with tmp.open("w") as f:
+            for r in rows:
+                f.write(json.dumps(r, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a half-written file behind
+        raise
 
 
 def _json_default(o):
