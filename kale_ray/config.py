@@ -91,6 +91,7 @@ class GenerationConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
     batch_size: int = 16
     concurrency: int = 1  # vLLM replicas (an int, or autoscale via min/max in the cluster config)
     max_concurrency: int = 0  # >0 makes the vLLM stage an autoscaling pool (concurrency..max_concurrency)
@@ -185,6 +186,35 @@ class KaLMConfig:
 
 
 @dataclasses.dataclass
+class DPOConfig:
+    """KnowTuning's knowledge-comparison stage (``loss: dpo``): DPO over (better, worse) answers + gamma x SFT.
+
+    Per pair: ``dpo_loss(policy - reference margins) + gamma * mean CE of the chosen answer's tokens``
+    (the official run's LLaMA-Factory ``dpo_ftx 0.2``); averaged over pairs.
+    """
+
+    beta: float = 0.1
+    gamma: float = 0.2  # weight of the SFT term on the chosen (better) answer; 0 = pure DPO
+    # "sigmoid": DPO (Rafailov et al.); "ipo": (margin - 1/(2 beta))^2 on length-averaged log-probs (Azar et al.).
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = 0.0  # conservative DPO (sigmoid only)
+    # "adapter_disabled": a no-grad forward of the same LoRA model with the adapter off, every step;
+    # "precomputed": rows carry ref_chosen_logp / ref_rejected_logp from one batch pass before
+    # training (kale_ray.knowtuning.dpo.add_reference_logps); rows without them are rejected.
+    reference: Literal["adapter_disabled", "precomputed"] = "adapter_disabled"
+
+    def __post_init__(self) -> None:
+        if not self.beta > 0:
+            raise ConfigError(f"dpo.beta: must be > 0, got {self.beta}")
+        if self.gamma < 0:
+            raise ConfigError(f"dpo.gamma: must be >= 0, got {self.gamma}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.loss_type == "ipo" and self.label_smoothing != 0.0:
+            raise ConfigError("dpo.label_smoothing: applies to loss_type 'sigmoid' only")
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """Fine-tuning on Ray Train + DeepSpeed."""
 
@@ -198,6 +228,7 @@ class TrainConfig:
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     ka: KAConfig = dataclasses.field(default_factory=KAConfig)
     kalm: KaLMConfig = dataclasses.field(default_factory=KaLMConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 5

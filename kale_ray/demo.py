@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from kale_ray.llm import QUIET_ENV
 from kale_ray.config import DemoConfig, EvalConfig, dump_config
 from kale_ray.report import machine_info, plot, write_metrics, write_report
 
@@ -44,12 +45,12 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     t_all = time.perf_counter()
     if not ray.is_initialized():
         if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=cfg.ray_address, log_to_driver=False)
+            ray.init(address=cfg.ray_address, log_to_driver=True, runtime_env=QUIET_ENV)
         else:
             # Local: logical CPUs for the train workers (one each) plus room for Ray Data's
             # read/split tasks; with exactly os.cpu_count() the data feed can starve.
             ray.init(num_cpus=max(os.cpu_count() or 1, cfg.train.num_workers + 2), include_dashboard=False,
-                     log_to_driver=False)
+                     log_to_driver=True, runtime_env=QUIET_ENV)
 
     t = time.perf_counter()
     model_path = resolve_model(cfg.train.model.name, cfg.train.model.cache_dir)
