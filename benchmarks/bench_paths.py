@@ -11,22 +11,32 @@ Pairs: ``--pairs`` (source, target) pairs at hop distance 1..max_hops on the und
 fixed seed: a random source, a distance d drawn uniformly from the distances present in its
 ``max_hops`` ball, then a random node at distance d (so short and long pairs are both covered).
 
-Timed per pair (wall clock, ``time.perf_counter``), interleaved pair by pair (ours in each
-mode, then networkx) so that load on a shared machine hits all alike; one untimed warm-up:
-* ours, for each ``--heuristics`` mode (default both): ``landmark_heuristic`` (the per-target
-  precomputation ``find_paths`` does when given none; nothing is cached across pairs), then
-  ``find_paths(..., heuristic=...)`` with ``PathSearchParams(max_hops, k, heuristic=mode)``.
-  The search-only time (what ``sample_paths`` pays once the heuristic is cached per target)
-  is reported too. "landmark" is the paper's heuristic (default), "target" the exact one.
+Timed per pair, wall clock (``time.perf_counter``) and CPU time (``time.thread_time``: what
+the load of other jobs on a shared machine does not inflate), interleaved pair by pair (ours in
+each mode, then networkx); the whole loop ``--rounds`` times, per pair and method the fastest
+round counts (the slow landmark mode: ``--landmark-rounds``). One untimed warm-up per mode.
+* ours, for each ``--heuristics`` mode (default all three): "landmark" (the paper's A*,
+  the default of ``PathSearchParams``) and "target" (A* with the exact distance) build
+  ``landmark_heuristic`` per pair (what ``find_paths`` does when given none) and then search;
+  the search-only time (what ``sample_paths`` pays once the heuristic is cached per target) is
+  reported too. "bidirectional" (meet in the middle) runs ``find_paths(..., cache=False)``:
+  nothing carried over between pairs but the per-graph search CSR, built once before timing
+  (``prepare_s``), as networkx's Graph is.
 * networkx: ``nx.shortest_simple_paths(G, s, t)`` on the simple undirected ``nx.Graph``,
   taking paths while their length <= max_hops, at most k. This is the fair baseline: it
   returns the same thing (the k shortest simple paths within the cutoff) -- the benchmark
-  checks that both return the same number of paths per pair. Capped per pair at
+  checks that both return the same path lengths per pair. Capped per pair at
   ``--nx-timeout`` s (SIGALRM), counted.
 * ``nx.all_simple_paths(G, s, t, cutoff=max_hops)``, first k, on the first ``--all-simple``
   pairs only, capped per pair at ``--all-simple-timeout`` s: it returns k paths in DFS order
   (not the shortest), and on this hub-heavy graph its DFS often explodes, so its total is a
   lower bound. Reported for reference, not as the headline.
+* Shared answers (the sampling stage's workload): ``--shared-targets`` answer entities each
+  asked from ``--per-target`` question entities, in batches of ``--batch`` pairs: networkx one
+  by one vs ours one by one without a cache vs ``find_paths_many`` with one ``PathCache`` per
+  worker (cold at the start of each round).
+* Not measured: Ray Data scaling of the sampling stage from 1 to 2 workers (the issue's
+  optional item) -- on a 2-core machine shared with other heavy jobs it would measure them.
 
 Writes ``benchmarks/results/paths.json`` (machine info, config, seed, raw per-pair timings).
 """
@@ -50,7 +60,8 @@ if str(ROOT) not in sys.path:
 
 from kale_ray.core.kg import GraphIndex, KnowledgeGraph  # noqa: E402
 from kale_ray.core.paths import (  # noqa: E402
-    PathSearchParams, bfs_distances, find_paths, landmark_heuristic, to_simple_undirected_networkx,
+    PathCache, PathSearchParams, bfs_distances, find_paths, find_paths_many, landmark_heuristic, path_cache,
+    to_simple_undirected_networkx,
 )
 
 ASPECT_REL = {"P": "has_phenotype", "I": "has_inheritance", "C": "has_clinical_course", "M": "has_modifier"}
@@ -172,21 +183,35 @@ def nx_all_simple(nx, G, s, t, k, max_hops, timeout):
 
 
 def run_ours(index, kg, s, t, params, rng):
-    """One pair: the heuristic (what find_paths builds when given none), then the search."""
+    """One pair, nothing carried over from other pairs. A* modes: the heuristic (what find_paths
+    builds when given none), then the search. "bidirectional": find_paths with cache=False (fresh
+    walk sets for both endpoints; only the per-graph search CSR, built once, is shared).
+    Returns (paths, wall_s, search_wall_s, cpu_s, stats)."""
     st: dict = {}
-    a = time.perf_counter()
-    heur = landmark_heuristic(index, t, params, rng, stats=st)
-    b = time.perf_counter()
-    ps = find_paths(index, kg.triples, s, t, params, rng, heuristic=heur, stats=st)
-    c = time.perf_counter()
-    return ps, c - a, c - b, st
+    c0, a = time.thread_time(), time.perf_counter()
+    if params.heuristic == "bidirectional":
+        b = a
+        ps = find_paths(index, kg.triples, s, t, params, rng, stats=st, cache=False)
+    else:
+        heur = landmark_heuristic(index, t, params, rng, stats=st)
+        b = time.perf_counter()
+        ps = find_paths(index, kg.triples, s, t, params, rng, heuristic=heur, stats=st)
+    c, c1 = time.perf_counter(), time.thread_time()
+    return ps, c - a, c - b, c1 - c0, st
 
 
-def summarize_ours(mode, params, pairs, rows):
-    secs = [r[1] for r in rows]
-    search = [r[2] for r in rows]
+def _best(rounds_rows, j):
+    """Per pair, the smallest value of field j over the rounds."""
+    return [min(r[i][j] for r in rounds_rows) for i in range(len(rounds_rows[0]))]
+
+
+def summarize_ours(mode, params, pairs, rounds_rows):
+    rows = rounds_rows[0]
+    secs = _best(rounds_rows, 1)
+    search = _best(rounds_rows, 2)
+    cpu = _best(rounds_rows, 3)
     npaths = [len(r[0]) for r in rows]
-    stats_rows = [r[3] for r in rows]
+    stats_rows = [r[4] for r in rows]
     methods: dict = {}
     for r in rows:
         for p in r[0]:
@@ -196,11 +221,78 @@ def summarize_ours(mode, params, pairs, rows):
     edges = sum(st.get("edges_scanned", 0) + st.get("bfs_edges", 0) for st in stats_rows)
     bfs_edges = sum(st.get("bfs_edges", 0) for st in stats_rows)
     return {"heuristic": mode, "params": dict(params.__dict__), "seconds": secs, "search_seconds": search,
-            "total_s": total, "search_total_s": sum(search), "paths": npaths, "methods": methods,
+            "cpu_seconds": cpu, "first_round_seconds": [r[1] for r in rows],
+            "total_s": total, "search_total_s": sum(search), "cpu_total_s": sum(cpu), "paths": npaths,
+            "lengths": [[p.length for p in r[0]] for r in rows], "methods": methods,
             "stats": stats_rows, "paths_per_s": sum(npaths) / total, "pairs_per_s": len(rows) / total,
+            "paths_per_cpu_s": sum(npaths) / sum(cpu),
             "median_ms": 1e3 * float(np.median(secs)), "csr_entries": edges, "csr_entries_heuristic_bfs": bfs_edges,
-            "csr_entries_per_s": edges / total, "expansions": sum(st.get("expansions", 0) for st in stats_rows),
+            "csr_entries_per_s": edges / total, "csr_entries_per_cpu_s_per_core": edges / sum(cpu),
+            "expansions": sum(st.get("expansions", 0) for st in stats_rows),
             "fallbacks": sum(st.get("fallbacks", 0) for st in stats_rows), "first_path_is_shortest": int(ok_len)}
+
+
+def shared_answer_pairs(index, n_targets, per_target, max_hops, rng):
+    """Pipeline-like pairs: few answers (targets), each asked from several question entities."""
+    deg = np.diff(index.indptr)
+    candidates = np.flatnonzero(deg > 0)
+    out = []
+    while len(out) < n_targets * per_target:
+        t = int(rng.choice(candidates))
+        dist = bfs_distances(index, t, max_depth=max_hops)
+        present = np.unique(dist[dist > 0])
+        if present.size == 0:
+            continue
+        for _ in range(per_target):
+            d = int(rng.choice(present))
+            out.append((int(rng.choice(np.flatnonzero(dist == d))), t, d))
+    order = rng.permutation(len(out))  # questions arrive in any order
+    return [out[i] for i in order]
+
+
+def run_shared_answers(nx, G, index, kg, pairs, k, max_hops, seed, batch, rounds, nx_timeout):
+    """The sampling stage's view: batches of (question entity, answer entity) pairs through
+    find_paths_many with one PathCache per worker (cold at the start), vs the same pairs one by
+    one without a cache, vs networkx. Per-batch wall clock, best of ``rounds``."""
+    params = PathSearchParams(max_hops=max_hops, k=k, heuristic="bidirectional")
+    batches = [pairs[i:i + batch] for i in range(0, len(pairs), batch)]
+    keys = ("nx", "cold", "cached")
+    best = {key: [np.inf] * len(batches) for key in keys}
+    best_cpu = {key: [np.inf] * len(batches) for key in keys}
+    counts = {}
+    for rnd in range(rounds):
+        cache = PathCache()
+        for bi, bp in enumerate(batches):
+            ta, a = time.thread_time(), time.perf_counter()
+            n_nx = sum(len(nx_k_shortest(nx, G, s, t, k, max_hops, nx_timeout)[0]) for s, t, _ in bp)
+            tb, b = time.thread_time(), time.perf_counter()
+            rng = np.random.default_rng([seed, bi])
+            n_cold = sum(len(find_paths(index, kg.triples, s, t, params, rng, cache=False)) for s, t, _ in bp)
+            tc, c = time.thread_time(), time.perf_counter()
+            rng = np.random.default_rng([seed, bi])
+            n_cached = sum(len(ps) for ps in find_paths_many(index, kg.triples, [(s, t) for s, t, _ in bp], params,
+                                                              rng, cache=cache))
+            te, e = time.thread_time(), time.perf_counter()
+            for key, v, w in (("nx", b - a, tb - ta), ("cold", c - b, tc - tb), ("cached", e - c, te - tc)):
+                best[key][bi] = min(best[key][bi], v)
+                best_cpu[key][bi] = min(best_cpu[key][bi], w)
+            counts[bi] = (n_nx, n_cold, n_cached)
+    tot = {key: float(sum(v)) for key, v in best.items()}
+    tot_cpu = {key: float(sum(v)) for key, v in best_cpu.items()}
+    paths = {key: sum(c[i] for c in counts.values()) for i, key in enumerate(keys)}
+    pps = {key: paths[key] / tot[key] for key in tot}
+    pps_cpu = {key: paths[key] / tot_cpu[key] for key in tot}
+    return {"pairs": len(pairs), "distinct_targets": len({t for _, t, _ in pairs}),
+            "distinct_sources": len({s for s, _, _ in pairs}), "batch": batch, "rounds": rounds,
+            "batch_seconds": best, "batch_cpu_seconds": best_cpu, "total_s": tot, "cpu_total_s": tot_cpu,
+            "paths": paths, "paths_per_s": pps, "paths_per_cpu_s": pps_cpu,
+            "ratio_cold_vs_networkx": pps["cold"] / pps["nx"], "ratio_cached_vs_networkx": pps["cached"] / pps["nx"],
+            "ratio_cold_vs_networkx_cpu_time": pps_cpu["cold"] / pps_cpu["nx"],
+            "ratio_cached_vs_networkx_cpu_time": pps_cpu["cached"] / pps_cpu["nx"],
+            "cache": {"sides": len(cache), "bytes": cache.bytes, "hits_last_round": cache.hits,
+                      "misses_last_round": cache.misses},
+            "note": "per batch: networkx one by one; ours one by one with cache=False; ours via find_paths_many "
+                    "with one PathCache that starts cold each round (a worker's cache)"}
 
 
 def main(argv=None) -> int:
@@ -214,7 +306,15 @@ def main(argv=None) -> int:
     ap.add_argument("--nx-timeout", type=float, default=10.0, help="per-pair cap for networkx (s)")
     ap.add_argument("--all-simple", type=int, default=30, help="also time nx.all_simple_paths on the first N pairs")
     ap.add_argument("--all-simple-timeout", type=float, default=5.0, help="per-pair cap for all_simple_paths (s)")
-    ap.add_argument("--heuristics", default="landmark,target", help="comma-separated PathSearchParams.heuristic values")
+    ap.add_argument("--heuristics", default="landmark,target,bidirectional",
+                    help="comma-separated PathSearchParams.heuristic values")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="repeat the interleaved timing loop; per pair and method the fastest round counts")
+    ap.add_argument("--landmark-rounds", type=int, default=1, help="rounds for the (slow) landmark mode")
+    ap.add_argument("--shared-targets", type=int, default=30,
+                    help="pipeline-like workload: this many answer entities ... (0: skip)")
+    ap.add_argument("--per-target", type=int, default=10, help="... each asked from this many question entities")
+    ap.add_argument("--batch", type=int, default=32, help="pairs per sampling batch (the Ray Data stage's batch_size)")
     ap.add_argument("--no-hpoa", action="store_true", help="ontology is_a edges only")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "paths.json"))
     args = ap.parse_args(argv)
@@ -223,6 +323,8 @@ def main(argv=None) -> int:
         args.nx_pairs = min(args.nx_pairs or 20, 20)
         args.all_simple = min(args.all_simple, 5)
         args.all_simple_timeout = min(args.all_simple_timeout, 2.0)
+        args.rounds = min(args.rounds, 2)
+        args.shared_targets = min(args.shared_targets, 6)
 
     import networkx as nx
 
@@ -241,36 +343,63 @@ def main(argv=None) -> int:
     print(f"pairs: {len(pairs)} (seed {args.seed}), by distance {hist}")
 
     # Interleaved per pair (ours in each mode, then networkx) so that load on a shared machine
-    # hits both alike. One untimed warm-up call per mode first.
+    # hits both alike; the whole loop ``--rounds`` times, per pair and method the fastest round
+    # counts (a load spike on a 2-core shared machine inflates single runs). One untimed warm-up
+    # call per mode first; the per-graph search CSR of "bidirectional" is built before timing,
+    # like networkx's Graph (both reported in load_s / prepare_s).
     modes = args.heuristics.split(",")
     params = {m: PathSearchParams(max_hops=args.max_hops, k=args.k, heuristic=m) for m in modes}
+    t1 = time.perf_counter()
+    path_cache(index)  # builds the search CSR once per graph (per process)
+    prepare_s = time.perf_counter() - t1
     for m in modes:
         run_ours(index, kg, pairs[0][0], pairs[0][1], params[m], np.random.default_rng(0))
     n_nx = len(pairs) if args.nx_pairs is None else min(args.nx_pairs, len(pairs))
     rows = {m: [] for m in modes}
-    nx_t, nx_n, nx_to = [], [], 0
-    for i, (s, t, d) in enumerate(pairs):
+    nx_rounds = []
+    nx_n, nx_to, nx_lens = [], 0, []
+    for rnd in range(max(args.rounds, 1)):
+        cur = {m: [] for m in modes}
+        nx_cur = []
+        for i, (s, t, d) in enumerate(pairs):
+            for m in modes:
+                if m == "landmark" and rnd >= args.landmark_rounds:
+                    continue
+                cur[m].append(run_ours(index, kg, s, t, params[m], np.random.default_rng(args.seed * 1_000_003 + i)))
+            if i < n_nx:
+                c0, a = time.thread_time(), time.perf_counter()
+                ps, to = nx_k_shortest(nx, G, s, t, args.k, args.max_hops, args.nx_timeout)
+                nx_cur.append((time.perf_counter() - a, time.thread_time() - c0))
+                if rnd == 0:
+                    nx_n.append(len(ps))
+                    nx_lens.append([len(p) - 1 for p in ps])
+                    nx_to += to
         for m in modes:
-            rows[m].append(run_ours(index, kg, s, t, params[m], np.random.default_rng(args.seed * 1_000_003 + i)))
-        if i < n_nx:
-            a = time.perf_counter()
-            ps, to = nx_k_shortest(nx, G, s, t, args.k, args.max_hops, args.nx_timeout)
-            nx_t.append(time.perf_counter() - a)
-            nx_n.append(len(ps))
-            nx_to += to
+            if cur[m]:
+                rows[m].append(cur[m])
+        nx_rounds.append(nx_cur)
+        print(f"round {rnd + 1}/{args.rounds} done (load {os.getloadavg()[0]:.1f})")
+    nx_t = [min(r[i][0] for r in nx_rounds) for i in range(n_nx)]
+    nx_cpu = [min(r[i][1] for r in nx_rounds) for i in range(n_nx)]
     ours = {}
     for m in modes:
         r = ours[m] = summarize_ours(m, params[m], pairs, rows[m])
-        print(f"ours [{m:8s}]: {len(pairs)} pairs in {r['total_s']:.3f}s = {r['pairs_per_s']:.1f} pairs/s, "
+        r["rounds"] = len(rows[m])
+        r["same_lengths_as_networkx_pairs"] = sum(1 for a_, b_ in zip(r["lengths"][:n_nx], nx_lens) if a_ == b_)
+        print(f"ours [{m:13s}]: {len(pairs)} pairs in {r['total_s']:.3f}s = {r['pairs_per_s']:.1f} pairs/s, "
               f"{r['paths_per_s']:.1f} paths/s ({sum(r['paths'])} paths; methods {r['methods']}); "
-              f"median {r['median_ms']:.2f} ms/pair; first path length == BFS distance on "
-              f"{r['first_path_is_shortest']}/{len(pairs)}")
-        print(f"      CSR entries visited: {r['csr_entries_per_s'] / 1e6:.1f} M/s ({r['csr_entries']} total, "
-              f"{r['csr_entries_heuristic_bfs']} in heuristic/fallback BFS); {r['expansions']} A* expansions, "
+              f"median {r['median_ms']:.3f} ms/pair; first path length == BFS distance on "
+              f"{r['first_path_is_shortest']}/{len(pairs)}; path lengths == networkx's on "
+              f"{r['same_lengths_as_networkx_pairs']}/{n_nx}")
+        print(f"      CSR entries visited: {r['csr_entries_per_s'] / 1e6:.1f} M/s wall, "
+              f"{r['csr_entries_per_cpu_s_per_core'] / 1e6:.1f} M per CPU-second per core ({r['csr_entries']} total, "
+              f"{r['csr_entries_heuristic_bfs']} in heuristic/BFS/walk-set growth); {r['expansions']} expansions, "
               f"{r['fallbacks']} BFS fallbacks")
-        print(f"      search alone, heuristic already built (sample_paths caches it per target): "
-              f"{r['search_total_s']:.3f}s = {sum(r['paths']) / r['search_total_s']:.1f} paths/s")
+        if m != "bidirectional":
+            print(f"      search alone, heuristic already built (sample_paths caches it per target): "
+                  f"{r['search_total_s']:.3f}s = {sum(r['paths']) / r['search_total_s']:.1f} paths/s")
     nx_total = sum(nx_t)
+    nx_cpu_total = sum(nx_cpu)
     print(f"networkx shortest_simple_paths: {n_nx} pairs in {nx_total:.3f}s = {n_nx / nx_total:.1f} pairs/s, "
           f"{sum(nx_n) / nx_total:.1f} paths/s ({sum(nx_n)} paths, {nx_to} pairs hit the {args.nx_timeout}s cap); "
           f"median {1e3 * np.median(nx_t):.2f} ms/pair")
@@ -280,10 +409,12 @@ def main(argv=None) -> int:
             "pairs": n_nx, "speedup_per_pair": nx_total / sub_t,
             "speedup_paths_per_s": (sub_n / sub_t) / (sum(nx_n) / nx_total),
             "same_path_count_pairs": sum(1 for a_, b_ in zip(r["paths"][:n_nx], nx_n) if a_ == b_),
+            "speedup_paths_per_cpu_s": (sub_n / sum(r["cpu_seconds"][:n_nx])) / (sum(nx_n) / nx_cpu_total),
         }
         v = r["vs_shortest_simple_paths"]
         print(f"  ours [{mode}] vs shortest_simple_paths on the same {n_nx} pairs: {v['speedup_per_pair']:.2f}x time, "
-              f"{v['speedup_paths_per_s']:.2f}x paths/s (same number of paths on {v['same_path_count_pairs']}/{n_nx})")
+              f"{v['speedup_paths_per_s']:.2f}x paths/s, {v['speedup_paths_per_cpu_s']:.2f}x paths per CPU-s "
+              f"(same number of paths on {v['same_path_count_pairs']}/{n_nx})")
 
     all_simple = None
     if args.all_simple:
@@ -307,8 +438,40 @@ def main(argv=None) -> int:
                   f"{r['vs_all_simple_paths']['speedup_paths_per_s']:.1f}x paths/s")
         all_simple = {"pairs": m, "seconds": as_t, "paths": as_n, "timeouts": as_to}
 
+    shared = None
+    if args.shared_targets > 0:
+        sp = shared_answer_pairs(index, args.shared_targets, args.per_target, args.max_hops,
+                                 np.random.default_rng([args.seed, 7]))
+        shared = run_shared_answers(nx, G, index, kg, sp, args.k, args.max_hops, args.seed, args.batch,
+                                    max(args.rounds, 1), args.nx_timeout)
+        print(f"shared answers ({shared['pairs']} pairs, {shared['distinct_targets']} answer entities, batches of "
+              f"{args.batch}): networkx {shared['paths_per_s']['nx']:.0f} paths/s; ours one by one, no cache "
+              f"{shared['paths_per_s']['cold']:.0f} paths/s ({shared['ratio_cold_vs_networkx']:.1f}x); ours batched "
+              f"with a worker cache {shared['paths_per_s']['cached']:.0f} paths/s "
+              f"({shared['ratio_cached_vs_networkx']:.1f}x); per CPU-second: "
+              f"{shared['ratio_cold_vs_networkx_cpu_time']:.1f}x and {shared['ratio_cached_vs_networkx_cpu_time']:.1f}x")
+
+    summary = {"target": ">= 20x networkx shortest_simple_paths paths/s",
+               "networkx_paths_per_s": sum(nx_n) / nx_total,
+               "note": "wall-clock ratios on a loaded shared machine favour us (networkx's longer calls are "
+                       "preempted more); the CPU-time ratios (time.thread_time) are the load-robust figures"}
+    for mode, r in ours.items():
+        v = r["vs_shortest_simple_paths"]
+        summary[mode] = {"paths_per_s": r["paths_per_s"], "ratio_vs_networkx": v["speedup_paths_per_s"],
+                         "ratio_vs_networkx_cpu_time": v["speedup_paths_per_cpu_s"],
+                         "csr_entries_per_cpu_s_per_core": r["csr_entries_per_cpu_s_per_core"],
+                         "met_wall": v["speedup_paths_per_s"] >= 20, "met_cpu_time": v["speedup_paths_per_cpu_s"] >= 20}
+    if shared:
+        summary["shared_answers_batched_cached"] = {
+            "paths_per_s": shared["paths_per_s"]["cached"], "ratio_vs_networkx": shared["ratio_cached_vs_networkx"],
+            "ratio_vs_networkx_cpu_time": shared["ratio_cached_vs_networkx_cpu_time"],
+            "ratio_cold_vs_networkx": shared["ratio_cold_vs_networkx"],
+            "ratio_cold_vs_networkx_cpu_time": shared["ratio_cold_vs_networkx_cpu_time"],
+            "met_wall": shared["ratio_cached_vs_networkx"] >= 20,
+            "met_cpu_time": shared["ratio_cached_vs_networkx_cpu_time"] >= 20}
     result = {
         "benchmark": "paths",
+        "summary": summary,
         "machine": {
             "platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
             "cpu_count": os.cpu_count(), "python": sys.version.split()[0], "numpy": np.__version__,
@@ -324,14 +487,25 @@ def main(argv=None) -> int:
                    "baseline": "nx.shortest_simple_paths on the simple undirected nx.Graph, first k with len<=max_hops",
                    "pair_sampling": "random source; distance uniform over those present in its max_hops ball; "
                                     "random target at that distance",
-                   "timing": "time.perf_counter per pair, single process; ours includes building the heuristic"},
+                   "rounds": args.rounds, "landmark_rounds": args.landmark_rounds,
+                   "timing": "time.perf_counter (wall) and time.thread_time (CPU) per pair, single process, "
+                             "interleaved; per pair and method the fastest of the rounds; A* modes include "
+                             "building the heuristic, bidirectional runs with cache=False (nothing shared "
+                             "between pairs but the per-graph search CSR, built once: prepare_s)"},
         "seed": args.seed,
         "load_s": load_s,
+        "prepare_s": prepare_s,
         "pairs": [list(p) for p in pairs],
         "ours": ours,
         "networkx_shortest_simple_paths": {"seconds": nx_t, "paths": nx_n, "timeouts": nx_to, "total_s": nx_total,
-                                           "paths_per_s": sum(nx_n) / nx_total,
+                                           "paths_per_s": sum(nx_n) / nx_total, "cpu_seconds": nx_cpu,
+                                           "cpu_total_s": nx_cpu_total, "lengths": nx_lens,
                                            "median_ms": 1e3 * float(np.median(nx_t))},
+        "shared_answers": shared,
+        "ray_data_scaling": {"measured": False,
+                             "why": "optional; not run: the 2-core machine was shared with other heavy jobs "
+                                    "(load average above 10 for most of the session), so a 1 -> 2 worker "
+                                    "scaling figure would measure the other jobs"},
         "networkx_all_simple_paths": all_simple,
     }
     out = Path(args.out)

@@ -6,7 +6,8 @@ helpers at the bottom). Everything runs on the CSR ``GraphIndex`` of ``kale_ray.
 Search
 ------
 For a (source, target) pair we look for up to ``k`` distinct simple paths of at most
-``max_hops`` hops, shortest first, with a multi-path A*:
+``max_hops`` hops, shortest first, with a multi-path A* (or, ``heuristic="bidirectional"``,
+a meet-in-the-middle enumeration, below):
 
 * ``f(e) = g(e) + h(e)``; ``g`` = hops so far.
 * ``heuristic="landmark"`` (default, the paper's): ``h`` is the landmark (ALT) lower bound
@@ -27,6 +28,20 @@ For a (source, target) pair we look for up to ``k`` distinct simple paths of at 
   (``R + 1`` if a neighbour is at ``R``, else ``R + 2``). After the first expansion every
   pruning decision is exact: a meet-in-the-middle that scans the target's and the source's
   small balls instead of the whole graph. No ``rng`` draws for the heuristic.
+* ``heuristic="bidirectional"`` (an extension, the fastest; not an A*): meet in the middle
+  without a heuristic. Walk sets grow level by level around the source and the target (always
+  the side whose next level scans fewer CSR entries), bit ``r`` of a node meaning "has a walk
+  of exactly ``r`` hops to the target"; the bits the enumeration needs beyond the target
+  side's depth are completed on the source side's levels. Then, for ``L = d(s,t) ..
+  max_hops``, a depth-first enumeration of the simple paths of exactly ``L`` hops keeps only
+  children with the right bit (the shortest length never dead-ends), children in a random
+  order from ``rng``. Lengths grow only as far as needed for k paths. Same results contract
+  as the A* modes (k shortest simple paths, shortest first, the same path lengths); the walk
+  sets depend on the graph only, so they are cached per endpoint across pairs and calls
+  (``PathCache``; one per ``GraphIndex`` by default) without changing any result. Paths
+  report ``"bidir"``. ``max_expansions`` counts enumerated non-goal states. Up to
+  ``MAX_BIDIRECTIONAL_HOPS`` (63) hops, beyond which the ``"target"`` A* runs instead.
+  The index must be undirected (as ``GraphIndex.build`` makes it by default), as for all modes.
 * States are paths (tree search), so after the first goal we keep popping the frontier to
   collect up to ``k`` paths; a node may be reached again through a different parent path.
   A child is kept only if ``g + 1 + h(child) <= max_hops`` and it is not already on its
@@ -42,14 +57,16 @@ For a (source, target) pair we look for up to ``k`` distinct simple paths of at 
 
 Fallback and partial paths
 --------------------------
-* If A* expands ``max_expansions`` states before it has ``k`` paths and ``bfs_fallback`` is
-  on, a BFS tree from the source (depth ``max_hops``) gives a shortest path for sure, and a
-  second best-first search with the exact-distance ``"target"`` heuristic (same budget) adds
-  further paths. Paths found this way report ``"bfs"``; they are merged with the A* ones,
+* If the search (A* or the bidirectional enumeration) expands ``max_expansions`` states
+  before it has ``k`` paths and ``bfs_fallback`` is on, a BFS tree from the source (depth
+  ``max_hops``) gives a shortest path for sure, and a second best-first search with the
+  exact-distance ``"target"`` heuristic (same budget) adds further paths. Paths found this
+  way report ``"bfs"``; they are merged with the search's ones,
   de-duplicated and sorted by length. With ``bfs_fallback`` off, the paths A* found so far
   (possibly none) are returned.
 * A pair has *no* complete path only when that is proven (A* ran out of frontier, the
-  heuristic of the source already exceeds ``max_hops``, or the fallback BFS does not reach
+  heuristic of the source already exceeds ``max_hops``, the bidirectional walk sets do not
+  meet within ``max_hops``, or the fallback BFS does not reach
   the target). Then, with ``partial_paths``, we return one ``"partial"`` path: among the
   nodes within ``max_hops`` hops of the source we pick the one with the smallest exact hop
   distance to the target (ties: fewer hops, then lower id) and return the BFS-tree path to
@@ -66,6 +83,9 @@ from __future__ import annotations
 
 import heapq
 import numbers
+import time
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -79,7 +99,10 @@ __all__ = [
     "bfs_distances",
     "bfs_tree",
     "landmark_heuristic",
+    "PathCache",
+    "path_cache",
     "find_paths",
+    "find_paths_many",
     "sample_paths",
     "path_to_named",
     "graph_index_from_networkx",
@@ -87,7 +110,7 @@ __all__ = [
 ]
 
 
-HEURISTICS = ("landmark", "target")
+HEURISTICS = ("landmark", "target", "bidirectional")
 
 # --------------------------------------------------------------------------- #
 # Parameters and results
@@ -104,7 +127,9 @@ class PathSearchParams:
     # extensions (see module docstring)
     two_sided: bool = True  # |d(a,t) - d(a,e)| (ALT) instead of the paper's [d(a,t) - d(a,e)]^+
     distinct_nodes: bool = True  # k paths differ in their node sequences
-    heuristic: str = "landmark"  # "landmark" (paper: sampled anchors) | "target" (the target as its only landmark)
+    # "landmark" (paper: sampled anchors) | "target" (the target as its only landmark) |
+    # "bidirectional" (meet in the middle, no A*; the fastest)
+    heuristic: str = "landmark"
 
     def __post_init__(self) -> None:
         if self.heuristic not in HEURISTICS:
@@ -120,7 +145,7 @@ class KGPath:
     hops: list[tuple[int, int, int]]  # real triples (head, relation, tail), each read FORWARD as stored
     nodes: list[int]  # the walk's node sequence source..end (len = len(hops) + 1)
     complete: bool  # reaches the target
-    method: str  # "astar" | "bfs" | "partial" | "trivial"
+    method: str  # "astar" | "bidir" | "bfs" | "partial" | "trivial"
 
     @property
     def length(self) -> int:
@@ -161,6 +186,8 @@ class LandmarkHeuristic:
 # Validation
 # --------------------------------------------------------------------------- #
 def _check_node(index: GraphIndex, x, role: str) -> int:
+    if type(x) is int and 0 <= x < index.num_nodes:  # fast path
+        return x
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
         raise ValueError(f"{role} id {x!r} is not an integer entity id")
     n = int(index.num_nodes)
@@ -171,6 +198,8 @@ def _check_node(index: GraphIndex, x, role: str) -> int:
 
 
 def _check_triples(index: GraphIndex, triples: np.ndarray) -> np.ndarray:
+    if type(triples) is np.ndarray and triples.ndim == 2 and triples.shape[1] == 3 and len(triples):
+        return triples  # fast path
     triples = np.asarray(triples)
     if triples.ndim != 2 or triples.shape[1] != 3:
         raise ValueError(f"triples must be an (N, 3) array of (head, relation, tail) ids, got shape {triples.shape}")
@@ -284,7 +313,7 @@ def landmark_heuristic(index: GraphIndex, target: int, params: PathSearchParams,
     local: dict = {}
     h = np.zeros(index.num_nodes, dtype=np.int32)
     exact_depth = None
-    if params.heuristic == "target":
+    if params.heuristic in ("target", "bidirectional"):
         exact_depth = max(params.max_hops - 2, 0)
         h = bfs_distances(index, target, max_depth=exact_depth, stats=local)
         h[h < 0] = exact_depth + 1
@@ -461,6 +490,458 @@ def _best_first(index: GraphIndex, triples: np.ndarray, source: int, target: int
     return paths, exhausted
 
 
+# --------------------------------------------------------------------------- #
+# Bidirectional exact search (meet in the middle)
+# --------------------------------------------------------------------------- #
+class _CSR:
+    """A search CSR derived from the index: self-loops dropped, rows sorted by neighbour id."""
+
+    __slots__ = ("indptr", "nbr", "eid", "tid", "deg")
+
+    def __init__(self, indptr: np.ndarray, nbr: np.ndarray, eid: np.ndarray, tid: np.ndarray) -> None:
+        self.indptr = indptr  # (N+1,) int64
+        self.nbr = nbr  # (E',) intp
+        self.eid = eid  # (E',) intp: the index's CSR edge id of each entry
+        self.tid = tid  # (E',) intp: the triple of each entry
+        self.deg = np.diff(indptr)
+
+
+class _Prepared:
+    """Per-index search arrays, built once per ``GraphIndex`` per process and read-only after.
+
+    ``simple``: parallel edges collapsed to the first one in the index (``distinct_nodes``);
+    ``multi``: parallel edges kept. Both without self-loops (a simple path never uses one).
+    """
+
+    def __init__(self, index: GraphIndex) -> None:
+        t0 = time.perf_counter()
+        n = int(index.num_nodes)
+        self.num_nodes = n
+        src = np.repeat(np.arange(n, dtype=np.int64), np.diff(index.indptr))
+        nbr = index.nbr.astype(np.int64)
+        keep = np.flatnonzero(src != nbr)
+        key = src[keep] * max(n, 1) + nbr[keep]
+        order = np.argsort(key, kind="stable")  # stable: equal (u, v) stay in index order
+        key, eid = key[order], keep[order]
+        counts = np.bincount(key // max(n, 1), minlength=n)
+        self.multi = self._csr(counts, key % max(n, 1), eid, index.tid)
+        first = np.ones(key.size, dtype=bool)
+        first[1:] = key[1:] != key[:-1]
+        if first.all():
+            self.simple = self.multi
+            self.simple_key = key  # (u * N + v) of each simple entry, sorted: hop lookup
+        else:
+            self.simple_key = key[first]
+            s2 = self.simple_key // max(n, 1)
+            self.simple = self._csr(np.bincount(s2, minlength=n), self.simple_key % max(n, 1), eid[first], index.tid)
+        self.build_s = time.perf_counter() - t0
+
+    @staticmethod
+    def _csr(counts: np.ndarray, nbr: np.ndarray, eid: np.ndarray, tid: np.ndarray) -> _CSR:
+        indptr = np.zeros(counts.size + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        eid = eid.astype(np.intp)  # intp: fancy indexing without a cast
+        return _CSR(indptr, nbr.astype(np.intp), eid, np.asarray(tid)[eid].astype(np.intp))
+
+
+_BIT_DTYPES = ((7, np.uint8), (15, np.uint16), (31, np.uint32), (63, np.uint64))
+_BITV: dict = {}  # (dtype, max_hops) -> [dtype(1 << r) for r in 0..max_hops]
+MAX_BIDIRECTIONAL_HOPS = 63  # walk-length bits per node; longer searches use the "target" A*
+
+
+def _bits_dtype(max_hops: int):
+    for top, dt in _BIT_DTYPES:
+        if max_hops <= top:
+            return dt
+    raise ValueError(f"bidirectional search supports max_hops <= {MAX_BIDIRECTIONAL_HOPS}")
+
+
+class _Side:
+    """Walk sets around one node ``x`` over the simple CSR, grown one level at a time.
+
+    Level ``r`` = the nodes with a walk of exactly ``r`` hops to ``x``; ``bits[v]`` (built on
+    first use) has bit ``r`` set iff ``v`` is in level ``r`` (complete for ``r <= depth``; the
+    search may add further true bits). Growing level ``j`` scans all CSR entries of the
+    level-``j`` nodes: ``dst(j)`` and, on demand, ``src(j)``. Nothing here depends on an rng, so
+    a side can be shared by every pair that has ``x`` as an endpoint.
+    """
+
+    __slots__ = ("root", "n", "dtype", "depth", "_bits", "_levels", "_dst", "_lens", "_src", "_cost", "nbytes")
+
+    def __init__(self, root: int, n: int, dtype) -> None:
+        self.root = root
+        self.n = n
+        self.dtype = np.dtype(dtype)
+        self._bits: np.ndarray | None = None
+        self._levels: list[np.ndarray | None] = [np.array([root], dtype=np.int64)]
+        self._dst: list[np.ndarray] = []
+        self._lens: list[np.ndarray] = []
+        self._src: list[np.ndarray | None] = []
+        self._cost: list[int | None] = [None]
+        self.nbytes = 64
+        self.depth = 0  # levels grown
+    @property
+    def bits(self) -> np.ndarray:
+        b = self._bits
+        if b is None:
+            b = self._bits = np.zeros(self.n, dtype=self.dtype)
+            b[self.root] = 1
+            one = b.dtype.type
+            for j, dst in enumerate(self._dst):
+                b[dst] |= one(1 << (j + 1))
+            self.nbytes += int(b.nbytes)
+        return b
+
+    def level(self, r: int) -> np.ndarray:
+        lv = self._levels[r]
+        if lv is None:
+            dst = self._dst[r - 1]
+            if r == 1:  # a row of the simple CSR has no repeated neighbour
+                lv = dst
+            else:  # de-duplicate without sorting: the last write per node wins
+                pos = np.arange(dst.size, dtype=np.int32)
+                scratch = np.empty(self.n, dtype=np.int32)
+                scratch[dst] = pos
+                lv = dst[scratch[dst] == pos]
+                self.nbytes += int(lv.nbytes)
+            self._levels[r] = lv
+        return lv
+
+    def next_cost(self, csr: _CSR) -> int:
+        """CSR entries that growing one more level scans (an upper bound past level 1)."""
+        d = self.depth
+        c = self._cost[d]
+        if c is None:
+            if d == 0:
+                c = int(csr.deg[self.root])
+            else:
+                c = int(csr.deg[self._dst[d - 1]].sum())
+            self._cost[d] = c
+        return c
+
+    def grow(self, csr: _CSR) -> int:
+        d = self.depth
+        if d == 0:
+            u = self.root
+            dst = csr.nbr[csr.indptr[u]:csr.indptr[u + 1]]
+            lens = None
+        else:
+            lv = self.level(d)
+            lens = csr.deg[lv]
+            if not lens.all():  # no out-entries (a directed index): nothing to scan, keep reduceat segments non-empty
+                keep = lens > 0
+                lv, lens = lv[keep], lens[keep]
+                self._levels[d] = lv
+            if 0 < lv.size <= 4:  # a few rows: slicing beats building the entry ids
+                ip, nb = csr.indptr, csr.nbr
+                dst = np.concatenate([nb[ip[u]:ip[u + 1]] for u in lv.tolist()])
+            else:
+                dst = csr.nbr[_frontier_edges(csr.indptr, lv)]
+            self.nbytes += int(dst.nbytes + lens.nbytes)
+        if self._bits is not None:
+            self._bits[dst] |= self._bits.dtype.type(1 << (d + 1))
+        self._dst.append(dst)
+        self._lens.append(lens)
+        self._src.append(None)
+        self._levels.append(None)
+        self._cost.append(None)
+        self.depth = d + 1
+        return int(dst.size)
+
+    def dst(self, j: int) -> np.ndarray:
+        return self._dst[j]
+
+    def offsets(self, j: int) -> np.ndarray:
+        """Start of each level-``j`` node's entries in ``dst(j)`` (for ``np.*.reduceat``)."""
+        o = self._src[j]
+        if o is None:
+            lens = self._lens[j]
+            o = np.zeros(lens.size, dtype=np.intp)
+            np.cumsum(lens[:-1], out=o[1:])
+            self._src[j] = o
+            self.nbytes += int(o.nbytes)
+        return o
+
+
+class PathCache:
+    """Bidirectional-search sides (walk sets around a node), shared across pairs; LRU bounded in bytes.
+
+    Sides depend on the graph only (no rng), so sharing them never changes a result: a pair
+    gets the same paths from a cold or a warm cache. ``find_paths``/``sample_paths`` use one
+    cache per ``GraphIndex`` (per process) unless given one; ``cache=False`` disables it.
+    """
+
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self.max_bytes = int(max_bytes)
+        self._sides: OrderedDict[int, _Side] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._sides)
+
+    def side(self, node: int, n: int, dtype) -> _Side:
+        sd = self._sides.get(node)
+        if sd is not None and sd.dtype.itemsize >= np.dtype(dtype).itemsize and sd.n == n:
+            self._sides.move_to_end(node)
+            self.hits += 1
+            return sd
+        if sd is not None:
+            self.bytes -= sd.nbytes
+        sd = _Side(node, n, dtype)
+        self._sides[node] = sd
+        self.bytes += sd.nbytes
+        self.misses += 1
+        return sd
+
+    def settle(self, sides: tuple[_Side, ...], before: int) -> None:
+        """Account for growth of ``sides`` (their bytes were ``before``) and evict old ones."""
+        for sd in sides:
+            self.bytes += sd.nbytes
+        self.bytes -= before
+        if self.bytes <= self.max_bytes:
+            return
+        keep = {sd.root for sd in sides}
+        while self.bytes > self.max_bytes and len(self._sides) > len(keep):
+            node, sd = next(iter(self._sides.items()))
+            if node in keep:
+                self._sides.move_to_end(node)
+                continue
+            del self._sides[node]
+            self.bytes -= sd.nbytes
+
+    def clear(self) -> None:
+        self._sides.clear()
+        self.bytes = 0
+
+
+_REGISTRY: dict[int, tuple] = {}
+
+
+def _prepared(index: GraphIndex) -> tuple[_Prepared, PathCache]:
+    """The index's ``_Prepared`` arrays and shared ``PathCache`` (built on first use, per process)."""
+    key = id(index)
+    ent = _REGISTRY.get(key)
+    if ent is not None and ent[0]() is index:
+        return ent[1], ent[2]
+
+    def _drop(ref, key=key):
+        cur = _REGISTRY.get(key)
+        if cur is not None and cur[0] is ref:
+            del _REGISTRY[key]
+
+    prep, cache = _Prepared(index), PathCache()
+    _REGISTRY[key] = (weakref.ref(index, _drop), prep, cache)
+    return prep, cache
+
+
+def path_cache(index: GraphIndex) -> PathCache:
+    """The shared bidirectional-search cache of ``index`` (e.g. to ``clear()`` it or read hits/misses)."""
+    return _prepared(index)[1]
+
+
+def _resolve_cache(index: GraphIndex, cache) -> tuple[_Prepared, PathCache]:
+    prep, shared = _prepared(index)
+    if cache is None or cache is True:
+        return prep, shared
+    if cache is False:
+        return prep, PathCache()
+    if not isinstance(cache, PathCache):
+        raise TypeError(f"cache must be a PathCache, None or False, got {type(cache).__name__}")
+    return prep, cache
+
+
+class _NumpyWalks:
+    """Walk sets on numpy arrays, cached per endpoint in a ``PathCache`` (see ``_bidirectional``)."""
+
+    def __init__(self, prep: _Prepared, cache: PathCache, source: int, target: int, H: int, dtype) -> None:
+        self.prep, self.cache, self.source, self.H = prep, cache, source, H
+        n = prep.num_nodes
+        self.S = cache.side(source, n, dtype)
+        self.T = cache.side(target, n, dtype)
+        self.new_sides = (self.S.depth == 0) + (self.T.depth == 0)
+        self.before = self.S.nbytes + self.T.nbytes
+        self.a = self.b = 0
+        self.grown = 0
+        self.refined = None  # (source levels, exact target depth) of the last completion
+        self.M = None
+        self.bitv = _bitv(dtype, H)
+
+    def prepare(self, L: int) -> bool:
+        """Make bits up to L exact where the enumeration reads them; does the source have bit L?"""
+        S, T, csr, bitv = self.S, self.T, self.prep.simple, self.bitv
+        a, b = self.a, self.b
+        while a + b < L:
+            ct = 0 if b < T.depth else T.next_cost(csr)
+            cs = 0 if a < S.depth else S.next_cost(csr)
+            if ct <= cs:
+                if b == T.depth:
+                    self.grown += T.grow(csr)
+                b += 1
+            else:
+                if a == S.depth:
+                    self.grown += S.grow(csr)
+                a += 1
+        self.a, self.b = a, b
+        M = self.M = T.bits
+        bexact = T.depth
+        if bexact < L:
+            ra = L - bexact  # source-side levels the length-L walks need
+            # meet test: a walk of exactly L hops exists iff a walk of ra hops from the source
+            # ends on a node with a walk of bexact hops to the target
+            if not (M[S.dst(ra - 1)] & bitv[bexact]).any():
+                return False
+            if self.refined != (ra, bexact):
+                # complete the source-side levels ra-1 .. 0, deepest first: a node has a walk of
+                # r hops to the target iff a neighbour has one of r - 1 (shift-OR over its
+                # scanned entries). Only true facts are added, so they may stay in the shared
+                # target side; level j ends up exact up to bexact + ra - j >= L - j.
+                for j in range(ra - 1, 0, -1):
+                    M[S.level(j)] |= np.bitwise_or.reduceat(M[S.dst(j)] << 1, S.offsets(j))
+                M[self.source] |= np.bitwise_or.reduce(M[S.dst(0)] << 1)
+                self.refined = (ra, bexact)
+        return bool((int(M[self.source]) >> L) & 1)
+
+    def finish(self) -> int:
+        self.cache.settle((self.S, self.T), self.before)
+        return self.grown
+
+
+def _bitv(dtype, H: int) -> list:
+    bitv = _BITV.get((dtype, H))
+    if bitv is None:
+        one = np.dtype(dtype).type
+        bitv = _BITV[(dtype, H)] = [one(1 << r) for r in range(H + 1)]
+    return bitv
+
+
+def _bidirectional(index: GraphIndex, triples: np.ndarray, source: int, target: int, params: PathSearchParams,
+                   rng: np.random.Generator, stats: dict | None, cache) -> tuple[list[KGPath], bool]:
+    """Up to k shortest simple paths by meet-in-the-middle; returns (paths, budget_exhausted).
+
+    For ``L = 1 .. max_hops``, until k paths are found:
+
+    1. Grow walk sets around the source (depth ``a``) and the target (depth ``b``) until
+       ``a + b >= L``, always growing the side whose next level scans fewer CSR entries
+       (levels already in the cache are free). Short pairs never look far.
+    2. Bit ``r`` of ``M[v]`` = "``v`` has a walk of exactly ``r`` hops to the target", complete
+       for ``r <= b`` from the target side. For ``b < r <= L`` it is completed on the source
+       side's levels ``j <= a - 1`` only (a shift-OR over their scanned entries, deepest level
+       first): exactly the nodes the enumeration can stand on with ``r`` hops left.
+    3. If the source has bit ``L``: depth-first enumeration of the simple paths of exactly ``L``
+       hops, a child at position ``j`` kept only if it has bit ``L - j`` (so the shortest length
+       never dead-ends, longer ones only where a walk is not simple), children in a random
+       order drawn from ``rng``.
+    """
+    prep, cache = _resolve_cache(index, cache)
+    H, k = params.max_hops, params.k
+    dtype = _bits_dtype(H)
+    row_csr = prep.simple if params.distinct_nodes else prep.multi
+    indptr, nbr = row_csr.indptr, row_csr.nbr
+    distinct = params.distinct_nodes
+    budget = params.max_expansions
+    bitv = _bitv(dtype, H)
+    walks = _NumpyWalks(prep, cache, source, target, H, dtype)
+    expansions = scanned = 0
+    exhausted = False
+    found: list[tuple[list[int], list[int]]] = []
+    raw = rng.bit_generator.random_raw  # one 64-bit draw per random pick (lazy Fisher-Yates)
+    M = None
+
+    def children(u: int, r: int) -> list:
+        """Frame [nodes, next, entries] of u's neighbours with a walk of exactly r hops to the target
+        (``entries``: their positions in the row CSR)."""
+        lo, hi = indptr[u], indptr[u + 1]
+        row = nbr[lo:hi]
+        if r == 0:  # only the target has a walk of 0 hops to the target
+            j0, j1 = row.searchsorted(target), row.searchsorted(target, "right")
+            return [[target] * int(j1 - j0), 0, list(range(int(lo + j0), int(lo + j1)))]
+        idx = (M[row] & bitv[r]).nonzero()[0]
+        return [row[idx].tolist(), 0, (idx + lo).tolist()]  # nodes, next, entries
+
+    for L in range(1, H + 1):
+        if not walks.prepare(L):
+            continue
+        M = walks.M
+        # ---- enumerate the simple paths of exactly L hops ----
+        if expansions >= budget:
+            exhausted = True
+            break
+        expansions += 1
+        if L == 1 and distinct:  # the source has bit 1: it is a neighbour of the target
+            j0 = indptr[source] + nbr[indptr[source]:indptr[source + 1]].searchsorted(target)
+            found.append(([source, target], [int(j0)]))
+            if len(found) >= k:
+                break
+            continue
+        path = [source]
+        pe: list[int] = []
+        on = {source}
+        fr = children(source, L - 1)
+        scanned += int(indptr[source + 1] - indptr[source])
+        stack = [fr]
+        last = L - 1  # position whose nodes are neighbours of the target
+        while stack:
+            fr = stack[-1]
+            c, i = fr[0], fr[1]
+            m = len(c)
+            if i >= m:
+                stack.pop()
+                if len(path) > 1:
+                    on.discard(path.pop())
+                    pe.pop()
+                continue
+            if m - i > 1:  # random order, drawn lazily: pick one of the remaining children
+                j = i + ((raw() * (m - i)) >> 64)
+                c[i], c[j] = c[j], c[i]
+                es = fr[2]
+                es[i], es[j] = es[j], es[i]
+            fr[1] = i + 1
+            v = c[i]
+            if v in on:
+                continue
+            pos = len(path)
+            if v == target:
+                if pos == L:
+                    found.append((path + [v], pe + [fr[2][i]]))
+                    if len(found) >= k:
+                        break
+                continue
+            if expansions >= budget:
+                exhausted = True
+                break
+            expansions += 1
+            if distinct and pos == last:  # v is a neighbour of the target: a path
+                lo = indptr[v]
+                found.append((path + [v, target],
+                              pe + [fr[2][i], int(lo + nbr[lo:indptr[v + 1]].searchsorted(target))]))
+                if len(found) >= k:
+                    break
+                continue
+            path.append(v)
+            pe.append(fr[2][i])
+            on.add(v)
+            stack.append(children(v, L - pos - 1))
+            scanned += int(indptr[v + 1] - indptr[v])
+        if exhausted or len(found) >= k:
+            break
+    _bump(stats, "sides", walks.new_sides)
+    _bump(stats, "bfs_edges", walks.finish())
+    _bump(stats, "expansions", expansions)
+    _bump(stats, "edges_scanned", scanned)
+    if not found:
+        return [], exhausted
+    flat = np.array([e for _, pe in found for e in pe], dtype=np.intp)
+    rows = triples[row_csr.tid[flat]].tolist()
+    paths, off = [], 0
+    for nodes, _ in found:
+        hops = [(h, r, t) for h, r, t in rows[off:off + len(nodes) - 1]]
+        off += len(nodes) - 1
+        paths.append(KGPath(hops=hops, nodes=nodes, complete=True, method="bidir"))
+    return paths, exhausted
+
+
 def _tree_path(index: GraphIndex, triples: np.ndarray, pedge: np.ndarray, pnode: np.ndarray,
                source: int, end: int, complete: bool, method: str) -> KGPath:
     nodes, edges = [end], []
@@ -491,11 +972,13 @@ def _partial_path(index: GraphIndex, triples: np.ndarray, source: int, target: i
 
 def find_paths(index: GraphIndex, triples: np.ndarray, source: int, target: int, params: PathSearchParams,
                rng: np.random.Generator, *, heuristic: LandmarkHeuristic | None = None,
-               stats: dict | None = None) -> list[KGPath]:
+               stats: dict | None = None, cache: PathCache | bool | None = None) -> list[KGPath]:
     """Up to ``params.k`` distinct simple paths source -> target, shortest first (see module doc).
 
     ``heuristic`` may be a precomputed ``landmark_heuristic(index, target, ...)`` (e.g. cached
-    per target); ``stats`` (a dict) accumulates expansions and scanned CSR entries.
+    per target; A* modes only); ``stats`` (a dict) accumulates expansions and scanned CSR
+    entries. ``cache`` (``"bidirectional"`` only): a ``PathCache``, ``None`` for the index's
+    shared one, ``False`` for none -- results do not depend on it.
     """
     triples = _check_triples(index, triples)
     source = _check_node(index, source, "source")
@@ -505,12 +988,17 @@ def find_paths(index: GraphIndex, triples: np.ndarray, source: int, target: int,
     indptr = index.indptr
     if indptr[source + 1] == indptr[source] or indptr[target + 1] == indptr[target]:
         return []  # isolated endpoint: no path and no direction for a partial path
-    if heuristic is None:
-        heuristic = landmark_heuristic(index, target, params, rng, stats=stats)
-    elif heuristic.target != target or len(heuristic.h) != index.num_nodes:
-        raise ValueError(f"heuristic was built for target {heuristic.target}, not {target}")
-    paths, exhausted = _best_first(index, triples, source, target, heuristic.h, params, rng, "astar", stats,
-                                   heuristic.exact_depth)
+    if params.heuristic == "bidirectional" and params.max_hops <= MAX_BIDIRECTIONAL_HOPS:
+        if heuristic is not None and heuristic.target != target:
+            raise ValueError(f"heuristic was built for target {heuristic.target}, not {target}")
+        paths, exhausted = _bidirectional(index, triples, source, target, params, rng, stats, cache)
+    else:
+        if heuristic is None:
+            heuristic = landmark_heuristic(index, target, params, rng, stats=stats)
+        elif heuristic.target != target or len(heuristic.h) != index.num_nodes:
+            raise ValueError(f"heuristic was built for target {heuristic.target}, not {target}")
+        paths, exhausted = _best_first(index, triples, source, target, heuristic.h, params, rng, "astar", stats,
+                                       heuristic.exact_depth)
     if len(paths) >= params.k or (paths and not exhausted):
         return paths
     if not exhausted:  # frontier ran dry with no goal: proven no path within max_hops
@@ -526,11 +1014,11 @@ def find_paths(index: GraphIndex, triples: np.ndarray, source: int, target: int,
     shortest = _tree_path(index, triples, pedge, pnode, source, target, complete=True, method="bfs")
     more: list[KGPath] = []
     if params.k > 1:
-        exact = heuristic if heuristic.exact_depth is not None else landmark_heuristic(
+        exact = heuristic if heuristic is not None and heuristic.exact_depth is not None else landmark_heuristic(
             index, target, replace(params, heuristic="target"), rng, stats=stats)
         more, _ = _best_first(index, triples, source, target, exact.h, params, rng, "bfs", stats, exact.exact_depth)
     merged, seen = [], set()
-    for p in sorted(paths + [shortest] + more, key=lambda p: p.length):  # stable: A* paths first among equals
+    for p in sorted(paths + [shortest] + more, key=lambda p: p.length):  # stable: search paths first among equals
         key = p.key(params.distinct_nodes)
         if key not in seen:
             seen.add(key)
@@ -538,34 +1026,58 @@ def find_paths(index: GraphIndex, triples: np.ndarray, source: int, target: int,
     return merged[: params.k]
 
 
+def find_paths_many(index: GraphIndex, triples: np.ndarray, pairs, params: PathSearchParams,
+                    rng: np.random.Generator, *, stats: dict | None = None,
+                    cache: PathCache | bool | None = None) -> list[list[KGPath]]:
+    """``find_paths`` for many ``(source, target)`` pairs, in order: one list of paths per pair.
+
+    The per-endpoint work is shared across the pairs: walk sets (``"bidirectional"``, through
+    ``cache``; endpoints that recur -- a shared answer entity -- are grown once) or the
+    landmark heuristic per target (A* modes; built once per distinct target of this call, in
+    order of first appearance, so the rng draws stay deterministic). ``rng`` is consumed pair
+    after pair: the same pairs in the same order give the same paths.
+    """
+    triples = _check_triples(index, triples)
+    pairs = [(_check_node(index, s, "source"), _check_node(index, t, "target")) for s, t in pairs]
+    bidir = params.heuristic == "bidirectional" and params.max_hops <= MAX_BIDIRECTIONAL_HOPS
+    if bidir:
+        cache = _resolve_cache(index, cache)[1]
+    heur_cache: dict[int, LandmarkHeuristic] = {}
+    indptr = index.indptr
+    out = []
+    for s, t in pairs:
+        heur = None
+        if not bidir and s != t and indptr[t + 1] > indptr[t] and indptr[s + 1] > indptr[s]:
+            heur = heur_cache.get(t)
+            if heur is None:
+                heur = heur_cache[t] = landmark_heuristic(index, t, params, rng, stats=stats)
+        out.append(find_paths(index, triples, s, t, params, rng, heuristic=heur, stats=stats,
+                              cache=cache if bidir else None))
+    return out
+
+
 def sample_paths(index: GraphIndex, triples: np.ndarray, sources: list[int], targets: list[int],
                  params: PathSearchParams, rng: np.random.Generator, *, include_trivial: bool = False,
-                 stats: dict | None = None) -> list[KGPath]:
+                 stats: dict | None = None, cache: PathCache | bool | None = None) -> list[KGPath]:
     """Paths for all (source, target) pairs: pairs de-duplicated, at most ``params.k`` per pair.
 
-    The landmark heuristic is built once per target and reused across sources. Pairs with
-    ``source == target`` give a hop-less "trivial" path only with ``include_trivial``.
+    A* modes: the landmark heuristic is built once per target and reused across sources.
+    ``"bidirectional"``: the walk sets of every endpoint are cached (``cache``, by default the
+    index's shared one, so they are reused across calls too). Pairs with ``source == target``
+    give a hop-less "trivial" path only with ``include_trivial``.
     """
     triples = _check_triples(index, triples)
     srcs = list(dict.fromkeys(_check_node(index, s, "source") for s in sources))
     tgts = list(dict.fromkeys(_check_node(index, t, "target") for t in targets))
-    cache: dict[int, LandmarkHeuristic] = {}
+    pairs = [(s, t) for s in srcs for t in tgts if s != t or include_trivial]
     out: list[KGPath] = []
     seen: set = set()
-    for s in srcs:
-        for t in tgts:
-            if s == t and not include_trivial:
-                continue
-            heur = None
-            if s != t and index.indptr[t + 1] > index.indptr[t] and index.indptr[s + 1] > index.indptr[s]:
-                heur = cache.get(t)
-                if heur is None:
-                    heur = cache[t] = landmark_heuristic(index, t, params, rng, stats=stats)
-            for p in find_paths(index, triples, s, t, params, rng, heuristic=heur, stats=stats)[: params.k]:
-                key = p.key(params.distinct_nodes)
-                if key not in seen:
-                    seen.add(key)
-                    out.append(p)
+    for found in find_paths_many(index, triples, pairs, params, rng, stats=stats, cache=cache):
+        for p in found[: params.k]:
+            key = p.key(params.distinct_nodes)
+            if key not in seen:
+                seen.add(key)
+                out.append(p)
     return out
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from itertools import islice
 
 import networkx as nx
@@ -14,10 +15,13 @@ from hypothesis import strategies as st
 from kale_ray.core.kg import GraphIndex, KnowledgeGraph
 from kale_ray.core.paths import (
     KGPath,
+    PathCache,
     PathSearchParams,
     bfs_distances,
     bfs_tree,
     find_paths,
+    find_paths_many,
+    path_cache,
     graph_index_from_networkx,
     landmark_heuristic,
     path_to_named,
@@ -25,7 +29,8 @@ from kale_ray.core.paths import (
     to_simple_undirected_networkx,
 )
 
-MODES = ("landmark", "target")
+MODES = ("landmark", "target", "bidirectional")
+SEARCH_METHOD = {"landmark": "astar", "target": "astar", "bidirectional": "bidir"}
 
 
 # --------------------------------------------------------------------------- #
@@ -224,7 +229,7 @@ def test_diamond_gives_exactly_the_expected_paths(mode):
     tr, index = diamond()
     params = PathSearchParams(max_hops=3, k=3, heuristic=mode)
     paths = find_paths(index, tr, 0, 3, params, np.random.default_rng(0))
-    assert [p.method for p in paths] == ["astar"] * 3 and all(p.complete for p in paths)
+    assert [p.method for p in paths] == [SEARCH_METHOD[mode]] * 3 and all(p.complete for p in paths)
     got = {tuple(p.nodes): p.hops for p in paths[:2]}
     assert got == {(0, 1, 3): [(0, 0, 1), (1, 1, 3)], (0, 2, 3): [(0, 0, 2), (3, 2, 2)]}
     assert paths[2].nodes == [0, 4, 5, 3] and paths[2].hops == [(0, 3, 4), (4, 3, 5), (5, 3, 3)]
@@ -239,14 +244,22 @@ def test_diamond_gives_exactly_the_expected_paths(mode):
     assert {tuple(p.hops) for p in back if p.length == 2} == {((1, 1, 3), (0, 0, 1)), ((3, 2, 2), (0, 0, 2))}
 
 
-def test_parallel_edges_and_distinct_nodes():
-    tr = np.array([[0, 0, 1], [0, 1, 1], [1, 0, 2]], dtype=np.int64)  # two relations 0->1
+@pytest.mark.parametrize("mode", MODES)
+def test_parallel_edges_and_distinct_nodes(mode):
+    tr = np.array([[0, 0, 1], [0, 1, 1], [1, 0, 2], [2, 2, 2]], dtype=np.int64)  # two relations 0->1; a self-loop
     index = GraphIndex.build(tr, 3)
-    by_nodes = find_paths(index, tr, 0, 2, PathSearchParams(max_hops=2, k=3), np.random.default_rng(0))
-    assert len(by_nodes) == 1
-    by_edges = find_paths(index, tr, 0, 2, PathSearchParams(max_hops=2, k=3, distinct_nodes=False),
+    by_nodes = find_paths(index, tr, 0, 2, PathSearchParams(max_hops=2, k=3, heuristic=mode), np.random.default_rng(0))
+    assert len(by_nodes) == 1 and by_nodes[0].hops == [(0, 0, 1), (1, 0, 2)], "the first parallel edge in the index"
+    by_edges = find_paths(index, tr, 0, 2, PathSearchParams(max_hops=2, k=3, distinct_nodes=False, heuristic=mode),
                           np.random.default_rng(0))
     assert sorted(p.hops for p in by_edges) == [[(0, 0, 1), (1, 0, 2)], [(0, 1, 1), (1, 0, 2)]]
+    # parallel edges on the last hop too (the target side)
+    last = find_paths(index, tr, 2, 0, PathSearchParams(max_hops=2, k=3, distinct_nodes=False, heuristic=mode),
+                      np.random.default_rng(0))
+    assert sorted(p.hops for p in last) == [[(1, 0, 2), (0, 0, 1)], [(1, 0, 2), (0, 1, 1)]]
+    one_hop = find_paths(index, tr, 0, 1, PathSearchParams(max_hops=1, k=3, distinct_nodes=False, heuristic=mode),
+                         np.random.default_rng(0))
+    assert sorted(p.hops for p in one_hop) == [[(0, 0, 1)], [(0, 1, 1)]]
 
 
 def test_trivial_and_bad_ids():
@@ -363,3 +376,112 @@ def test_import_does_not_pull_heavy_frameworks():
             "bad = {'ray', 'vllm', 'torch', 'deepspeed', 'networkx'} & set(sys.modules); assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+# --------------------------------------------------------------------------- #
+# bidirectional search: cache, batches, agreement with the exact A*
+# --------------------------------------------------------------------------- #
+def _pairs(index, rng, n):
+    out = []
+    for _ in range(n):
+        s = int(rng.integers(0, index.num_nodes))
+        ball = np.flatnonzero(bfs_distances(index, s, max_depth=5) > 0)
+        out.append((s, int(rng.choice(ball)) if ball.size else int(rng.integers(0, index.num_nodes))))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bidirectional_results_do_not_depend_on_the_cache(seed):
+    tr, index, g = random_graph(20 + seed, 200, 400)
+    pairs = _pairs(index, np.random.default_rng(seed), 25)
+    params = PathSearchParams(max_hops=4, k=4, heuristic="bidirectional")
+
+    def run(cache):
+        rng = np.random.default_rng(seed)
+        return [[p.to_dict() for p in find_paths(index, tr, s, t, params, rng, cache=cache)] for s, t in pairs]
+
+    cold = run(False)
+    assert run(PathCache()) == cold
+    warm = PathCache()
+    for s, t in pairs[::-1]:  # warm every side, in another order, with other depths
+        find_paths(index, tr, t, s, replace(params, max_hops=5), np.random.default_rng(1), cache=warm)
+    assert run(warm) == cold
+    assert warm.hits > 0
+    tiny = PathCache(max_bytes=1)  # evicts all but the pair in use
+    assert run(tiny) == cold and len(tiny) <= 2
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("max_hops,k", [(3, 6), (5, 4)])
+def test_bidirectional_agrees_with_exact_astar_and_networkx(seed, max_hops, k):
+    tr, index, g = random_graph(40 + seed, 150, 300)
+    for s, t in _pairs(index, np.random.default_rng(seed), 20):
+        bi = find_paths(index, tr, s, t, PathSearchParams(max_hops=max_hops, k=k, heuristic="bidirectional"),
+                        np.random.default_rng(0), cache=False)
+        ex = find_paths(index, tr, s, t, PathSearchParams(max_hops=max_hops, k=k, heuristic="target"),
+                        np.random.default_rng(0))
+        assert [p.length for p in bi] == [p.length for p in ex]
+        assert [p.complete for p in bi] == [p.complete for p in ex]
+        if bi and bi[0].complete and s != t:
+            assert [p.length for p in bi] == nx_k_shortest_lengths(g, s, t, k, max_hops)
+            assert all(p.method == "bidir" for p in bi)
+        for p in bi:
+            assert_valid(p, tr, s, max_hops)
+
+
+def test_bidirectional_is_exhaustive_below_k():
+    # a 6-cycle 0..5: exactly two simple paths 0 -> 3 (length 3 each way)
+    tr = np.array([[i, 0, (i + 1) % 6] for i in range(6)], dtype=np.int64)
+    index = GraphIndex.build(tr, 6)
+    paths = find_paths(index, tr, 0, 3, PathSearchParams(max_hops=4, k=5, heuristic="bidirectional"),
+                       np.random.default_rng(0))
+    assert sorted(tuple(p.nodes) for p in paths) == [(0, 1, 2, 3), (0, 5, 4, 3)]
+    # bipartite: no path of length 4 between nodes at odd distance; nothing invented
+    paths = find_paths(index, tr, 0, 1, PathSearchParams(max_hops=5, k=5, heuristic="bidirectional"),
+                       np.random.default_rng(0))
+    assert sorted(tuple(p.nodes) for p in paths) == [(0, 1), (0, 5, 4, 3, 2, 1)]
+
+
+def test_find_paths_many_equals_one_by_one():
+    tr, index, _ = random_graph(5, 150, 250)
+    pairs = _pairs(index, np.random.default_rng(5), 15)
+    pairs += pairs[:5] + [(pairs[0][0], pairs[0][0])]  # repeated pairs, a trivial one
+    for mode in MODES:
+        params = PathSearchParams(max_hops=4, k=3, heuristic=mode)
+        many = find_paths_many(index, tr, pairs, params, np.random.default_rng(3))
+        assert len(many) == len(pairs)
+        if mode == "bidirectional":  # no per-target rng draws: one by one with one rng is the same
+            rng = np.random.default_rng(3)
+            assert [[p.to_dict() for p in ps] for ps in many] == \
+                [[p.to_dict() for p in find_paths(index, tr, s, t, params, rng)] for s, t in pairs]
+        for (s, t), ps in zip(pairs, many):
+            for p in ps:
+                assert_valid(p, tr, s, 4)
+    with pytest.raises(ValueError, match="target id"):
+        find_paths_many(index, tr, [(0, index.num_nodes)], PathSearchParams(), np.random.default_rng(0))
+
+
+def test_bidirectional_sample_paths_and_shared_cache():
+    tr, index, _ = random_graph(11, 100, 150)
+    params = PathSearchParams(max_hops=3, k=2, heuristic="bidirectional")
+    shared = path_cache(index)
+    shared.clear()
+    a = sample_paths(index, tr, [1, 2, 1, 3], [5, 8, 5], params, np.random.default_rng(0))
+    assert len(shared) > 0 and shared.misses > 0
+    b = sample_paths(index, tr, [1, 2, 1, 3], [5, 8, 5], params, np.random.default_rng(0))
+    c = sample_paths(index, tr, [1, 2, 1, 3], [5, 8, 5], params, np.random.default_rng(0), cache=False)
+    assert [p.to_dict() for p in a] == [p.to_dict() for p in b] == [p.to_dict() for p in c]
+    assert shared.hits > 0
+    with pytest.raises(TypeError):
+        find_paths(index, tr, 1, 5, params, np.random.default_rng(0), cache={})
+
+
+def test_bidirectional_long_searches_fall_back_to_the_exact_astar():
+    tr = np.array([[i, 0, i + 1] for i in range(80)], dtype=np.int64)  # a chain of 81 nodes
+    index = GraphIndex.build(tr, 81)
+    paths = find_paths(index, tr, 0, 80, PathSearchParams(max_hops=80, k=2, heuristic="bidirectional"),
+                       np.random.default_rng(0))
+    assert [p.length for p in paths] == [80] and paths[0].method == "astar"
+    paths = find_paths(index, tr, 0, 60, PathSearchParams(max_hops=63, k=2, heuristic="bidirectional"),
+                       np.random.default_rng(0))
+    assert [p.length for p in paths] == [60] and paths[0].method == "bidir"
