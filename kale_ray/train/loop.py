@@ -151,11 +151,49 @@ class _Shard:
         return out
 
 
+def torch_extensions_dir() -> str:
+    """Build folder for DeepSpeed's JIT ops, inside the active environment (``sys.prefix``)."""
+    import sys
+
+    return os.path.join(sys.prefix, "torch_extensions")
+
+
+def clear_stale_build_locks(root: str, max_age_s: float = 600.0) -> list[str]:
+    """Remove torch JIT build locks older than ``max_age_s``.
+
+    torch's ``FileBaton`` lock is created when a build starts and removed when it ends; a
+    process killed mid-build (a failed worker, a kill test) leaves it behind and every later
+    ``deepspeed.initialize`` then waits on it forever. A build takes about a minute here.
+    """
+    removed = []
+    for lock in Path(root).glob("*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(str(lock))
+        except FileNotFoundError:
+            pass
+    if removed:
+        print(f"[kale_ray.train] removed stale JIT build locks: {removed}", flush=True)
+    return removed
+
+
+def prebuild_deepspeed_ops() -> None:
+    """Build DeepSpeed's CPU comm op once (``make install`` calls this), outside any run that may be killed."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
+    clear_stale_build_locks(os.environ["TORCH_EXTENSIONS_DIR"])
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
 def _setup_env(cfg: TrainConfig, workers_on_node: int) -> None:
     from kale_ray.models import cache_root
 
-    # DeepSpeed JIT-builds its CPU comm op (deepspeed_shm_comm_op, ~1 min) on first use; keep it.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_root(cfg.model.cache_dir) / "torch_extensions"))
+    # DeepSpeed JIT-builds its CPU comm op (deepspeed_shm_comm_op, ~1 min) on first use; keep it
+    # per environment (two venvs sharing one build folder rebuild each other's op forever).
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
+    clear_stale_build_locks(os.environ["TORCH_EXTENSIONS_DIR"])
     # Ray sets OMP_NUM_THREADS to the worker's CPU count (1 by default); use our share of the node.
     threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // workers_on_node)
     torch.set_num_threads(threads)

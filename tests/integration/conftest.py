@@ -1,0 +1,21 @@
+"""Integration tests share one process: each module starts from no Ray connection and
+leaves none behind, so a module never inherits another's cluster size or a dead cluster."""
+from __future__ import annotations
+
+import pytest
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+    except ImportError:
+        return
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_ray_per_module():
+    _shutdown_ray()
+    yield
+    _shutdown_ray()
