@@ -4,6 +4,7 @@
     kale-ray synthesize --config configs/synth_umls.yaml out_dir=runs/synth
     kale-ray train --config configs/train_kale.yaml data=runs/synth/train_rows
     kale-ray evaluate --config configs/eval.yaml model.name=runs/train/merged
+    kale-ray kalm --config configs/kalm_umls.yaml      # KaLM: eval before, align, eval after, report
     kale-ray prepare --synth runs/synth --out runs/train_rows   # render training rows for a student
     kale-ray show-config train                          # print a job's config with its defaults
 """
@@ -14,9 +15,12 @@ import json
 import os
 import sys
 
+from kale_ray.llm import QUIET_ENV
 from kale_ray.config import ConfigError, DemoConfig, EvalConfig, SynthConfig, TrainConfig, load_config, to_dict
+from kale_ray.kalm.config import KaLMJobConfig
 
-JOBS = {"demo": DemoConfig, "synthesize": SynthConfig, "train": TrainConfig, "evaluate": EvalConfig}
+JOBS = {"demo": DemoConfig, "synthesize": SynthConfig, "train": TrainConfig, "evaluate": EvalConfig,
+        "kalm": KaLMJobConfig}
 
 
 def _init_ray(address: str | None = None) -> None:
@@ -25,9 +29,9 @@ def _init_ray(address: str | None = None) -> None:
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=True, runtime_env=QUIET_ENV)
         else:
-            ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=True, runtime_env=QUIET_ENV)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         _init_ray()
         m = evaluate(cfg)
         print(json.dumps({k: m[k] for k in ("accuracy", "accuracy_ci95", "probe_accuracy", "known_and_incorrect_rate")}))
+    elif args.cmd == "kalm":
+        from kale_ray.kalm.recipe import run_kalm
+
+        m = run_kalm(cfg)
+        print(json.dumps({label: ev["kg_completion"]["both"] for label, ev in m["eval"].items()}, indent=2))
     return 0
 
 
