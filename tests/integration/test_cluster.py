@@ -303,6 +303,9 @@ def ray_head(root: Path, num_cpus: int = 2):
     token_file.write_text(generate_new_authentication_token())
     token_file.chmod(0o600)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    # The head (and the jobs it runs) use this interpreter's environment even when the venv
+    # is not activated (CI runs `make test`): `python` in an entrypoint must find ray.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_TMPDIR=str(root),
                TOKENIZERS_PARALLELISM="false")
     dash = free_port()
