@@ -427,7 +427,7 @@ def test_path_search_spreads_over_nodes_and_uses_a_node_added_mid_run(ray_tmp, t
 class Killer(threading.Thread):
     """Kills (SIGKILL) the first of this test's processes whose title contains ``title`` once ``ready()``."""
 
-    def __init__(self, title: str, ready=lambda: True, timeout: float = 300):
+    def __init__(self, title: str, ready=lambda: True, timeout: float = 900):  # generous: CI machines may be loaded
         super().__init__(daemon=True)
         self.title, self.ready, self.timeout = title, ready, timeout
         self.killed: list[tuple[int, str]] = []
