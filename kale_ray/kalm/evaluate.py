@@ -151,7 +151,8 @@ class TextEmbedder:
     ``{"idx", "text"}`` to the same plus ``"embedding"``.
     """
 
-    def __init__(self, model_path: str, batch_size: int = 64, threads: int = 0, trust_remote_code: bool = False):
+    def __init__(self, model_path: str, batch_size: int = 64, threads: int = 0, trust_remote_code: bool = False,
+                 max_len: int = 64):
         from kale_ray.models import load_causal_lm, load_tokenizer
         from kale_ray.train.heads import AnswerLogits
 
@@ -162,6 +163,7 @@ class TextEmbedder:
         self.model = AnswerLogits(load_causal_lm(model_path, dtype=dtype, trust_remote_code=trust_remote_code))
         self.model.to(self.device).eval()
         self.batch_size = batch_size
+        self.max_len = max_len  # cut on the right, as the training collator cuts its views
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -170,7 +172,8 @@ class TextEmbedder:
         out = []
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(list(texts[i: i + self.batch_size]), add_special_tokens=False, padding=True,
-                                 padding_side="right", return_tensors="pt").to(self.device)
+                                 padding_side="right", truncation=True, max_length=self.max_len,
+                                 return_tensors="pt").to(self.device)
             hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output="hidden")
             pooled = last_token_pool(hidden, enc["attention_mask"]).float()  # (b, H)
             out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy())
@@ -182,7 +185,8 @@ class TextEmbedder:
 
 
 def embed_texts(texts: Sequence[str], model_path: str, batch_size: int = 64, mode: str = "auto",
-                threads: int = 0, use_gpu: bool = False, trust_remote_code: bool = False) -> np.ndarray:
+                threads: int = 0, use_gpu: bool = False, trust_remote_code: bool = False,
+                max_len: int = 64) -> np.ndarray:
     """``(N, H)`` L2-normalised float32 embeddings, in the order of ``texts``.
 
     ``mode="ray"`` (or ``"auto"`` with Ray initialised): one Ray Data ``map_batches`` actor
@@ -194,14 +198,14 @@ def embed_texts(texts: Sequence[str], model_path: str, batch_size: int = 64, mod
 
         use_ray = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     if not use_ray:
-        return TextEmbedder(model_path, batch_size, threads, trust_remote_code).embed(texts)
+        return TextEmbedder(model_path, batch_size, threads, trust_remote_code, max_len).embed(texts)
     import ray
 
     rows = [{"idx": i, "text": t} for i, t in enumerate(texts)]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(16, len(rows) // max(1, batch_size))))
     out = ds.map_batches(
         TextEmbedder, fn_constructor_kwargs={"model_path": model_path, "batch_size": batch_size, "threads": threads,
-                                             "trust_remote_code": trust_remote_code},
+                                             "trust_remote_code": trust_remote_code, "max_len": max_len},
         batch_size=batch_size, batch_format="numpy", concurrency=1, num_cpus=1, num_gpus=1 if use_gpu else 0,
     )
     got = sorted(out.take_all(), key=lambda r: int(r["idx"]))
@@ -300,7 +304,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def evaluate_kalm(model_path: str, split: KGSplit, text: KGText, test: np.ndarray, cfg: KaLMEvalConfig,
                   model_cfg: ModelConfig, out_dir: str | Path, label: str, use_gpu: bool = False,
-                  progress: Callable[[str], None] = print) -> dict[str, Any]:
+                  max_embed_len: int = 64, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """KG completion (+ KGQA when ``cfg.kgqa``) of one model; writes ``out_dir/{metrics.json, ranks.jsonl, kgqa.jsonl}``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -308,7 +312,7 @@ def evaluate_kalm(model_path: str, split: KGSplit, text: KGText, test: np.ndarra
 
     def embed(texts: Sequence[str]) -> np.ndarray:
         return embed_texts(texts, model_path, cfg.embed_batch_size, cfg.embed_with, cfg.embed_threads, use_gpu,
-                           model_cfg.trust_remote_code)
+                           model_cfg.trust_remote_code, max_embed_len)
 
     kgc, records = kg_completion(embed, test, split.all_true, text, cfg.query_chunk, cfg.entity_chunk)
     _write_jsonl(out / "ranks.jsonl", records)

@@ -70,7 +70,8 @@ def prepare(cfg: KaLMJobConfig, model_path: str, out: Path) -> tuple[KGSplit, KG
             f.write(json.dumps(row) + "\n")
     tmp.replace(data_dir / "train.jsonl")
     np.savetxt(out / "test_triples.tsv", test, fmt="%d", delimiter="\t", header="head\trelation\ttail (ids)")
-    summary = dict(prep_summary(rows, split, text, trained=len(train)), kg=kg.summary(), evaluated_test_triples=int(len(test)))
+    summary = dict(prep_summary(rows, split, text, trained=len(train)), kg=kg.summary(),
+                   evaluated_test_triples=int(len(test)))
     (out / "data_summary.json").write_text(json.dumps(summary, indent=2))
     return split, text, test, summary
 
@@ -106,7 +107,8 @@ def run_kalm(cfg: KaLMJobConfig, progress: Callable[[str], None] = print) -> dic
         t = time.perf_counter()
         ecfg = dataclasses.replace(cfg.eval, kgqa=cfg.eval.kgqa and kgqa)
         res = evaluate_kalm(path, split, text, test, ecfg, cfg.train.model, out / f"eval_{label}", label,
-                            use_gpu=cfg.train.use_gpu, progress=progress)
+                            use_gpu=cfg.train.use_gpu, max_embed_len=cfg.train.kalm.max_embed_len,
+                            progress=progress)
         timings[f"eval_{label}"] = time.perf_counter() - t
         return res
 
