@@ -129,10 +129,19 @@ def write_shard(out_dir: Path, shard: int, kept: list[dict], rejected: list[dict
         tmp = marker.with_name(marker.name + ".tmp")
         tmp.write_text(json.dumps(counts))
         tmp.replace(marker)
+        _fault_injection_point(shard)
     except OSError as e:
         raise OSError(f"could not write shard {name} under {out_dir}: {e.strerror or e}. "
                       f"Shards already marked done are intact; rerun to resume.") from e
     return counts
+
+
+def _fault_injection_point(shard: int) -> None:
+    """Tests only: with KALE_RAY_FAULT_PAUSE_AFTER_SHARD=N the driver stalls after shard N is
+    marked done, so a test can SIGKILL the run at a known point (the kill itself is real)."""
+    pause = os.environ.get("KALE_RAY_FAULT_PAUSE_AFTER_SHARD")
+    if pause is not None and pause.strip().isdigit() and int(pause) == shard:
+        time.sleep(3600)
 
 
 def read_shard_counts(out_dir: Path) -> list[dict]:

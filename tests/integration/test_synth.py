@@ -46,19 +46,22 @@ def read_shards(out: Path, kind: str) -> list[dict]:
     return rows
 
 
-def run_driver(args: list[str], log: Path) -> subprocess.Popen:
+def run_driver(args: list[str], log: Path, **env: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", RUNNER, *args], stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1", **env))
 
 
 def test_vllm_synthesis_killed_and_resumed(tmp_path):
     out = tmp_path / "synth"
     args = vllm_overrides(out)
-    proc = run_driver(args, tmp_path / "run1.log")
+    # The driver stalls right after shard 1 is marked done (a fault-injection point), so the
+    # SIGKILL lands mid-run whatever the machine's speed.
+    proc = run_driver(args, tmp_path / "run1.log", KALE_RAY_FAULT_PAUSE_AFTER_SHARD="1")
     deadline = time.time() + 400
     try:
         while time.time() < deadline and proc.poll() is None:
-            if list((out / "data").glob("shard-*.done")):
+            if (out / "data" / "shard-00001.done").exists():
+                time.sleep(0.5)
                 break
             time.sleep(0.2)
         assert proc.poll() is None, f"run ended before it could be killed:\n{(tmp_path / 'run1.log').read_text()[-3000:]}"
