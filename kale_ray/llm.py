@@ -71,15 +71,20 @@ def _concurrency(gen: GenerationConfig):
 
 
 def build_vllm_processor(model_path: str, gen: GenerationConfig, max_model_len: int,
-                         trust_remote_code: bool = False, max_tokens: int | None = None):
+                         trust_remote_code: bool = False, max_tokens: int | None = None,
+                         json_schema: dict | None = None):
     """A ray.data.llm processor: rows with ``prompt`` (str) in, rows with ``generation`` out.
 
     Other columns pass through. Output columns: ``generation``, ``gen_tokens``,
-    ``prompt_tokens``, ``gen_error`` ("" when fine).
+    ``prompt_tokens``, ``gen_error`` ("" when fine). ``json_schema``: guided decoding to that
+    JSON schema (vLLM ``StructuredOutputsParams(json=...)``, which ray.data.llm builds from the
+    row's ``sampling_params["structured_outputs"]``).
     """
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     sp = sampling_params(gen, max_tokens)
+    if json_schema is not None:
+        sp["structured_outputs"] = {"json": json.dumps(json_schema)}
     pg = None if _on_gpu(gen) else {"bundles": [{"CPU": 1}]}
     config = vLLMEngineProcessorConfig(
         model_source=model_path,
@@ -99,6 +104,9 @@ def build_vllm_processor(model_path: str, gen: GenerationConfig, max_model_len: 
     )
 
     def preprocess(row: dict) -> dict:
+        # A row may carry its own ``sample_seed`` (n samples of one prompt must differ).
+        if row.get("sample_seed") is not None:
+            return dict(row, sampling_params=dict(sp, seed=int(row["sample_seed"])))
         return dict(row, sampling_params=sp)
 
     def postprocess(row: dict) -> dict:

