@@ -5,6 +5,7 @@
     kale-ray train --config configs/train_kale.yaml data=runs/synth/train_rows
     kale-ray evaluate --config configs/eval.yaml model.name=runs/train/merged
     kale-ray kalm --config configs/kalm_umls.yaml      # KaLM: eval before, align, eval after, report
+    kale-ray kard --config configs/kard_umls.yaml      # KARD: rationales, students +/- knowledge, reranker, report
     kale-ray prepare --synth runs/synth --out runs/train_rows   # render training rows for a student
     kale-ray show-config train                          # print a job's config with its defaults
 """
@@ -18,9 +19,10 @@ import sys
 from kale_ray.llm import QUIET_ENV
 from kale_ray.config import ConfigError, DemoConfig, EvalConfig, SynthConfig, TrainConfig, load_config, to_dict
 from kale_ray.kalm.config import KaLMJobConfig
+from kale_ray.kard.config import KARDJobConfig
 
 JOBS = {"demo": DemoConfig, "synthesize": SynthConfig, "train": TrainConfig, "evaluate": EvalConfig,
-        "kalm": KaLMJobConfig}
+        "kalm": KaLMJobConfig, "kard": KARDJobConfig}
 
 
 def _init_ray(address: str | None = None) -> None:
@@ -100,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
 
         m = run_kalm(cfg)
         print(json.dumps({label: ev["kg_completion"]["both"] for label, ev in m["eval"].items()}, indent=2))
+    elif args.cmd == "kard":
+        from kale_ray.kard.recipe import run_kard
+
+        m = run_kard(cfg)
+        print(json.dumps({k: v["accuracy"] for k, v in m["accuracy"].items()}, indent=2))
     return 0
 
 

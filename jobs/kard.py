@@ -1,0 +1,39 @@
+"""KARD end to end: KB + BM25, teacher rationales + verifier, students with/without knowledge, reranker, evaluation.
+
+Local (starts Ray on this machine)::
+
+    python jobs/kard.py --config configs/kard_umls.yaml
+    python jobs/kard.py --config configs/kard_umls.yaml teacher.num_rationales=4 eval.num_samples=5
+
+On a cluster (``out`` must be on storage every node sees)::
+
+    ray job submit --working-dir . -- python jobs/kard.py --config configs/kard_umls.yaml \\
+        train.num_workers=8 train.use_gpu=true teacher.generation.num_gpus_per_replica=1 \\
+        eval.generation.num_gpus_per_replica=1 teacher.num_rationales=10 out=/mnt/shared/runs/kard_umls
+
+Same as ``kale-ray kard --config configs/kard_umls.yaml``. Overrides are ``key.sub=value``.
+Writes ``out/{metrics.json, report.md}``; a rerun reuses finished stages.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kale_ray.config import load_config
+from kale_ray.kard.config import KARDJobConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML file with KARDJobConfig fields")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value")
+    args = parser.parse_args(argv)
+    cfg = load_config(KARDJobConfig, args.config, args.overrides)
+    from kale_ray.kard.recipe import run_kard
+
+    run_kard(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""KARD: knowledge-augmented reasoning distillation into a small LM, with a neural reranker.
+
+Pure core (no Ray/vLLM/DeepSpeed): ``kb`` (passages), ``retrieval`` (BM25 via bm25s), ``prompts``,
+``verify``, ``data``, ``losses`` (max-sim, reranker KL/CE). Torch models: ``reranker``, ``scoring``.
+Ray: ``rerank_train`` (Ray Train), ``recipe`` (the whole job).
+"""
