@@ -6,6 +6,7 @@
     kale-ray evaluate --config configs/eval.yaml model.name=runs/train/merged
     kale-ray kalm --config configs/kalm_umls.yaml      # KaLM: eval before, align, eval after, report
     kale-ray kard --config configs/kard_umls.yaml      # KARD: rationales, students +/- knowledge, reranker, report
+    kale-ray knowtuning --config configs/knowtuning_hpo.yaml   # KnowTuning: Stage I + II, fact-level eval, report
     kale-ray prepare --synth runs/synth --out runs/train_rows   # render training rows for a student
     kale-ray show-config train                          # print a job's config with its defaults
 """
@@ -20,9 +21,10 @@ from kale_ray.llm import QUIET_ENV
 from kale_ray.config import ConfigError, DemoConfig, EvalConfig, SynthConfig, TrainConfig, load_config, to_dict
 from kale_ray.kalm.config import KaLMJobConfig
 from kale_ray.kard.config import KARDJobConfig
+from kale_ray.knowtuning.config import KnowTuningJobConfig
 
 JOBS = {"demo": DemoConfig, "synthesize": SynthConfig, "train": TrainConfig, "evaluate": EvalConfig,
-        "kalm": KaLMJobConfig, "kard": KARDJobConfig}
+        "kalm": KaLMJobConfig, "kard": KARDJobConfig, "knowtuning": KnowTuningJobConfig}
 
 
 def _init_ray(address: str | None = None) -> None:
@@ -107,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
 
         m = run_kard(cfg)
         print(json.dumps({k: v["accuracy"] for k, v in m["accuracy"].items()}, indent=2))
+    elif args.cmd == "knowtuning":
+        from kale_ray.knowtuning.pipeline import run_knowtuning
+
+        m = run_knowtuning(cfg)
+        print(json.dumps(m["eval"]["results"], indent=2))
     return 0
 
 
