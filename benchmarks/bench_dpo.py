@@ -29,9 +29,10 @@ alternating):
   with LoRA the reference is the model with its adapter off, a no-grad forward each step)
   vs ours with ``dpo.reference=adapter_disabled`` (the same thing). LoRA only.
 
-Not the DeepSpeed engine: the trainer wraps the same compute in DeepSpeed ZeRO on Ray Train
-workers; this compares the step's own cost in one process (TRL runs on accelerate without
-DeepSpeed here).
+``ours`` is the registry's compute in a plain torch loop (AdamW, clip): the step's own cost,
+as TRL runs here on accelerate without DeepSpeed. ``--deepspeed`` adds ``ours_deepspeed``: the
+trainer's real step (``kale_ray.train.loop._build_engine`` + ``_train_step``: DeepSpeed ZeRO-2
+with torch AdamW, one gloo rank, no Ray), what a Ray Train worker runs.
 
 Agreement: the reference log-probs of every pair (ours vs TRL's precompute), and the loss of
 every step (the same batches from the same weights: identical steps give identical
@@ -161,6 +162,45 @@ def run_ours(args, model_path, tok, rows, reference: str) -> dict:
             "init_trainable_hash": init_hash}
 
 
+def run_ours_deepspeed(args, model_path, tok, rows, reference: str) -> dict:
+    """The trainer's own step: ``_build_engine`` (DeepSpeed ZeRO-2, torch AdamW) + ``_train_step``, world 1, gloo."""
+    import torch.distributed as tdist
+
+    from kale_ray.train import loop
+    from kale_ray.train.registry import get_loss
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", loop.torch_extensions_dir())
+    if not tdist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29517"), RANK="0",
+                          WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        tdist.init_process_group("gloo", rank=0, world_size=1)
+    spec = get_loss("dpo")
+    cfg = train_cfg(args, reference)
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 8, 16, 0.0
+    cfg.lora.target_modules = ["q_proj", "v_proj"]
+    cfg.zero_stage = 2
+    collator = spec.collator_factory(tok, cfg)
+    threads = torch.get_num_threads()
+    engine, scheduler, _ = loop._build_engine(cfg, model_path, args.warmup + args.steps, 1)
+    torch.set_num_threads(threads)
+    init_hash = trainable_hash(engine.module.lm)
+    engine.train()
+    step_s, collate_s, losses = [], [], []
+    for i in range(args.warmup + args.steps):
+        a = time.perf_counter()
+        batch = collator(rows[i * args.batch:(i + 1) * args.batch])
+        b = time.perf_counter()
+        totals = loop._train_step(engine, spec, cfg, [batch], 0, 1)
+        scheduler.step()
+        c = time.perf_counter()
+        collate_s.append(b - a)
+        step_s.append(c - b)
+        losses.append(float(totals["loss"]))
+    del engine
+    gc.collect()
+    return {"step_s": step_s, "collate_s": collate_s, "losses": losses, "init_trainable_hash": init_hash}
+
+
 def precompute_ours(args, model_path, rows) -> tuple[list[dict], float]:
     from kale_ray.knowtuning.dpo import REF_CHOSEN, REF_REJECTED, PairScorer
 
@@ -255,6 +295,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--full-ft", action="store_true", help="full fine-tuning (default: LoRA r8 on q/v, the recipe's)")
     ap.add_argument("--per-step", action="store_true", help="also the per-step-reference variant (TRL's default)")
+    ap.add_argument("--deepspeed", action="store_true",
+                    help="also time the trainer's own step (DeepSpeed ZeRO-2 engine, world 1) in the rounds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--out", default=None)
@@ -285,12 +327,20 @@ def main(argv=None) -> dict:
     print(f"ours: reference pass over {n} pairs {ours_ref_s:.1f}s", flush=True)
 
     runs = {"ours": [], "trl": []}
+    who_all = ("ours", "trl")
+    if args.deepspeed:
+        if args.full_ft:
+            raise SystemExit("--deepspeed is wired for the LoRA setting only")
+        runs["ours_deepspeed"] = []
+        who_all = ("ours", "trl", "ours_deepspeed")
     for rnd in range(args.rounds):
-        order = ("ours", "trl") if rnd % 2 == 0 else ("trl", "ours")
+        order = who_all if rnd % 2 == 0 else tuple(reversed(who_all))
         for who in order:
             la = os.getloadavg()[0]
             if who == "ours":
                 r = run_ours(args, model_path, tok, ref_rows, "precomputed")
+            elif who == "ours_deepspeed":
+                r = run_ours_deepspeed(args, model_path, tok, ref_rows, "precomputed")
             else:
                 r = run_trl(args, model_path, tok, rows, precompute=True)
             r["round"], r["loadavg_before"], r["loadavg_after"] = rnd, la, os.getloadavg()[0]
@@ -302,6 +352,8 @@ def main(argv=None) -> dict:
     s_ours = summarize([r["step_s"] for r in runs["ours"]], args.warmup, args.batch)
     s_trl = summarize([r["step_s"] for r in runs["trl"]], args.warmup, args.batch)
     ratio = s_ours["pairs_per_s"] / s_trl["pairs_per_s"]
+    s_ds = summarize([r["step_s"] for r in runs["ours_deepspeed"]], args.warmup, args.batch) if args.deepspeed else None
+    ratio_ds = s_ds["pairs_per_s"] / s_trl["pairs_per_s"] if s_ds else None
 
     trl_ref = runs["trl"][0]["reference"]
     ours_rc = [r["ref_chosen_logp"] for r in ref_rows[: len(trl_ref["chosen"])]]
@@ -316,13 +368,21 @@ def main(argv=None) -> dict:
         "loss_diff_per_step": loss_diffs,
         "reference_logp_max_abs_diff": ref_diff,
         "reference_logp_scale": statistics.mean(abs(x) for x in ours_rc),
-        "same_initial_trainable_weights": len({r["init_trainable_hash"] for v in runs.values() for r in v}) == 1,
+        "same_initial_trainable_weights": len({r["init_trainable_hash"] for k in ("ours", "trl") for r in runs[k]}) == 1,
+        "deepspeed_engine_same_initial_weights": (len({r["init_trainable_hash"] for v in runs.values() for r in v}) == 1
+                                                  if args.deepspeed else None),
+        "deepspeed_engine_max_abs_loss_diff_vs_trl": (max(abs(a - b) for a, b in zip(runs["ours_deepspeed"][0]["losses"], lt))
+                                                      if args.deepspeed else None),
         "note": "step 1 is ln 2 for both by construction (policy == reference); later steps and the reference "
                 "log-probs are the real check",
     }
     print(f"precomputed reference: ours {s_ours['pairs_per_s']:.2f} pairs/s (median step {s_ours['step_s_median']:.3f}s), "
           f"TRL {s_trl['pairs_per_s']:.2f} pairs/s ({s_trl['step_s_median']:.3f}s): ratio {ratio:.2f}x "
           f"(target >= {TARGET}x: {'met' if ratio >= TARGET else 'NOT met'})")
+    if s_ds:
+        print(f"ours through the trainer's DeepSpeed ZeRO-2 engine: {s_ds['pairs_per_s']:.2f} pairs/s "
+              f"(median step {s_ds['step_s_median']:.3f}s): {ratio_ds:.2f}x TRL; losses "
+              f"{[round(x, 4) for x in runs['ours_deepspeed'][0]['losses']]}")
     print(f"agreement: reference log-probs max |diff| {ref_diff:.2e} (mean |logp| {agreement['reference_logp_scale']:.1f}); "
           f"loss step 1 ours {lo[0]:.6f} TRL {lt[0]:.6f}; max |loss diff| over steps {max(loss_diffs):.2e}")
 
@@ -344,6 +404,7 @@ def main(argv=None) -> dict:
         "headline": {"ratio_pairs_per_s": ratio, "target_met": ratio >= TARGET,
                      "ours_pairs_per_s": s_ours["pairs_per_s"], "trl_pairs_per_s": s_trl["pairs_per_s"],
                      "per_step_reference_ratio": per_step["ratio"] if per_step else None,
+                     "deepspeed_engine_ratio": ratio_ds,
                      "first_step_loss_abs_diff": agreement["first_step_abs_diff"],
                      "max_abs_loss_diff_over_steps": agreement["max_abs_loss_diff_over_steps"]},
         "machine": {**machine(), "torch_threads": torch.get_num_threads()},
@@ -365,6 +426,7 @@ def main(argv=None) -> dict:
                   "zero_grad); TRL: Trainer on_step_begin -> on_step_end; first `warmup` steps of each run left out; "
                   "median over the timed steps of all rounds",
         "precomputed_reference": {"ours": s_ours, "trl": s_trl, "ratio": ratio,
+                                  "ours_deepspeed_engine": s_ds, "ratio_deepspeed_engine": ratio_ds,
                                   "ours_reference_pass_s": ours_ref_s,
                                   "trl_init_s": [r["init_s"] for r in runs["trl"]],
                                   "trl_init_note": "DPOTrainer.__init__: tokenising the dataset + its reference pass"},

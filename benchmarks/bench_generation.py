@@ -18,6 +18,11 @@ import platform
 import time
 from pathlib import Path
 
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Load, machine, now  # noqa: E402
+
 OUT = Path(__file__).resolve().parent / "results" / "generation.json"
 
 
@@ -55,7 +60,10 @@ def bare_vllm(model: str, prompts: list[str], max_tokens: int) -> dict:
     outs = llm.generate(prompts, sp)
     gen = time.perf_counter() - t
     toks = sum(len(o.outputs[0].token_ids) for o in outs)
-    del llm
+    del llm, outs
+    import gc
+
+    gc.collect()  # the engine core process goes with the LLM object; the next engine must not share the CPU with it
     return {"startup_s": start, "generate_s": gen, "output_tokens": toks, "tokens_per_s": toks / gen}
 
 
@@ -119,8 +127,11 @@ def main() -> None:
     n = args.prompts or (32 if args.quick else 128)
     mt = args.max_tokens or (16 if args.quick else 64)
     prompts = prompts_for(n, load_tokenizer(model))
+    load = Load()
     res = {"bare_vllm": bare_vllm(model, prompts, mt)}
+    load.mark("after bare vLLM")
     res["pipeline"] = pipeline(model, prompts, mt)
+    load.mark("after pipeline")
     res["hf_generate"] = hf_generate(model, prompts, mt)
     ratios = {
         "pipeline_over_bare_vllm": res["pipeline"]["tokens_per_s"] / res["bare_vllm"]["tokens_per_s"],
@@ -131,11 +142,13 @@ def main() -> None:
 
     out = {
         "benchmark": "generation throughput", "target": "pipeline >= 0.9x bare vLLM, >= 3x HF generate",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "date": now(),
+        "machine": {**machine(), "torch_threads": torch.get_num_threads()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "vllm": vllm.__version__,
                      "ray": ray.__version__},
-        "config": {"model": model, "prompts": n, "max_tokens": mt, "greedy": True, "ignore_eos": "vllm: yes; hf: min_new_tokens"},
-        "seed": 0, "results": res, "ratios": ratios,
+        "config": {"model": model, "prompts": n, "max_tokens": mt, "greedy": True, "ignore_eos": "vllm: yes; hf: min_new_tokens",
+                   "quick": args.quick, "hf_batch_size": res["hf_generate"]["batch_size"]},
+        "seed": 0, "results": res, "ratios": ratios, "load": load.as_dict(),
     }
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(json.dumps(out, indent=2))
