@@ -44,7 +44,6 @@ class TeacherConfig:
     # highest likelihood on a gold choice; "text": only the text checks (names gold, no wrong conclusion).
     verifier: Literal["model", "text"] = "model"
     verifier_model: ModelConfig | None = None  # None = the teacher model
-    verifier_batch_size: int = 16  # (rationale, choice) sequences per forward pass
     length_normalise: bool = True  # choice score = mean token log-prob (else the sum)
     require_mention: bool = False  # also require the rationale to name a gold answer
     # A question whose every rationale fails keeps the exact template rationale of its KG chain

@@ -305,8 +305,7 @@ def stage_verify(cfg: KARDJobConfig, kg, train, test, gens: list[dict], out: Pat
                              "prompt": render_chat(verifier_messages(q.question, q.choices, g["text"]), vtok)})
         if to_score:
             ds = _ds(to_score, 8).map_batches(
-                ChoiceScorer, fn_constructor_args=(vpath, VERIFIER_ANSWER_PREFIX, tc.verifier_batch_size,
-                                                   tc.length_normalise, vm.max_model_len, vm.trust_remote_code),
+                ChoiceScorer, fn_constructor_args=(vpath, VERIFIER_ANSWER_PREFIX, tc.length_normalise, vm.max_model_len, vm.trust_remote_code),
                 batch_size=8, concurrency=1, batch_format="numpy")
             for row in ds.iter_rows():
                 qid, s = row["key"].rsplit("#", 1)
@@ -545,7 +544,7 @@ def stage_eval(cfg: KARDJobConfig, name: str, model_dir: str, test, passages, kn
                           "answer": q.answer, "samples": [smp["text"] for smp in samples], "picks": picks,
                           "errors": [smp["error"] for smp in samples if smp["error"]]})
         n = len(test)
-        metrics[v] = {"accuracy": correct / n if n else None, "accuracy_ci95": wilson_interval(correct, n), "n": n,
+        metrics[v] = {"accuracy": correct / n if n else None, "accuracy_ci95": list(wilson_interval(correct, n)), "n": n,
                       "correct": correct, "parse_rate": parsed / max(1, n * ev.num_samples),
                       "samples_failed": skipped}
     _write_jsonl(folder / "predictions.jsonl", preds)

@@ -1,6 +1,6 @@
 """Choice scoring by log-likelihood: the verifier's "which answer does this rationale lead to".
 
-:func:`choice_logprobs` is a batched torch pass (no Ray); :class:`ChoiceScorer` is the Ray Data
+:func:`choice_logprobs` is a torch pass sharing the prompt's KV cache (no Ray); :class:`ChoiceScorer` is the Ray Data
 callable class around it. A row carries ``prompt`` (chat-rendered, ending where the assistant
 answers) and ``choices`` (JSON list); the output ``choice_scores`` is a JSON object
 ``{choice: mean (or summed) log-prob of "Answer: <choice>"}``, ``score_error`` names a failure.
@@ -14,41 +14,44 @@ from typing import Sequence
 import numpy as np
 
 
-def choice_logprobs(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 16,
-                    length_normalise: bool = True, max_len: int = 1024) -> list[float]:
-    """Log-prob of each continuation given its prompt (prompt cut from the left to fit ``max_len``)."""
+def choice_logprobs(model, tokenizer, prompt: str, continuations: Sequence[str], length_normalise: bool = True,
+                    max_len: int = 1024) -> list[float]:
+    """Log-prob of each continuation given one prompt: the prompt is run once, its KV cache shared.
+
+    The prompt is cut from the left so that prompt + the longest continuation fit ``max_len``.
+    Continuations are right-padded in one batch (padding after a sequence cannot change its
+    earlier positions under a causal mask).
+    """
     import torch
 
-    out: list[float] = []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for i in range(0, len(prompts), batch_size):
-        seqs, starts = [], []
-        for p, c in zip(prompts[i: i + batch_size], continuations[i: i + batch_size]):
-            pi = tokenizer(p, add_special_tokens=False)["input_ids"]
-            ci = tokenizer(c, add_special_tokens=False)["input_ids"]
-            pi = pi[max(0, len(pi) + len(ci) - max_len):]
-            seqs.append(pi + ci)
-            starts.append(len(pi))
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        att = torch.zeros((len(seqs), width), dtype=torch.long)
-        for j, s in enumerate(seqs):
-            ids[j, : len(s)] = torch.tensor(s)
-            att[j, : len(s)] = 1
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits.float(), dim=-1)  # (B, T, V)
-        for j, s in enumerate(seqs):
-            pos = torch.arange(starts[j], len(s))
-            tok_lp = logp[j, pos - 1, ids[j, pos]]  # position t-1 predicts token t
-            total = float(tok_lp.sum())
-            out.append(total / max(1, len(pos)) if length_normalise else total)
+    conts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+    pi = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    pi = pi[max(0, len(pi) + max(len(c) for c in conts) - max_len):]
+    with torch.no_grad():
+        first = model(input_ids=torch.tensor([pi]), use_cache=True)
+        cache = first.past_key_values
+        last_logp = torch.log_softmax(first.logits[0, -1].float(), dim=-1)  # (V,) predicts the first cont token
+        cache.batch_repeat_interleave(len(conts))
+        width = max(len(c) for c in conts)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(conts), width), pad, dtype=torch.long)
+        att = torch.zeros((len(conts), len(pi) + width), dtype=torch.long)
+        att[:, : len(pi)] = 1
+        for j, c in enumerate(conts):
+            ids[j, : len(c)] = torch.tensor(c)
+            att[j, len(pi): len(pi) + len(c)] = 1
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=att, past_key_values=cache).logits.float(), -1)
+    out = []
+    for j, c in enumerate(conts):
+        lps = [float(last_logp[c[0]])] + [float(logp[j, t - 1, c[t]]) for t in range(1, len(c))]
+        out.append(sum(lps) / len(lps) if length_normalise else sum(lps))
     return out
 
 
 class ChoiceScorer:
     """Ray Data callable class: rows with ``prompt``, ``choices`` -> ``choice_scores`` (JSON)."""
 
-    def __init__(self, model_path: str, prefix: str, batch_size: int = 16, length_normalise: bool = True,
+    def __init__(self, model_path: str, prefix: str, length_normalise: bool = True,
                  max_len: int = 1024, trust_remote_code: bool = False) -> None:
         import torch
 
@@ -57,27 +60,19 @@ class ChoiceScorer:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         self.model = load_causal_lm(model_path, "float32", trust_remote_code).eval()
         self.tok = load_tokenizer(model_path, trust_remote_code)
-        self.prefix, self.batch_size, self.norm, self.max_len = prefix, batch_size, length_normalise, max_len
+        self.prefix, self.norm, self.max_len = prefix, length_normalise, max_len
 
     def __call__(self, batch: dict) -> dict:
-        prompts, conts, owner = [], [], []
         choices = [json.loads(c) for c in batch["choices"]]
-        for i, (p, cs) in enumerate(zip(batch["prompt"], choices)):
-            for c in cs:
-                prompts.append(str(p))
-                conts.append(self.prefix + c)
-                owner.append(i)
-        scores_out = [dict() for _ in choices]
+        scores_out: list[dict] = [{} for _ in choices]
         errors = [""] * len(choices)
-        try:
-            lps = choice_logprobs(self.model, self.tok, prompts, conts, self.batch_size, self.norm, self.max_len)
-            k = 0
-            for i, cs in enumerate(choices):
-                for c in cs:
-                    scores_out[i][c] = lps[k]
-                    k += 1
-        except Exception as e:  # a failed batch is marked per row (rejected with the reason), never dropped
-            errors = [f"{type(e).__name__}: {e}"] * len(choices)
+        for i, (p, cs) in enumerate(zip(batch["prompt"], choices)):
+            try:
+                lps = choice_logprobs(self.model, self.tok, str(p), [self.prefix + c for c in cs], self.norm,
+                                      self.max_len)
+                scores_out[i] = dict(zip(cs, lps))
+            except Exception as e:  # a failed row is marked (rejected with the reason), never dropped
+                errors[i] = f"{type(e).__name__}: {e}"
         batch["choice_scores"] = np.array([json.dumps(s) for s in scores_out], dtype=object)
         batch["score_error"] = np.array(errors, dtype=object)
         return batch

@@ -268,3 +268,35 @@ def test_kard_core_imports_no_ray_or_vllm():
             "bad = [m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+class _CharTok:
+    """A stub tokenizer: one id per character (ids 1..), pad 0."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1 + (ord(c) % 40) for c in text]}
+
+
+def test_choice_logprobs_cached_equals_full_forward():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kale_ray.kard.scoring import choice_logprobs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, head_dim=16)).eval()
+    tok = _CharTok()
+    prompt, conts = "question: which? explanation: so", [" plant", " fungus kingdom", " ab"]
+    got = choice_logprobs(model, tok, prompt, conts, length_normalise=False)
+    want = []
+    for c in conts:
+        p, ci = tok(prompt)["input_ids"], tok(c)["input_ids"]
+        ids = torch.tensor([p + ci])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        want.append(sum(float(lp[len(p) + t - 1, ci[t]]) for t in range(len(ci))))
+    assert got == pytest.approx(want, abs=1e-4)
+    normed = choice_logprobs(model, tok, prompt, conts, length_normalise=True)
+    assert normed == pytest.approx([w / len(tok(c)["input_ids"]) for w, c in zip(want, conts)], abs=1e-4)
