@@ -11,6 +11,10 @@ On a cluster (``out`` must be on storage every node sees)::
         stage1.train.num_workers=8 stage1.train.use_gpu=true stage2.train.num_workers=8 stage2.train.use_gpu=true \\
         generation.num_gpus_per_replica=1 eval.generation.num_gpus_per_replica=1 out=/mnt/shared/runs/knowtuning_hpo
 
+One stage at a time (each reuses the stages before it): ``stop_after=qa | stage1_data | stage1 | stage2``,
+e.g. ``python jobs/knowtuning.py --config configs/knowtuning_hpo.yaml stop_after=stage1_data`` (QA, atomic
+facts, perplexity, rewrites) and later the same command without ``stop_after`` for the rest.
+
 Same as ``kale-ray knowtuning --config configs/knowtuning_hpo.yaml``. Overrides are ``key.sub=value``.
 Writes ``out/{qa,stage1,baseline,stage2,eval}/``, ``out/metrics.json`` and ``out/report.md``;
 a rerun reuses finished stages. Stage II alone: ``jobs/knowtuning_dpo.py``.

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         from kale_ray.knowtuning.pipeline import run_knowtuning
 
         m = run_knowtuning(cfg)
-        print(json.dumps(m["eval"]["results"], indent=2))
+        print(json.dumps(m["eval"]["results"] if "eval" in m else m["timings"], indent=2, default=str))
     return 0
 
 

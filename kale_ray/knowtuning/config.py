@@ -191,6 +191,8 @@ class KnowTuningJobConfig:
     # "none": no baseline (the report compares the Stage I model with KnowTuning instead).
     baseline: Literal["sft", "none"] = "sft"
     eval: FactEvalConfig = dataclasses.field(default_factory=FactEvalConfig)
+    # Run the recipe up to and including this stage (the per-stage entry points), or everything.
+    stop_after: Literal["qa", "stage1_data", "stage1", "stage2", "all"] = "all"
     ray_address: str | None = None
 
     def __post_init__(self) -> None:

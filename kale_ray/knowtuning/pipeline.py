@@ -163,9 +163,13 @@ def run_knowtuning(cfg: KnowTuningJobConfig, progress: Callable[[str], None] = p
     qa = stage("qa", out / "qa" / "summary.json", lambda: build_qa(cfg, out, progress))
     train_qas, test_qas = read_jsonl(out / "qa" / "train.jsonl"), read_jsonl(out / "qa" / "test.jsonl")
     progress(f"[knowtuning] {len(train_qas)} training / {len(test_qas)} held-out long-form questions")
+    if cfg.stop_after == "qa":
+        return {"qa": qa, "timings": timings, "reused_stages": reused}
     s1 = stage("stage1_data", out / "stage1" / "summary.json",
                lambda: build_stage1_rows(cfg, train_qas, out / "stage1", progress))
 
+    if cfg.stop_after == "stage1_data":
+        return {"qa": qa, "stage1": s1, "timings": timings, "reused_stages": reused}
     trained: dict[str, dict] = {}
     models: dict[str, str] = {}
     if cfg.eval.include_base:
@@ -188,6 +192,9 @@ def run_knowtuning(cfg: KnowTuningJobConfig, progress: Callable[[str], None] = p
     if cfg.baseline == "none":
         models["stage1"] = stage1_merged
 
+    if cfg.stop_after == "stage1":
+        return {"qa": qa, "stage1": s1, "train": trained, "models": models, "timings": timings,
+                "reused_stages": reused}
     s2 = cfg.stage2
     dpo_cfg = KnowTuningDPOJobConfig(
         out=str(out / "stage2"),
@@ -209,6 +216,9 @@ def run_knowtuning(cfg: KnowTuningJobConfig, progress: Callable[[str], None] = p
     if not stage2.get("merged") or not Path(stage2["merged"]).exists():
         raise RuntimeError(f"stage2 wrote no merged model under {out / 'stage2'}")
     models["knowtuning"] = stage2["merged"]
+    if cfg.stop_after == "stage2":
+        return {"qa": qa, "stage1": s1, "train": trained, "stage2": stage2, "models": models, "timings": timings,
+                "reused_stages": reused}
 
     ev = stage("eval", out / "eval" / "metrics.json", lambda: evaluate_facts(cfg, test_qas, models, out / "eval",
                                                                              progress))
@@ -277,12 +287,13 @@ def write_report(out: Path, m: dict[str, Any]) -> None:
               f"- atomic facts: {s1['atomic_facts']} from {s1['answers']} answers "
               f"({_f(s1['facts_per_answer'], 2)} per answer); extractor: {s1['extract'].get('by_extractor')}; "
               f"teacher passes {s1['extract'].get('passes', 0)}, parsed by attempt "
-              f"{s1['extract'].get('parsed_by_attempt', {})}; rejected by reason: {s1['extract'].get('rejected')}",
+              f"{s1['extract'].get('parsed_by_attempt', {})}; rejected by reason: {s1['extract'].get('rejected_by_reason')}",
               f"- perplexity under `{s1['perplexity']['model']}` (context: {s1['perplexity']['context']}): "
               f"mean {_f(s1['perplexity']['mean'], 2)}, median {_f(s1['perplexity']['median'], 2)}; "
               f"difficult (alpha {s1['alpha']}, {s1['scope']}): {s1['difficult']} facts, ppl >= "
               f"{_f(s1['perplexity']['difficult_threshold'], 2)}",
-              f"- rewrites: {s1['rewrite'].get('by_rewriter')}; rejected by reason: {s1['rewrite'].get('rejected')}",
+              f"- rewrites: {s1['rewrite'].get('by_rewriter')} (teacher passes {s1['rewrite'].get('passes', 0)}); "
+              f"rejected by reason: {s1['rewrite'].get('rejected_by_reason')}",
               f"- SFT rows: {s1['rows']}", "", "## Training", "",
               "| run | steps | rows seen | loss first -> last | s/step | wall s |", "|---|---|---|---|---|---|"]
     for k, t in m["train"].items():

@@ -141,7 +141,7 @@ def extract_facts(qas: Sequence[dict], cfg, label: str, progress: Callable[[str]
         if not texts[q["id"]].strip():
             rejects.add(atomic.EMPTY_GENERATION, id=q["id"], step="extract")
     out: dict[str, dict] = {}
-    stats: dict[str, Any] = {"items": len(items), "backend": cfg.generation.backend}
+    stats: dict[str, Any] = {"items": len(items), "backend": cfg.generation.backend, "parsed": 0, "passes": 0}
     if cfg.generation.backend == "template" or not items:
         failed = [{"key": it["key"], "reason": "no_teacher", "attempts": 0} for it in items]
     else:
@@ -158,8 +158,9 @@ def extract_facts(qas: Sequence[dict], cfg, label: str, progress: Callable[[str]
             facts = atomic.split_sentences(texts[r["key"]], max_facts)
             if facts:
                 out[r["key"]] = {"facts": facts, "extractor": "sentence-fallback", "attempts": r.get("attempts")}
+    stats["rejected"] = len(failed)  # teacher items rejected after every attempt
     stats["by_extractor"] = dict(Counter(v["extractor"] for v in out.values()))
-    stats["rejected"] = rejects.counts()
+    stats["rejected_by_reason"] = rejects.counts()  # + answers with no text at all
     return out, rejects, stats
 
 
@@ -215,7 +216,7 @@ def build_stage1_rows(cfg, train_qas: Sequence[dict], out: Path, progress: Calla
                                                   r["text"])} for r in hard]
     rw_rejects = Rejects()
     rewrites: dict[str, dict] = {}
-    rw_stats: dict[str, Any] = {"items": len(items)}
+    rw_stats: dict[str, Any] = {"items": len(items), "parsed": 0, "passes": 0}
     if cfg.generation.backend == "template" or not items:
         failed = [{"key": it["key"], "reason": "no_teacher", "attempts": 0} for it in items]
     else:
@@ -256,7 +257,7 @@ def build_stage1_rows(cfg, train_qas: Sequence[dict], out: Path, progress: Calla
                            "difficult_threshold": float(min(ppls[i] for i in difficult)) if difficult else None,
                            "model": student, "context": s1.ppl_context},
             "difficult": len(difficult), "alpha": s1.alpha, "scope": s1.difficulty_scope,
-            "rewrite": dict(rw_stats, rejected=rw_rejects.counts(),
+            "rewrite": dict(rw_stats, rejected=len(failed), rejected_by_reason=rw_rejects.counts(),
                             by_rewriter=dict(Counter(r["rewriter"] for r in rw_rows))),
             "rows": {"original": len(original), "rewrite": len(fine)}, "seconds": seconds}
 
