@@ -36,6 +36,7 @@ NO_JSON = "no_json"  # no JSON object or array anywhere in the text
 BAD_JSON = "bad_json"  # something JSON-like that does not parse (often cut at max_tokens)
 MISSING_FIELD = "missing_field"  # parsed, but without "facts" / "question" / "answer"
 NO_FACTS = "no_facts"  # "facts" holds no non-empty string
+FACTS_NOT_IN_ANSWER = "facts_not_in_answer"  # every extracted fact states something the answer does not
 ANSWER_MISSES_FACT = "answer_misses_fact"  # a rewritten answer that does not state its fact
 ANSWER_MISSES_FACTS = "answer_misses_facts"  # a written long-form answer naming none of its facts
 GENERATION_FAILED = "generation_failed"
@@ -124,11 +125,15 @@ def _clean_fact(s: str) -> str:
     return s[:1].upper() + s[1:] if s else s
 
 
-def parse_fact_list(text: str | None, max_facts: int = 16, min_chars: int = 3) -> tuple[list[str] | None, str | None]:
+def parse_fact_list(text: str | None, max_facts: int = 16, min_chars: int = 3, source: str | None = None,
+                    min_overlap: float = 0.5, question: str = "") -> tuple[list[str] | None, str | None]:
     """Atomic facts from an extraction: ``{"facts": [...]}`` or a bare JSON list of strings.
 
     Facts are whitespace-squeezed, given a final full stop, de-duplicated (normalised text),
     and cut to ``max_facts``; non-strings and strings shorter than ``min_chars`` are skipped.
+    With ``source`` (the answer that was split), a fact must hold ``min_overlap`` of its content
+    words in it (words of ``question``, such as the subject's name, left out): an extractor may not
+    add knowledge the answer does not state.
     """
     value, reason = parse_json_output(text)
     if reason is not None:
@@ -151,6 +156,10 @@ def parse_fact_list(text: str | None, max_facts: int = 16, min_chars: int = 3) -
             out.append(fact)
     if not out:
         return None, NO_FACTS
+    if source is not None:
+        out = [f for f in out if overlap(f, source, question) >= min_overlap]
+        if not out:
+            return None, FACTS_NOT_IN_ANSWER
     return out[:max_facts], None
 
 
@@ -180,9 +189,9 @@ def content_words(text: str) -> set[str]:
     return {w for w in normalize(text).split() if w not in _STOP and len(w) > 2}
 
 
-def overlap(fact: str, text: str) -> float:
-    """Share of the fact's content words that ``text`` contains (1.0 for a fact with none)."""
-    words = content_words(fact)
+def overlap(fact: str, text: str, ignore: str = "") -> float:
+    """Share of the fact's content words (less those of ``ignore``, e.g. the question) in ``text``; 1.0 if none."""
+    words = content_words(fact) - content_words(ignore)
     return 1.0 if not words else len(words & content_words(text)) / len(words)
 
 

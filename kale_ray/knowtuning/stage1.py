@@ -135,7 +135,8 @@ def extract_facts(qas: Sequence[dict], cfg, label: str, progress: Callable[[str]
 
     rejects = Rejects()
     texts = {q["id"]: (answers[q["id"]] if answers is not None else q["answer"]) for q in qas}
-    items = [{"key": q["id"], "messages": atomic.extraction_messages(q["question"], texts[q["id"]])} for q in qas
+    items = [{"key": q["id"], "question": q["question"],
+              "messages": atomic.extraction_messages(q["question"], texts[q["id"]])} for q in qas
              if texts[q["id"]].strip()]
     for q in qas:
         if not texts[q["id"]].strip():
@@ -145,7 +146,9 @@ def extract_facts(qas: Sequence[dict], cfg, label: str, progress: Callable[[str]
     if cfg.generation.backend == "template" or not items:
         failed = [{"key": it["key"], "reason": "no_teacher", "attempts": 0} for it in items]
     else:
-        res = teacher_step(items, lambda it, text: atomic.parse_fact_list(text, max_facts), cfg.teacher,
+        res = teacher_step(items, lambda it, text: atomic.parse_fact_list(text, max_facts, source=texts[it["key"]],
+                                                                            question=it["question"]),
+                           cfg.teacher,
                            cfg.generation, step.max_attempts, step.retry_temperature, step.max_tokens,
                            atomic.facts_schema(max_facts) if step.structured_output else None, label, progress)
         stats.update(res.stats)

@@ -54,6 +54,17 @@ def test_parse_fact_list_caps_count():
     assert len(facts) == 5 and facts[0] == "Fact number 0."
 
 
+def test_parse_fact_list_keeps_only_facts_the_answer_states():
+    answer = "Alpha syndrome causes seizures and short stature."
+    text = json.dumps({"facts": ["Alpha syndrome causes seizures.", "Alpha syndrome causes deafness and blindness."]})
+    assert atomic.parse_fact_list(text, source=answer, question="About Alpha syndrome?") == (
+        ["Alpha syndrome causes seizures."], None)
+    assert atomic.parse_fact_list(json.dumps({"facts": ["Cats purr loudly."]}), source=answer) == (
+        None, atomic.FACTS_NOT_IN_ANSWER)
+    assert atomic.parse_fact_list(text)[0] == ["Alpha syndrome causes seizures.",
+                                               "Alpha syndrome causes deafness and blindness."]
+
+
 def test_split_sentences_fallback():
     text = "Alpha causes seizures. It is rare!\n- Short stature\nAlpha causes seizures."
     assert atomic.split_sentences(text) == ["Alpha causes seizures.", "It is rare!", "Short stature."]
