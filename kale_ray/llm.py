@@ -104,9 +104,6 @@ def build_vllm_processor(model_path: str, gen: GenerationConfig, max_model_len: 
     )
 
     def preprocess(row: dict) -> dict:
-        # A row may carry its own ``sample_seed`` (n samples of one prompt must differ).
-        if row.get("sample_seed") is not None:
-            return dict(row, sampling_params=dict(sp, seed=int(row["sample_seed"])))
         return dict(row, sampling_params=sp)
 
     def postprocess(row: dict) -> dict:

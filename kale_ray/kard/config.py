@@ -39,7 +39,9 @@ class TeacherConfig:
     generation: GenerationConfig = dataclasses.field(
         default_factory=lambda: GenerationConfig(max_tokens=64, temperature=0.7, top_p=0.95, batch_size=32)
     )
-    num_rationales: int = 2  # the paper samples 10 (on a GPU); each sample gets its own seed
+    # The paper samples 10 (on a GPU). Samples of one prompt differ through the engine's seeded
+    # sampler stream (generation.seed), not per-request seeds (those crash vLLM's CPU sampler).
+    num_rationales: int = 2
     # "model": keep a rationale only if the verifier model, reading question + rationale, puts the
     # highest likelihood on a gold choice; "text": only the text checks (names gold, no wrong conclusion).
     verifier: Literal["model", "text"] = "model"
@@ -97,7 +99,6 @@ class KARDEvalConfig:
     num_samples: int = 3  # self-consistency samples per question (the paper: 5); 1 = greedy
     retrieve_top: int = 100  # BM25 candidates by question that the reranker reorders
     max_questions: int = 0  # 0 = every held-out question
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:

@@ -4,7 +4,6 @@ No Ray, vLLM or torch: the recipe (:mod:`kale_ray.kard.recipe`) runs these betwe
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Callable, Mapping, Sequence
 
 from kale_ray.core.kg import KnowledgeGraph
@@ -14,12 +13,6 @@ from kale_ray.kard.prompts import student_completion, student_messages
 from kale_ray.kard.verify import text_checks, verify_by_scores
 
 TEMPLATE_FALLBACK = "template-fallback"
-
-
-def sample_seed(seed: int, *parts) -> int:
-    """A per-sample seed derived from (seed, parts): n samples of one prompt differ, reruns repeat."""
-    h = hashlib.sha1(repr((seed,) + parts).encode()).hexdigest()
-    return int(h[:8], 16)
 
 
 def chain_rationale(q: QAExample, kg: KnowledgeGraph | None) -> str | None:

@@ -127,7 +127,7 @@ def bm25_over_ray(index_dir: Path, queries: list[tuple[str, str]], k: int, batch
 
 def generate_over_ray(model_path: str, gen, max_model_len: int, rows: list[dict], tok, trust_remote_code: bool = False
                       ) -> dict[str, dict]:
-    """vLLM (ray.data.llm) over rows ``{key, prompt, sample_seed}`` -> ``{key: {text, error, tokens}}``.
+    """vLLM (ray.data.llm) over rows ``{key, prompt}`` -> ``{key: {text, error, tokens}}``.
 
     A prompt longer than ``max_model_len - max_tokens`` is not sent: it comes back with
     ``error='prompt_too_long: ...'``. Every row comes back.
@@ -142,7 +142,10 @@ def generate_over_ray(model_path: str, gen, max_model_len: int, rows: list[dict]
         if n > budget:
             out[r["key"]] = {"text": "", "error": f"prompt_too_long: {n} tokens > {budget}", "tokens": 0}
         else:
-            send.append({"key": r["key"], "prompt": r["prompt"], "sample_seed": int(r["sample_seed"])})
+            # No per-request seed: vLLM's CPU sampler crashes on seeded requests whose prompt is
+            # prefilled in chunks ("CPU Generator does not use offset"). The engine's seeded
+            # sampler stream still makes n samples of one prompt differ.
+            send.append({"key": r["key"], "prompt": r["prompt"]})
     if send:
         proc = build_vllm_processor(model_path, gen, max_model_len, trust_remote_code)
         for row in proc(_ds(send, gen.batch_size)).iter_rows():
@@ -259,8 +262,7 @@ def stage_teacher(cfg: KARDJobConfig, train, test, out: Path, progress) -> tuple
         for q in qs:
             prompt = render_chat(teacher_messages(q.question, q.choices, q.answer), tok)
             for s in range(n):
-                rows.append({"key": f"{q.id}#{s}", "qid": q.id, "split": split, "sample": s, "prompt": prompt,
-                             "sample_seed": kd.sample_seed(tc.generation.seed, q.id, s)})
+                rows.append({"key": f"{q.id}#{s}", "qid": q.id, "split": split, "sample": s, "prompt": prompt})
     gen = tc.generation
     res = generate_over_ray(path, gen, tc.model.max_model_len, rows, tok, tc.model.trust_remote_code)
     label = f"vllm:{tc.model.name.replace('builtin:', '')}"
@@ -526,8 +528,7 @@ def stage_eval(cfg: KARDJobConfig, name: str, model_dir: str, test, passages, kn
             ids = {"none": [], "bm25": know[q.id]["bm25"], "reranker": know[q.id]["reranked"]}[v][: cfg.knowledge_passages]
             prompt = render_chat(student_messages(q.question, q.choices, [passages[i]["full_text"] for i in ids]), tok)
             for s in range(ev.num_samples):
-                rows.append({"key": f"{q.id}|{v}|{s}", "prompt": prompt,
-                             "sample_seed": kd.sample_seed(ev.seed, q.id, s)})
+                rows.append({"key": f"{q.id}|{v}|{s}", "prompt": prompt})
     res = generate_over_ray(model_dir, gen, cfg.train.model.max_model_len, rows, tok, cfg.train.model.trust_remote_code)
     preds, metrics = [], {}
     for v in variants:
