@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from kale_ray.config import ModelConfig
 from kale_ray.core.prompts import render_chat
 from kale_ray.core.rejects import Rejects
 from kale_ray.knowtuning import atomic
@@ -92,7 +91,7 @@ def evaluate_facts(cfg, test_qas: Sequence[dict], models: Mapping[str, str], out
             rows.append({"id": q["id"], "question": q["question"], "subject": q["subject"],
                          "generation": gens[label][q["id"]]["generation"],
                          "extractor": extracted.get(key, {}).get("extractor", "none"),
-                         "facts": [c.to_dict() for c in checks], **m})
+                         "checks": [c.to_dict() for c in checks], **m})
         write_jsonl(out / label / "facts.jsonl", rows)
         agg = aggregate(per_answer)
         agg["generation_errors"] = sum(1 for r in gens[label].values() if r["error"])
@@ -107,7 +106,3 @@ def evaluate_facts(cfg, test_qas: Sequence[dict], models: Mapping[str, str], out
                "extract_rejected": ex_rejects.counts(), "rejected": rejects.counts(), "results": results,
                "seconds": seconds}
     return metrics
-
-
-def eval_model_config(path: str, base: ModelConfig) -> ModelConfig:
-    return dataclasses.replace(base, name=path)

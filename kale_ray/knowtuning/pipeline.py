@@ -250,6 +250,28 @@ def _f(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
+def _examples(eval_dir: Path, labels: list[str], n: int = 2) -> list[str]:
+    """The first ``n`` held-out questions: each model's answer and the verdict on each of its facts."""
+    per = {}
+    for label in labels:
+        path = eval_dir / label / "facts.jsonl"
+        if path.exists():
+            per[label] = [json.loads(x) for x in path.read_text().splitlines()[:n] if x.strip()]
+    if not per:
+        return []
+    lines = ["### Examples", ""]
+    for i in range(min(len(v) for v in per.values())):
+        first = next(iter(per.values()))[i]
+        lines.append(f"**{first['question']}**")
+        for label, rows in per.items():
+            r = rows[i]
+            verdicts = ", ".join(f"{f['status']}" for f in r["checks"]) or "no facts"
+            text = r["generation"].replace("\n", " ")
+            lines.append(f"- {label}: \"{text[:400]}{'...' if len(text) > 400 else ''}\" -> {verdicts}")
+        lines.append("")
+    return lines
+
+
 def write_report(out: Path, m: dict[str, Any]) -> None:
     ev, qa, s1, s2 = m["eval"], m["qa"], m["stage1"], m["stage2"]
     labels = list(ev["results"])
@@ -282,7 +304,9 @@ def write_report(out: Path, m: dict[str, Any]) -> None:
                   "(counted apart, not in the shares). Completeness = share of the question's reference triples "
                   "whose entity a correct fact names.",
               f"Fact extraction of the answers: {ev['extract'].get('by_extractor', ev['extract'])}; rejected "
-              f"extractions by reason: {ev.get('extract_rejected') or {}}.", "",
+              f"extractions by reason: {ev.get('extract_rejected') or {}}.", ""]
+    lines += _examples(out / "eval", labels)
+    lines += [
               "## Stage I: fine-grained knowledge augmentation", "",
               f"- atomic facts: {s1['atomic_facts']} from {s1['answers']} answers "
               f"({_f(s1['facts_per_answer'], 2)} per answer); extractor: {s1['extract'].get('by_extractor')}; "

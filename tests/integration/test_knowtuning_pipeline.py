@@ -112,7 +112,8 @@ def test_knowtuning_whole_recipe_and_rerun(ray_local, tmp_path):
         assert r["total_correct"] + r["total_incorrect"] + r["total_unverifiable"] == r["total_facts"]
         rows = _jsonl(out / "eval" / label / "facts.jsonl")
         assert [x["id"] for x in rows] == [q["id"] for q in test]
-        assert all(f["status"] in ("correct", "incorrect", "unverifiable") for x in rows for f in x["facts"])
+        assert all(f["status"] in ("correct", "incorrect", "unverifiable") for x in rows for f in x["checks"])
+        assert sum(len(x["checks"]) for x in rows) == r["total_facts"]
     report = (out / "report.md").read_text()
     assert "| metric | sft | knowtuning |" in report and "factual error rate" in report
 
