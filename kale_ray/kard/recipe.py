@@ -170,16 +170,21 @@ class RerankActor:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         self.model, self.tok, _ = load_reranker(model_dir)
         self.lq, self.lp, self.bs = max_query_len, max_passage_len, batch_size
+        # Passage token embeddings do not depend on the query (late interaction): each distinct
+        # passage is encoded once per actor, however many questions retrieve it.
+        self.cache: dict[str, object] = {}
 
     def __call__(self, batch: dict) -> dict:
         from kale_ray.kard.reranker import encode, rerank_scores
 
+        lists = [json.loads(ps) for ps in batch["passages"]]
+        new = list(dict.fromkeys(p for ps in lists for p in ps if p not in self.cache))
+        for text, emb in zip(new, encode(self.model, self.tok, new, self.lp, self.bs)):
+            self.cache[text] = emb
         scores = []
-        for q, ps in zip(batch["query"], batch["passages"]):
-            ps = json.loads(ps)
+        for q, ps in zip(batch["query"], lists):
             q_emb = encode(self.model, self.tok, [str(q)], self.lq)[0]
-            p_emb = encode(self.model, self.tok, ps, self.lp, self.bs)
-            scores.append(json.dumps(rerank_scores(q_emb, p_emb).tolist()))
+            scores.append(json.dumps(rerank_scores(q_emb, [self.cache[p] for p in ps]).tolist()))
         batch["scores"] = np.array(scores, dtype=object)
         return batch
 
@@ -467,7 +472,7 @@ def stage_test_knowledge(cfg: KARDJobConfig, test, kept, passages, retrieval, ou
             for q in test]
     ds = _ds(rows, 4).map_batches(RerankActor, fn_constructor_args=(str(out / "reranker" / "model"), rc.max_query_len,
                                                                     rc.max_passage_len, rc.encode_batch_size),
-                                  batch_size=4, concurrency=1, batch_format="numpy")
+                                  batch_size=16, concurrency=1, batch_format="numpy")
     reranked = {row["key"]: json.loads(row["scores"]) for row in ds.iter_rows()}
     t_rerank = time.perf_counter() - t
     index = BM25Index.load(out / "kb" / "bm25")

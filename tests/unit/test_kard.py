@@ -299,3 +299,42 @@ def test_choice_logprobs_cached_equals_full_forward():
     assert got == pytest.approx(want, abs=1e-4)
     normed = choice_logprobs(model, tok, prompt, conts, length_normalise=True)
     assert normed == pytest.approx([w / len(tok(c)["input_ids"]) for w, c in zip(want, conts)], abs=1e-4)
+
+
+def test_reranker_lora_save_load_roundtrip_and_collate(tmp_path):
+    """A tiny random BERT with the MiniLM tokenizer: LoRA-merged save/load scores the same; collate pads K."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from kale_ray.config import LoRAConfig
+    from kale_ray.kard.config import RerankerConfig
+    from kale_ray.kard.rerank_train import collate
+    from kale_ray.kard.reranker import build_reranker, encode, load_reranker, rerank_scores, resolve_encoder, save_reranker
+
+    tok = AutoTokenizer.from_pretrained(resolve_encoder("builtin:minilm"))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path / "enc", safe_serialization=True)
+    lora = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["query", "value"])
+    model = build_reranker(str(tmp_path / "enc"), num_layers=1, dim=8, lora=lora, seed=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("proj.") for n in trainable)
+    with torch.no_grad():  # make LoRA non-zero so that merging matters
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    model.eval()
+    texts = ["alga is a plant", "a virus is not alive", "fungi are not plants"]
+    q = encode(model, tok, ["is alga a plant?"], 16)[0]
+    before = rerank_scores(q, encode(model, tok, texts, 16))
+    assert q.shape[1] == 8 and torch.allclose(q.norm(dim=-1), torch.ones(q.shape[0]), atol=1e-5)
+    save_reranker(model, tok, tmp_path / "rr", {"test": True})
+    loaded, tok2, meta = load_reranker(tmp_path / "rr")
+    after = rerank_scores(encode(loaded, tok2, ["is alga a plant?"], 16)[0], encode(loaded, tok2, texts, 16))
+    assert meta["dim"] == 8 and torch.allclose(before, after, atol=1e-4)
+
+    cfg = RerankerConfig(max_query_len=8, max_passage_len=6)
+    rows = [{"query": "q one", "passages": ["a b", "c"], "targets": [1.0, 2.0]},
+            {"query": "q two", "passages": ["d"], "targets": [3.0]}]
+    qb, pb, targets, mask, k = collate(rows, tok, cfg)
+    assert k == 2 and pb["input_ids"].shape[0] == 4 and pb["input_ids"].shape[1] <= 6
+    assert mask.tolist() == [[1, 1], [1, 0]] and targets.tolist() == [[1.0, 2.0], [3.0, 0.0]]
