@@ -120,7 +120,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="give every engine N threads: OMP_NUM_THREADS=N and VLLM_CPU_OMP_THREADS_BIND=nobind "
+                         "(inherited by the local Ray cluster's workers), torch.set_num_threads(N) for HF. "
+                         "0: each tool's own default (vLLM CPU binds N-1 cores and reserves one; Ray gives a 1-CPU "
+                         "actor OMP_NUM_THREADS=1; torch uses every core)")
+    ap.add_argument("--out", default=None, help=f"result file (default {OUT})")
     args = ap.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        import torch
+
+        torch.set_num_threads(args.threads)
     from kale_ray.models import load_tokenizer, resolve_model
 
     model = resolve_model("builtin:tiny-llama" if args.quick else "builtin:smollm2-135m")
@@ -147,11 +159,17 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "vllm": vllm.__version__,
                      "ray": ray.__version__},
         "config": {"model": model, "prompts": n, "max_tokens": mt, "greedy": True, "ignore_eos": "vllm: yes; hf: min_new_tokens",
-                   "quick": args.quick, "hf_batch_size": res["hf_generate"]["batch_size"]},
+                   "quick": args.quick, "hf_batch_size": res["hf_generate"]["batch_size"],
+                   "threads": args.threads or "each tool's default",
+                   "thread_notes": "default: bare vLLM CPU binds its engine to N-1 cores and reserves one "
+                                   "(1 thread on 2 cores, 'Reducing Torch threads from 2 to 1'); the pipeline's "
+                                   "engine runs in a Ray actor with VLLM_CPU_OMP_THREADS_BIND=nobind and Ray's "
+                                   "OMP_NUM_THREADS for a 1-CPU actor; HF generate uses torch's default (all cores)"},
         "seed": 0, "results": res, "ratios": ratios, "load": load.as_dict(),
     }
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps(out, indent=2))
+    dest = Path(args.out) if args.out else OUT
+    dest.parent.mkdir(exist_ok=True)
+    dest.write_text(json.dumps(out, indent=2))
     for k, v in res.items():
         print(f"{k:12s} {v['tokens_per_s']:8.1f} output tok/s  (start-up {v['startup_s']:.1f}s, generate {v['generate_s']:.1f}s)")
     for k, v in ratios.items():
