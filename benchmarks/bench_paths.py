@@ -347,7 +347,8 @@ def run_ray_scaling(kg, index, workers: list[int], n_targets: int, per_target: i
             for w in order:
                 la = os.getloadavg()[0]
                 t = time.perf_counter()
-                ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch))
+                # blocks as the synthesis pipeline's search stage makes them (kale_ray.synth.pipeline)
+                ds = ray.data.from_items(items, override_num_blocks=max(1, min(64, len(items) // 16)))
                 out = ds.map_batches(_RaySearcher, fn_constructor_args=([ref], max_hops, k, seed), batch_size=batch,
                                      batch_format="numpy", concurrency=w, num_cpus=1).take_all()
                 wall = time.perf_counter() - t
