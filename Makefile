@@ -49,6 +49,8 @@ demo: install
 	$(VENV)/bin/kale-ray demo --config configs/demo.yaml --out runs/demo
 
 bench: install
+	# TRL is the DPO baseline of bench_dpo.py; only benchmarks need it.
+	$(PY) -m pip install -q -e ".[$(VLLM_EXTRA),dev,bench]"
 	$(PY) benchmarks/run_all.py
 
 clean:
