@@ -338,3 +338,19 @@ def test_reranker_lora_save_load_roundtrip_and_collate(tmp_path):
     qb, pb, targets, mask, k = collate(rows, tok, cfg)
     assert k == 2 and pb["input_ids"].shape[0] == 4 and pb["input_ids"].shape[1] <= 6
     assert mask.tolist() == [[1, 1], [1, 0]] and targets.tolist() == [[1.0, 2.0], [3.0, 0.0]]
+
+
+def test_kard_config_file_and_validation():
+    from pathlib import Path
+
+    from kale_ray.config import ConfigError, load_config
+    from kale_ray.kard.config import KARDJobConfig
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(KARDJobConfig, root / "configs" / "kard_umls.yaml", ["teacher.num_rationales=3"])
+    assert cfg.teacher.num_rationales == 3 and cfg.train.loss == "sft" and cfg.reranker.loss == "kl"
+    for bad, msg in (("train.loss=kale", "train.loss"), ("reranker.t2=0", "reranker.t1 and reranker.t2"),
+                     ("teacher.num_rationales=0", "teacher.num_rationales"), ("kb.sources=[]", "kb.sources"),
+                     ("reranker.losss=kl", "did you mean 'reranker.loss'")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(KARDJobConfig, None, [bad])
