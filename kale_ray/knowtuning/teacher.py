@@ -72,14 +72,24 @@ class StepResult:
 def teacher_step(items: Sequence[dict[str, Any]], parse: Callable[[dict[str, Any], str], tuple[Any, str | None]],
                  model: ModelConfig, gen: GenerationConfig, max_attempts: int = 3, retry_temperature: float = 0.7,
                  max_tokens: int = 192, json_schema: dict | None = None, label: str = "teacher",
-                 progress: Callable[[str], None] = print) -> StepResult:
-    """Items ``{key, messages, ...}`` -> :class:`StepResult`; ``parse(item, text)`` is a pure parser."""
+                 progress: Callable[[str], None] = print, generate_fn: Callable[..., dict] | None = None,
+                 tokenizer: Any = None) -> StepResult:
+    """Items ``{key, messages, ...}`` -> :class:`StepResult`; ``parse(item, text)`` is a pure parser.
+
+    ``generate_fn`` (default :func:`generate`) and ``tokenizer`` (default the teacher's) can be
+    passed in: the retry logic is tested with a fake generator, without Ray or vLLM.
+    """
     from kale_ray.core.prompts import render_chat
-    from kale_ray.models import load_tokenizer, resolve_model
+    from kale_ray.models import resolve_model
 
     t0 = time.perf_counter()
-    model_path = resolve_model(model.name, model.cache_dir)
-    tok = load_tokenizer(model_path, model.trust_remote_code)
+    generate_fn = generate_fn or generate
+    model_path = resolve_model(model.name, model.cache_dir) if tokenizer is None else model.name
+    if tokenizer is None:
+        from kale_ray.models import load_tokenizer
+
+        tokenizer = load_tokenizer(model_path, model.trust_remote_code)
+    tok = tokenizer
     budget = model.max_model_len - max_tokens
     parsed: dict[str, Any] = {}
     rejected: list[dict[str, Any]] = []
@@ -101,7 +111,7 @@ def teacher_step(items: Sequence[dict[str, Any]], parse: Callable[[dict[str, Any
             break
         g = gen if attempt == 0 else dataclasses.replace(
             gen, seed=gen.seed + 7919 * attempt, temperature=max(gen.temperature, retry_temperature))
-        out = generate(pending, model_path, g, model, max_tokens, json_schema if gen.backend == "vllm" else None)
+        out = generate_fn(pending, model_path, g, model, max_tokens, json_schema if gen.backend == "vllm" else None)
         passes += 1
         still = []
         for it in pending:

@@ -244,3 +244,51 @@ def test_pure_modules_import_no_heavy_stack():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- teacher retries (fake generator)
+
+
+class _Tok:
+    """A stand-in tokenizer: one token per word, a plain chat template."""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "\n".join(m["content"] for m in messages)
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+
+def test_teacher_step_retries_with_new_seed_then_rejects():
+    from kale_ray.config import GenerationConfig, ModelConfig
+    from kale_ray.knowtuning.teacher import teacher_step
+
+    calls = []
+
+    def fake_generate(rows, model_path, gen, model, max_tokens, schema):
+        calls.append({"keys": [r["key"] for r in rows], "seed": gen.seed, "temperature": gen.temperature,
+                      "schema": schema})
+        out = {}
+        for r in rows:
+            if r["key"] == "good" or (r["key"] == "late" and len(calls) == 2):
+                out[r["key"]] = {"text": '{"facts": ["Alpha causes seizures."]}', "tokens": 9, "error": ""}
+            elif r["key"] == "crash":
+                out[r["key"]] = {"text": "", "tokens": 0, "error": "engine died"}
+            else:
+                out[r["key"]] = {"text": '{"facts": ["cut', "tokens": 4, "error": ""}
+        return out
+
+    items = [{"key": k, "messages": [{"role": "user", "content": "split this"}]} for k in ("good", "late", "bad", "crash")]
+    items.append({"key": "long", "messages": [{"role": "user", "content": "word " * 50}]})
+    gen = GenerationConfig(seed=5, temperature=0.0)
+    res = teacher_step(items, lambda it, text: atomic.parse_fact_list(text), ModelConfig(name="fake", max_model_len=60),
+                       gen, max_attempts=3, retry_temperature=0.7, max_tokens=16, json_schema={"type": "object"},
+                       progress=lambda s: None, generate_fn=fake_generate, tokenizer=_Tok())
+    assert set(res.parsed) == {"good", "late"} and res.parsed["late"] == ["Alpha causes seizures."]
+    assert res.attempts == {"good": 1, "late": 2, "bad": 3, "crash": 3}
+    assert [c["keys"] for c in calls] == [["good", "late", "bad", "crash"], ["late", "bad", "crash"], ["bad", "crash"]]
+    assert len({c["seed"] for c in calls}) == 3 and calls[0]["temperature"] == 0.0
+    assert all(c["temperature"] == 0.7 for c in calls[1:]) and all(c["schema"] == {"type": "object"} for c in calls)
+    assert res.reasons() == {"bad_json": 1, "generation_failed": 1, "prompt_too_long": 1}
+    assert {r["key"]: r["attempts"] for r in res.rejected} == {"bad": 3, "crash": 3, "long": 0}
+    assert res.stats["parsed_by_attempt"] == {"1": 1, "2": 1} and res.stats["passes"] == 3
