@@ -83,6 +83,11 @@ def build_vllm_processor(model_path: str, gen: GenerationConfig, max_model_len: 
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     sp = sampling_params(gen, max_tokens)
+    if not _on_gpu(gen) and sp["temperature"] > 0:
+        # vLLM 0.32 CPU: a per-request seeded generator crashes the engine core when a prompt is
+        # prefilled in chunks ("CPU Generator does not use offset"); the engine's own seed
+        # (engine_kwargs: gen.seed) still makes the sampling reproducible per pass.
+        sp.pop("seed", None)
     if json_schema is not None:
         sp["structured_outputs"] = {"json": json.dumps(json_schema)}
     pg = None if _on_gpu(gen) else {"bundles": [{"CPU": 1}]}
