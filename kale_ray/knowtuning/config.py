@@ -173,6 +173,7 @@ class FactEvalConfig:
     extract: TeacherStepConfig = dataclasses.field(default_factory=lambda: TeacherStepConfig(max_attempts=2))
     max_questions: int = 0  # 0 = every held-out question
     include_base: bool = False  # also the untrained student
+    parallel_models: bool = True  # generate with every model's vLLM engine at once (start-ups overlap)
     match_relation: bool = False  # a named relation phrase must match the KG triple's relation
     min_surface_chars: int = 4  # entity names shorter than this are not linked
 

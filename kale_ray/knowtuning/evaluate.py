@@ -58,10 +58,24 @@ def evaluate_facts(cfg, test_qas: Sequence[dict], models: Mapping[str, str], out
     if ev.max_questions:
         qas = qas[: ev.max_questions]
     gens: dict[str, dict[str, dict]] = {}
-    for label, path in models.items():
-        t0 = time.perf_counter()
-        gens[label] = generate_answers(qas, path, cfg, label, out, progress)
-        seconds[f"generate_{label}"] = round(time.perf_counter() - t0, 2)
+
+    def run(label: str) -> tuple[str, dict, float]:
+        t = time.perf_counter()
+        return label, generate_answers(qas, models[label], cfg, label, out, progress), time.perf_counter() - t
+
+    t0 = time.perf_counter()
+    if ev.parallel_models and len(models) > 1:
+        # one vLLM engine per model at the same time: their start-up (most of a small eval) overlaps
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=len(models)) as pool:
+            done = list(pool.map(run, list(models)))
+    else:
+        done = [run(label) for label in models]
+    for label, got, secs in done:
+        gens[label] = got
+        seconds[f"generate_{label}"] = round(secs, 2)
+    seconds["generate_wall"] = round(time.perf_counter() - t0, 2)
 
     # one extraction pass over every model's answers
     t0 = time.perf_counter()
