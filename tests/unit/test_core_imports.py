@@ -41,3 +41,13 @@ def test_each_core_module_alone(mod):
 def test_detector_is_not_vacuous():
     """The same check does see a top-level package the core imports (yaml via kale_ray.config)."""
     assert "yaml" in _loaded_heavy(["kale_ray.config"], heavy=("yaml",))
+
+
+def test_test_module_basenames_are_unique():
+    """pytest's default import mode fails collection when two test files share a basename
+    (it broke CI once: unit/test_kalm.py vs integration/test_kalm.py)."""
+    from collections import Counter
+    from pathlib import Path
+
+    names = Counter(p.name for p in Path(__file__).resolve().parents[1].rglob("test_*.py"))
+    assert not [n for n, c in names.items() if c > 1], names
