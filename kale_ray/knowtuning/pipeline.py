@@ -7,7 +7,7 @@
 2. **stage1 data** (:mod:`kale_ray.knowtuning.stage1`): atomic facts (teacher), perplexity under
    the student, the alpha most difficult facts, rewritten QA around them -> ``out/stage1/data/``
 3. **baseline**: SFT on the original QA only -> ``out/baseline/train/`` (``baseline: sft``)
-4. **stage1**: SFT on original + rewritten QA -> ``out/stage1/train/``
+4. **stage1**: SFT on original + rewritten QA (shuffled together, ``out/stage1/train_rows/``) -> ``out/stage1/train/``
 5. **stage2**: comparison pairs (delete / KG-exact revise / shuffle) and DPO from the Stage I model,
    reference precomputed once (:func:`kale_ray.knowtuning.recipe.run_dpo_stage`) -> ``out/stage2/``
 6. **eval** (:mod:`kale_ray.knowtuning.evaluate`): answers to the held-out questions by SFT and
@@ -183,9 +183,14 @@ def run_knowtuning(cfg: KnowTuningJobConfig, progress: Callable[[str], None] = p
         timings["baseline_sft"] = float(summ.get("wall_seconds") or 0.0) if was else time.perf_counter() - t
         reused += ["baseline_sft"] if was else []
         trained["sft"], models["sft"] = summ, merged
+    # The trainer keeps the rows' order (a resume skips exactly the rows it trained on), so original and
+    # rewritten QA are mixed here, with a seeded shuffle: else the rewrites would all come last.
+    rows = read_jsonl(out / "stage1" / "data" / "train.jsonl")
+    order = np.random.default_rng([cfg.stage1.train.seed, 2]).permutation(len(rows))
+    write_jsonl(out / "stage1" / "train_rows" / "train.jsonl", [rows[i] for i in order])
     t = time.perf_counter()
-    summ, stage1_merged, was = _train(cfg.stage1.train, out / "stage1" / "data", out / "stage1" / "train", "stage1",
-                                      progress)
+    summ, stage1_merged, was = _train(cfg.stage1.train, out / "stage1" / "train_rows", out / "stage1" / "train",
+                                      "stage1", progress)
     timings["stage1_train"] = float(summ.get("wall_seconds") or 0.0) if was else time.perf_counter() - t
     reused += ["stage1_train"] if was else []
     trained["stage1"] = summ
