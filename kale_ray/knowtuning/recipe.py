@@ -11,8 +11,8 @@
 5. ``score_after``: the trained policy scores the same pairs: implicit-reward accuracy and margin,
    overall and per kind -> ``out/summary.json`` with the time of every stage.
 
-Not here (issue 3, later steps): the teacher's atomic-fact extraction and rephrasing, perplexity
-filtering, Stage I, and the fact-level evaluation of generated answers.
+The whole recipe (Stage I, this stage from the Stage I model, the fact-level evaluation) is
+:func:`kale_ray.knowtuning.pipeline.run_knowtuning`.
 """
 from __future__ import annotations
 
