@@ -2,9 +2,12 @@
 
 The random tiny teacher's JSON does not parse, so this exercises the reject paths: seeded retries,
 rejects with reasons, the sentence fallback of the extractor and the template fallback of the
-rewriter. Then: perplexity pass (Ray Data actor), baseline SFT and Stage I SFT (2 gloo workers,
-DeepSpeed ZeRO-2, LoRA), Stage II DPO from the Stage I model with a precomputed reference,
-answers by both models through vLLM, KG fact checks, report; and a rerun that reuses every stage.
+rewriter. Then: perplexity pass (Ray Data actor), Stage I SFT (2 gloo workers, DeepSpeed ZeRO-2,
+LoRA), Stage II DPO from the Stage I model with a precomputed reference, answers by both models
+through vLLM (engines in parallel), KG fact checks, report; and a rerun that reuses every stage.
+
+Cost (2 cores): ~4.5 min, most of it 5 vLLM engine starts (~30 s each: extraction x 2 attempts,
+rewrite, two models' answers) and 2 Ray Train runs (~25 s each).
 """
 from __future__ import annotations
 
