@@ -80,8 +80,13 @@ def build_vllm_processor(model_path: str, gen: GenerationConfig, max_model_len: 
     JSON schema (vLLM ``StructuredOutputsParams(json=...)``, which ray.data.llm builds from the
     row's ``sampling_params["structured_outputs"]``).
     """
+    import ray.data
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    # An engine that fails to start (seen once here: engine core init failed while the machine
+    # was loaded) is retried inside its actor (DataContext.actor_init_max_retries, default 3)
+    # instead of failing the whole run on the first try.
+    ray.data.DataContext.get_current().actor_init_retry_on_errors = True
     sp = sampling_params(gen, max_tokens)
     if not _on_gpu(gen) and sp["temperature"] > 0:
         # vLLM 0.32 CPU: a per-request seeded generator crashes the engine core when a prompt is
