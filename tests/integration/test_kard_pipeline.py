@@ -4,7 +4,8 @@ Ray Train + DeepSpeed ZeRO-2 gloo (two students), Ray Train DDP gloo (the rerank
 ``builtin:tiny-llama`` (random weights) as teacher, verifier and students; a one-layer MiniLM
 reranker; a slice of UMLS questions; a KB of UMLS neighbourhoods + 200 HPO terms + a users' corpus
 with one bad line. A random teacher's rationales rarely verify: the pipeline keeps going with the
-exact template rationale, flagged. About 3 minutes on 2 cores.
+exact template rationale, flagged. 318 s measured on 2 cores (load ~2): five Ray Train / vLLM
+starts dominate (two students, the reranker, teacher + two evaluations).
 """
 from __future__ import annotations
 
