@@ -347,8 +347,9 @@ def run_ray_scaling(kg, index, workers: list[int], n_targets: int, per_target: i
             for w in order:
                 la = os.getloadavg()[0]
                 t = time.perf_counter()
-                # blocks as the synthesis pipeline's search stage makes them (kale_ray.synth.pipeline)
-                ds = ray.data.from_items(items, override_num_blocks=max(1, min(64, len(items) // 16)))
+                # one block per batch (625 for 20,000 pairs): what produced results/paths.json. The synthesis
+                # pipeline makes at most 64 blocks (min(64, rows // 16)), i.e. less per-block overhead; not measured.
+                ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch))
                 out = ds.map_batches(_RaySearcher, fn_constructor_args=([ref], max_hops, k, seed), batch_size=batch,
                                      batch_format="numpy", concurrency=w, num_cpus=1).take_all()
                 wall = time.perf_counter() - t
