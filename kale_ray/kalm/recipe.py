@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -34,17 +33,9 @@ def _done(path: Path) -> dict | None:
 
 
 def _init_ray(cfg: KaLMJobConfig) -> None:
-    import ray
+    from kale_ray.ray_init import init_ray
 
-    if ray.is_initialized():
-        return
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        # One logical CPU per train worker plus room for Ray Data (embedding actor, reads, vLLM).
-        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.train.num_workers + 2), include_dashboard=False,
-                 log_to_driver=False)
+    init_ray(cfg.ray_address, cfg.train.num_workers)
 
 
 def prepare(cfg: KaLMJobConfig, model_path: str, out: Path) -> tuple[KGSplit, KGText, np.ndarray, dict]:

@@ -85,19 +85,11 @@ def _mark(folder: Path, info: dict) -> dict:
 
 
 def _init_ray(cfg: KARDJobConfig) -> None:
-    import ray
-
     from kale_ray.llm import QUIET_ENV
+    from kale_ray.ray_init import init_ray
 
-    if ray.is_initialized():
-        return
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=QUIET_ENV)
-    else:
-        workers = max(cfg.train.num_workers, cfg.reranker.num_workers)
-        ray.init(num_cpus=max(os.cpu_count() or 1, workers + 2), include_dashboard=False, log_to_driver=True,
-                 runtime_env=QUIET_ENV)
+    init_ray(cfg.ray_address, max(cfg.train.num_workers, cfg.reranker.num_workers), log_to_driver=True,
+             runtime_env=QUIET_ENV)
 
 
 def _ds(rows: list[dict], batch_size: int):

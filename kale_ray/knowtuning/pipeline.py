@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -47,18 +46,10 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _init_ray(cfg: KnowTuningJobConfig) -> None:
-    import ray
-
     from kale_ray.llm import QUIET_ENV
+    from kale_ray.ray_init import init_ray
 
-    if ray.is_initialized():
-        return
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False, runtime_env=QUIET_ENV)
-    else:  # a logical CPU per train worker, plus room for Ray Data (vLLM, the scoring actors, reads)
-        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.stage1.train.num_workers + 2), include_dashboard=False,
-                 log_to_driver=False, runtime_env=QUIET_ENV)
+    init_ray(cfg.ray_address, cfg.stage1.train.num_workers, runtime_env=QUIET_ENV)
 
 
 # --------------------------------------------------------------------------- stages

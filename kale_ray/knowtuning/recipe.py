@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,16 +40,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _init_ray(cfg: KnowTuningDPOJobConfig) -> None:
-    import ray
+    from kale_ray.ray_init import init_ray
 
-    if ray.is_initialized():
-        return
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:  # one logical CPU per train worker plus room for Ray Data (reads, the reference actor)
-        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.train.num_workers + 2), include_dashboard=False,
-                 log_to_driver=False)
+    init_ray(cfg.ray_address, cfg.train.num_workers)
 
 
 def make_pairs(cfg: KnowTuningDPOJobConfig) -> tuple[list[dict], Rejects, dict]:
