@@ -19,3 +19,16 @@ def fresh_ray_per_module():
     _shutdown_ray()
     yield
     _shutdown_ray()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray for one module: 4 logical CPUs (2 train workers + Ray Data), no dashboard."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()

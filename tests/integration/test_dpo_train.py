@@ -24,18 +24,6 @@ TRAIN = ["train.model.name=builtin:tiny-llama", "train.num_workers=2", "train.ze
          "train.max_seq_len=160", "train.lora.r=8", "train.lora.alpha=16"]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def check_export(out: Path, base_path: str) -> None:
     """adapter/ and merged/ exist; merged == base + adapter, and the adapter is not a no-op."""
     from peft import PeftModel

@@ -18,18 +18,6 @@ from kale_ray.kalm.config import KaLMJobConfig
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def test_kalm_recipe_tiny(ray_local, tmp_path):
     from kale_ray.kalm.recipe import run_kalm
 

@@ -33,15 +33,6 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_knowtuning_whole_recipe_and_rerun(ray_local, tmp_path):
     from kale_ray.core.kg import load_kg
     from kale_ray.knowtuning.atomic import difficult_count
