@@ -19,7 +19,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-SCRIPTS = ["bench_paths.py", "bench_ka_loss.py", "bench_generation.py", "bench_dpo.py", "bench_accuracy.py"]
+SCRIPTS = ["bench_paths.py", "bench_ka_loss.py", "bench_generation.py", "bench_dpo.py", "bench_accuracy.py",
+           "bench_recipes.py"]
 
 
 def _get(d, *keys, default=None):
@@ -128,10 +129,10 @@ def rows() -> list[list[str]]:
         out.append(["DPO step vs TRL `DPOTrainer`", "`dpo.json`", "not run yet", ">= 1.3x", "—", "—"])
     acc = _load("accuracy.json")
     if acc:
-        entry = acc.get("full") or acc.get("smoke")
+        entry = acc.get("full") or acc.get("demo") or acc.get("medium") or acc.get("smoke")
         h = entry["headline"]
         ci = h["paired_ci95_points"]
-        size = entry["size"] + ("" if entry.get("full_size_ran") else "; **full size not run yet**")
+        size = entry["size"] + ("" if entry.get("full_size_ran") else "; the 1500-question full size not run")
         out.append([f"Accuracy testbed KALE vs SFT ({size}, seeds {h['seeds']}, n={h['n_questions_pooled']})",
                     "`accuracy.json`",
                     f"SFT {h['sft_accuracy']:.3f}, KALE {h['kale_accuracy']:.3f}: {h['kale_minus_sft_points']:+.1f} points "
@@ -140,7 +141,65 @@ def rows() -> list[list[str]]:
                     "report (papers: +4.18 avg, up to +11.72)", "—", _load_of(entry)])
     else:
         out.append(["Accuracy testbed KALE vs SFT", "`accuracy.json`", "not run yet", "report", "—", "—"])
+    for method, label in (("knowtuning", "KnowTuning vs SFT (HPO, fact-level)"), ("kard", "KARD (a)/(b)/(c) + reranker vs BM25 (UMLS)"),
+                          ("kalm", "KaLM before vs after alignment (UMLS KG completion)")):
+        doc = _load(f"{method}.json")
+        entry = (doc or {}).get("full") or (doc or {}).get("quick")
+        if entry:
+            which = entry["size"] + (f"; reused: {len(entry['reused_stages'])} stages" if entry.get("reused_stages") else "")
+            la = ("read from the finished run (its report has the machine)" if entry.get("reused_stages")
+                  and not _get(entry, "stage_seconds", "total_this_run", default=0) > 60 else _load_of(entry))
+            out.append([f"{label} ({which})", f"`{method}.json`", entry["headline"], "report", "—", la])
+        else:
+            out.append([label, f"`{method}.json`", "not run yet", "report", "—", "—"])
     return out
+
+
+def _f(x, fmt=".3f") -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def method_tables() -> str:
+    """The side-by-side tables of bench_recipes.py's results, one per method."""
+    parts = []
+    kt = (_load("knowtuning.json") or {}).get("full") or (_load("knowtuning.json") or {}).get("quick")
+    if kt:
+        t = kt["table"]
+        parts += [f"### KnowTuning vs {t['baseline']} ({kt['size']}, {t['n_questions']} held-out questions, `knowtuning.json`)", "",
+                  f"| metric | {t['baseline']} | KnowTuning | difference | better |", "|---|---|---|---|---|"]
+        parts += [f"| {r['metric']} | {_f(r['baseline'])} | {_f(r['method'])} | {_f(r['diff'], '+.3f')} | {r['better']} |"
+                  for r in t["rows"]]
+        d = t["paired_correct_facts_per_question"]
+        if d.get("n"):
+            parts += ["", f"Paired per question, correct facts KnowTuning - {t['baseline']}: {d['mean']:+.3f} "
+                      f"(bootstrap 95% CI {d['ci95'][0]:+.3f} .. {d['ci95'][1]:+.3f}, n={d['n']})."]
+        parts += [""]
+    kd = (_load("kard.json") or {}).get("full") or (_load("kard.json") or {}).get("quick")
+    if kd:
+        t = kd["table"]
+        parts += [f"### KARD ({kd['size']}, `kard.json`)", "", "| model | accuracy | 95% CI | n | parse rate |", "|---|---|---|---|---|"]
+        parts += [f"| {r['model']} | {_f(r['accuracy'])} | {_f(r['ci95'][0])}–{_f(r['ci95'][1])} | {r['n']} | {_f(r['parse_rate'], '.2f')} |"
+                  for r in t["rows"]]
+        pa = t["paired"]
+        parts += ["", "Paired per question: " + "; ".join(
+            f"{k.replace('_minus_', ' − ')} {_f(v['diff'], '+.3f')} (95% CI {_f(v['ci95'][0], '+.3f')} .. {_f(v['ci95'][1], '+.3f')})"
+            for k, v in pa.items() if v.get("diff") is not None) + ".", "",
+                  f"| reranker vs BM25 (n={t['reranker_n']}, {t['reranker_candidates']} candidates) | BM25 | reranker |",
+                  "|---|---|---|"]
+        parts += [f"| hit@{h['k']} | {_f(h['bm25'])} | {_f(h['reranker'])} |" for h in t["reranker_hits"]]
+        parts += [""]
+    km = (_load("kalm.json") or {}).get("full") or (_load("kalm.json") or {}).get("quick")
+    if km:
+        t = km["table"]
+        parts += [f"### KaLM before vs after ({km['size']}, {t['n_queries']} completion queries over {t['num_entities']} entities, "
+                  f"random MRR {t['random_mrr']:.3f}, `kalm.json`)", "", "| metric (both directions) | before | after | change |",
+                  "|---|---|---|---|"]
+        parts += [f"| {r['metric']} | {_f(r['before'])} | {_f(r['after'])} | {_f(r['diff'], '+.3f')} |"
+                  for r in t["completion"] if r["direction"] == "both"]
+        parts += ["", "| KGQA task | before | after | chance | n |", "|---|---|---|---|---|"]
+        parts += [f"| {q['task']} | {_f(q['before'])} | {_f(q['after'])} | {_f(q['chance'])} | {q['n']} |" for q in t["kgqa"]]
+        parts += [""]
+    return "\n".join(parts)
 
 
 def table() -> str:
@@ -166,7 +225,8 @@ def main() -> int:
                 failed.append(s)
     text = (HERE / "README.header.md").read_text() if (HERE / "README.header.md").exists() else "# Benchmarks\n"
     (HERE / "README.md").write_text(text.rstrip("\n") + "\n\n## Latest results\n\n_Generated by `python benchmarks/run_all.py --table` "
-                                    "from `results/*.json`._\n\n" + table() + "\n")
+                                    "from `results/*.json`._\n\n" + table() + "\n\n## Method vs baseline tables\n\n"
+                                    + method_tables() + "\n")
     print((HERE / "README.md").read_text())
     if failed:
         print("failed:", failed, file=sys.stderr)

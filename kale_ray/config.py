@@ -295,6 +295,7 @@ class DemoConfig:
     synth: SynthConfig = dataclasses.field(default_factory=SynthConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    eval_base: bool = True  # also evaluate the untrained model (one more vLLM pass)
     ray_address: str | None = None  # None: start local Ray
 
 

@@ -93,7 +93,8 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     # 4. evaluation
     evals = {}
     test_file = out / "synth" / "qa" / "test.jsonl"
-    for name, path in (("base", cfg.train.model.name), ("sft", merged["sft"]), ("kale", merged["kale"])):
+    models = [("base", cfg.train.model.name)] if cfg.eval_base else []
+    for name, path in models + [("sft", merged["sft"]), ("kale", merged["kale"])]:
         t = time.perf_counter()
         ecfg = copy.deepcopy(cfg.eval)
         ecfg.model = copy.deepcopy(cfg.train.model)

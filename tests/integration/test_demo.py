@@ -20,6 +20,8 @@ def test_demo_tiny(tmp_path):
         "synth.qa.num_questions=40", "synth.generation.max_tokens=16", "synth.teacher.max_model_len=512",
         "train.max_steps=3", "train.micro_batch_size=4", "train.max_seq_len=256", "train.model.max_model_len=512",
         "eval.generation.max_tokens=8",
+        # the untrained model's evaluation is the same code as SFT's and KALE's: one vLLM start less here
+        "eval_base=false",
     ])
     metrics = run_demo(cfg, progress=lambda m: None)
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
@@ -28,6 +30,7 @@ def test_demo_tiny(tmp_path):
         assert 0.0 <= on_disk[name]["accuracy"] <= 1.0
         assert on_disk["train"][name]["steps"] == 3
         assert (tmp_path / name / "merged" / "config.json").exists()
+    assert set(on_disk["eval"]) == {"sft", "kale"}
     assert on_disk["eval"]["kale"]["n_questions"] == metrics["synthesis"]["qa"]["test"] > 0
     assert on_disk["synthesis"]["rows_out"] > 0
     assert any(k.startswith("train.") for k in on_disk["timings"])

@@ -1,19 +1,17 @@
 """KnowTuning end to end on ``builtin:tiny-llama`` (teacher and student) and the HPO KG, real Ray, vLLM CPU, Ray Train.
 
-The random tiny teacher's JSON does not parse, so this exercises the reject paths: seeded retries,
-rejects with reasons, the sentence fallback of the extractor and the template fallback of the
+The random tiny teacher's JSON does not parse, so this exercises the reject paths: rejects with reasons, the sentence fallback of the extractor and the template fallback of the
 rewriter. Then: perplexity pass (Ray Data actor), Stage I SFT (2 gloo workers, DeepSpeed ZeRO-2,
 LoRA), Stage II DPO from the Stage I model with a precomputed reference, answers by both models
 through vLLM (engines in parallel), KG fact checks, report; and a rerun that reuses every stage.
 
-Cost (2 cores): ~4.5 min, most of it 5 vLLM engine starts (~30 s each: extraction x 2 attempts,
-rewrite, two models' answers) and 2 Ray Train runs (~25 s each).
+Cost (2 cores): ~4 min, most of it 4 vLLM engine starts (~30 s each: extraction, rewrite, two
+models' answers) and 2 Ray Train runs (~25 s each).
 """
 from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +39,9 @@ def test_knowtuning_whole_recipe_and_rerun(ray_local, tmp_path):
     out = tmp_path / "kt"
     overrides = [f"out={out}", "qa.num_questions=8", "qa.facts_per_answer=3", f"teacher.name={TINY}",
                  "teacher.max_model_len=512", "generation.batch_size=8",
-                 "stage1.extract.max_attempts=2", "stage1.extract.max_tokens=24",
+                 # one teacher pass per step: the seeded retry passes are unit-tested (test_knowtuning_stage1),
+                 # sampled generation on vLLM CPU runs in the KARD test, and each pass costs an engine start
+                 "stage1.extract.max_attempts=1", "stage1.extract.max_tokens=24",
                  "stage1.rewrite.max_attempts=1", "stage1.rewrite.max_tokens=24",
                  # the held-out answers are split into sentences here: the teacher extractor is the same
                  # code as Stage I's, run above, and each vLLM pass costs an engine start (~30 s on 2 cores)
@@ -63,12 +63,12 @@ def test_knowtuning_whole_recipe_and_rerun(ray_local, tmp_path):
     # kept with the sentence fallback), and the rejects file holds exactly the counted rows
     s1 = m["stage1"]
     ex = s1["extract"]
-    assert ex["structured_output"] is True and 1 <= ex["passes"] <= 2
+    assert ex["structured_output"] is True and ex["passes"] == 1
     assert ex["parsed"] + ex["rejected"] == 6
     assert sum(ex["by_extractor"].values()) == 6
     rej = _jsonl(out / "stage1" / "facts_rejects.jsonl")
     assert len(rej) == sum(ex["rejected_by_reason"].values()) == ex["rejected"]
-    assert all(r["reason"] and r["attempts"] == 2 for r in rej)  # a failed answer used every attempt
+    assert all(r["reason"] and r["attempts"] == 1 for r in rej)  # a failed answer used every attempt
     facts = _jsonl(out / "stage1" / "facts.jsonl")
     assert {r["extractor"] for r in facts} <= {"teacher", "sentence-fallback"}
 
@@ -116,8 +116,6 @@ def test_knowtuning_whole_recipe_and_rerun(ray_local, tmp_path):
     assert m["eval"]["seconds"]["generate_wall"] > 0
 
     # a rerun reuses every stage: nothing is trained or generated again
-    t0 = time.perf_counter()
     m2 = run_knowtuning(cfg)
     assert set(m2["reused_stages"]) >= {"qa", "stage1_data", "stage1_train", "stage2", "eval"}
     assert json.dumps(m2["eval"]["results"], sort_keys=True) == json.dumps(m["eval"]["results"], sort_keys=True)
-    assert time.perf_counter() - t0 < 30

@@ -1,6 +1,6 @@
 """Ray Train + DeepSpeed (gloo, CPU) end to end on ``builtin:tiny-llama``.
 
-Six short runs share one local Ray instance; about 3-4 minutes on a 2-core machine.
+Five short runs share one local Ray instance; about 3 minutes on a 2-core machine.
 """
 from __future__ import annotations
 
@@ -123,17 +123,6 @@ def test_sft_zero2_lora_then_resume(ray_local, base_path, tmp_path):
     assert len((out / "rejects.jsonl").read_text().splitlines()) == 2
 
 
-def test_kale_zero3_lora(ray_local, base_path, tmp_path):
-    from kale_ray.train.trainer import run_training
-
-    data = write_rows(tmp_path / "data", fact_rows(16))
-    result = run_training(make_cfg(data, tmp_path / "out", "loss=kale", "zero_stage=3", "max_steps=3"))
-    assert [h["step"] for h in result.history] == [1, 2, 3]
-    assert all(h["kl"] >= 0 for h in result.history)
-    check_losses(result.history)
-    check_export(result, base_path)
-
-
 def test_full_finetune_zero3_writes_merged_only(ray_local, base_path, tmp_path):
     from kale_ray.train.trainer import run_training
 
@@ -150,7 +139,8 @@ def test_full_finetune_zero3_writes_merged_only(ray_local, base_path, tmp_path):
 
 
 def test_loss_is_invariant_to_sharding(ray_local, base_path, tmp_path):
-    """Step 1 on the same 4 rows: 2 workers x 2 rows == 1 worker x (2 rows x 2 accumulation steps).
+    """Step 1 on the same 4 rows: 2 workers x 2 rows under ZeRO-3 == 1 worker x (2 rows x 2 accumulation
+    steps) under ZeRO-2; and the ZeRO-3 + LoRA KALE run trains and exports (its own run costs ~30 s).
 
     Rows have different completion lengths, so a mean of per-worker means would differ from
     the global token mean. The gradient norm (before clipping) must match as well.
@@ -160,11 +150,13 @@ def test_loss_is_invariant_to_sharding(ray_local, base_path, tmp_path):
     rows = fact_rows(4)
     rows[1]["completion"] = " D and a long tail of extra answer tokens here<|im_end|>"
     data = write_rows(tmp_path / "data", rows)
-    two = run_training(make_cfg(data, tmp_path / "two", "loss=kale", "max_steps=2"))
-    one = run_training(make_cfg(data, tmp_path / "one", "loss=kale", "max_steps=1", "num_workers=1", "grad_accum=2"))
+    two = run_training(make_cfg(data, tmp_path / "two", "loss=kale", "zero_stage=3", "max_steps=3"))
+    one = run_training(make_cfg(data, tmp_path / "one", "loss=kale", "zero_stage=2", "max_steps=1", "num_workers=1",
+                                "grad_accum=2"))
     a, b = two.history[0], one.history[0]
     assert a["tokens"] == b["tokens"] and a["samples"] == b["samples"] == 4
     for key in ("loss", "ce", "kl", "grad_norm"):
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert [h["step"] for h in two.history] == [1, 2, 3] and all(h["kl"] >= 0 for h in two.history)
     check_losses(two.history)
     check_export(two, base_path)
