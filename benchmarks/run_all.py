@@ -162,6 +162,28 @@ def _f(x, fmt=".3f") -> str:
 def method_tables() -> str:
     """The side-by-side tables of bench_recipes.py's results, one per method."""
     parts = []
+    acc = _load("accuracy.json") or {}
+    entry = acc.get("full") or acc.get("demo") or acc.get("medium")
+    if entry:
+        parts += [f"### KALE vs SFT, accuracy testbed ({entry['size']} size, `accuracy.json`)", "",
+                  "| seed | n | base | SFT [95% CI] | KALE [95% CI] | KALE − SFT paired [95% CI] | K&I SFT | K&I KALE |",
+                  "|---|---|---|---|---|---|---|---|"]
+        def cell(r):
+            return f"{r['accuracy']:.3f} [{r['accuracy_ci95'][0]:.3f}, {r['accuracy_ci95'][1]:.3f}]"
+        for r in entry["per_seed"]:
+            m, d = r["metrics"], r["kale_minus_sft_paired"]
+            parts.append(f"| {r['seed']} | {m['kale']['n']} | {m['base']['accuracy']:.3f} | {cell(m['sft'])} | {cell(m['kale'])} | "
+                         f"{100 * d['diff']:+.1f} pts [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] | "
+                         f"{m['sft']['known_and_incorrect_rate']:.3f} | {m['kale']['known_and_incorrect_rate']:.3f} |")
+        p, d = entry["pooled"], entry["pooled"]["kale_minus_sft_paired"]
+        parts.append(f"| pooled | {p['kale']['n']} | {p['base']['accuracy']:.3f} | {cell(p['sft'])} | {cell(p['kale'])} | "
+                     f"{100 * d['diff']:+.1f} pts [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] | "
+                     f"{p['sft']['known_and_incorrect_rate']:.3f} | {p['kale']['known_and_incorrect_rate']:.3f} |")
+        a = entry.get("across_seeds") or {}
+        if a.get("ci95_t"):
+            parts += ["", f"Across seeds: mean KALE − SFT {100 * a['mean']:+.1f} points (t interval "
+                      f"{100 * a['ci95_t'][0]:+.1f} .. {100 * a['ci95_t'][1]:+.1f}, {len(a['per_seed_diff'])} seeds)."]
+        parts += [""]
     kt = (_load("knowtuning.json") or {}).get("full") or (_load("knowtuning.json") or {}).get("quick")
     if kt:
         t = kt["table"]
