@@ -42,6 +42,8 @@ a meet-in-the-middle enumeration, below):
   report ``"bidir"``. ``max_expansions`` counts enumerated non-goal states. Up to
   ``MAX_BIDIRECTIONAL_HOPS`` (63) hops, beyond which the ``"target"`` A* runs instead.
   The index must be undirected (as ``GraphIndex.build`` makes it by default), as for all modes.
+  With numba installed the enumeration runs compiled (same paths, draws and stats; see
+  ``_build_numba_enum``; ``KALE_RAY_NUMBA=0`` forces the Python loop).
 * States are paths (tree search), so after the first goal we keep popping the frontier to
   collect up to ``k`` paths; a node may be reached again through a different parent path.
   A child is kept only if ``g + 1 + h(child) <= max_hops`` and it is not already on its
@@ -83,6 +85,7 @@ from __future__ import annotations
 
 import heapq
 import numbers
+import os
 import time
 import weakref
 from collections import OrderedDict
@@ -101,6 +104,7 @@ __all__ = [
     "landmark_heuristic",
     "PathCache",
     "path_cache",
+    "JIT_STATS",
     "find_paths",
     "find_paths_many",
     "sample_paths",
@@ -496,7 +500,7 @@ def _best_first(index: GraphIndex, triples: np.ndarray, source: int, target: int
 class _CSR:
     """A search CSR derived from the index: self-loops dropped, rows sorted by neighbour id."""
 
-    __slots__ = ("indptr", "nbr", "eid", "tid", "deg")
+    __slots__ = ("indptr", "nbr", "eid", "tid", "deg", "ipl", "deg2")
 
     def __init__(self, indptr: np.ndarray, nbr: np.ndarray, eid: np.ndarray, tid: np.ndarray) -> None:
         self.indptr = indptr  # (N+1,) int64
@@ -504,6 +508,12 @@ class _CSR:
         self.eid = eid  # (E',) intp: the index's CSR edge id of each entry
         self.tid = tid  # (E',) intp: the triple of each entry
         self.deg = np.diff(indptr)
+        self.ipl = indptr.tolist()  # indptr as Python ints: scalar reads in the search loops
+        # deg2[u] = sum of the degrees of u's row entries: the entries a side scans when it grows the
+        # level after u's (next_cost without gathering the degrees of a whole level's entries)
+        cs = np.zeros(nbr.size + 1, dtype=np.int64)
+        np.cumsum(self.deg[nbr], out=cs[1:])
+        self.deg2 = cs[indptr[1:]] - cs[indptr[:-1]]
 
 
 class _Prepared:
@@ -573,7 +583,7 @@ class _Side:
         self.n = n
         self.dtype = np.dtype(dtype)
         self._bits: np.ndarray | None = None
-        self._levels: list[np.ndarray | None] = [np.array([root], dtype=np.int64)]
+        self._levels: list[np.ndarray | None] = [None]  # level 0 (the root) built on demand
         self._dst: list[np.ndarray] = []
         self._lens: list[np.ndarray] = []
         self._src: list[np.ndarray | None] = []
@@ -595,6 +605,9 @@ class _Side:
     def level(self, r: int) -> np.ndarray:
         lv = self._levels[r]
         if lv is None:
+            if r == 0:
+                lv = self._levels[0] = np.array([self.root], dtype=np.int64)
+                return lv
             dst = self._dst[r - 1]
             if r == 1:  # a row of the simple CSR has no repeated neighbour
                 lv = dst
@@ -613,17 +626,20 @@ class _Side:
         c = self._cost[d]
         if c is None:
             if d == 0:
-                c = int(csr.deg[self.root])
-            else:
-                c = int(csr.deg[self._dst[d - 1]].sum())
+                c = csr.ipl[self.root + 1] - csr.ipl[self.root]
+            elif d == 1:  # the degrees of the root's neighbours
+                c = int(csr.deg2[self.root])
+            else:  # deg[dst(d - 1)].sum(), via deg2 over the (smaller) level when it is at hand
+                lv = self._dst[0] if d == 2 else self._levels[d - 1]
+                c = int(np.add.reduce(csr.deg2[lv] if lv is not None else csr.deg[self._dst[d - 1]]))
             self._cost[d] = c
         return c
 
     def grow(self, csr: _CSR) -> int:
         d = self.depth
         if d == 0:
-            u = self.root
-            dst = csr.nbr[csr.indptr[u]:csr.indptr[u + 1]]
+            u, ipl = self.root, csr.ipl
+            dst = csr.nbr[ipl[u]:ipl[u + 1]]
             lens = None
         else:
             lv = self.level(d)
@@ -632,9 +648,9 @@ class _Side:
                 keep = lens > 0
                 lv, lens = lv[keep], lens[keep]
                 self._levels[d] = lv
-            if 0 < lv.size <= 4:  # a few rows: slicing beats building the entry ids
-                ip, nb = csr.indptr, csr.nbr
-                dst = np.concatenate([nb[ip[u]:ip[u + 1]] for u in lv.tolist()])
+            if 0 < lv.size <= 24:  # a few rows: slicing beats building the entry ids
+                ipl, nb = csr.ipl, csr.nbr
+                dst = np.concatenate([nb[ipl[u]:ipl[u + 1]] for u in lv.tolist()])
             else:
                 dst = csr.nbr[_frontier_edges(csr.indptr, lv)]
             self.nbytes += int(dst.nbytes + lens.nbytes)
@@ -767,6 +783,7 @@ class _NumpyWalks:
         self.refined = None  # (source levels, exact target depth) of the last completion
         self.M = None
         self.bitv = _bitv(dtype, H)
+        self.mask = (1 << (8 * np.dtype(dtype).itemsize)) - 1  # a Python-int shift stays within the dtype
 
     def prepare(self, L: int) -> bool:
         """Make bits up to L exact where the enumeration reads them; does the source have bit L?"""
@@ -786,22 +803,35 @@ class _NumpyWalks:
         self.a, self.b = a, b
         M = self.M = T.bits
         bexact = T.depth
+        src = self.source
         if bexact < L:
             ra = L - bexact  # source-side levels the length-L walks need
             # meet test: a walk of exactly L hops exists iff a walk of ra hops from the source
             # ends on a node with a walk of bexact hops to the target
-            if not (M[S.dst(ra - 1)] & bitv[bexact]).any():
-                return False
-            if self.refined != (ra, bexact):
-                # complete the source-side levels ra-1 .. 0, deepest first: a node has a walk of
-                # r hops to the target iff a neighbour has one of r - 1 (shift-OR over its
-                # scanned entries). Only true facts are added, so they may stay in the shared
-                # target side; level j ends up exact up to bexact + ra - j >= L - j.
-                for j in range(ra - 1, 0, -1):
-                    M[S.level(j)] |= np.bitwise_or.reduceat(M[S.dst(j)] << 1, S.offsets(j))
-                M[self.source] |= np.bitwise_or.reduce(M[S.dst(0)] << 1)
-                self.refined = (ra, bexact)
-        return bool((int(M[self.source]) >> L) & 1)
+            g = M[S.dst(ra - 1)]
+            if ra == 1:  # one OR-reduction is both the meet test and the completion of the source
+                orall = int(np.bitwise_or.reduce(g)) if g.size else 0
+                if not (orall >> bexact) & 1:
+                    return False
+                if self.refined != (1, bexact):
+                    M[src] |= (orall << 1) & self.mask
+                    self.refined = (1, bexact)
+            else:
+                if not (g & bitv[bexact]).any():
+                    return False
+                if self.refined != (ra, bexact):
+                    # complete the source-side levels ra-1 .. 0, deepest first: a node has a walk of
+                    # r hops to the target iff a neighbour has one of r - 1 (shift-OR over its
+                    # scanned entries). Only true facts are added, so they may stay in the shared
+                    # target side; level j ends up exact up to bexact + ra - j >= L - j.
+                    for j in range(ra - 1, 0, -1):
+                        if j < ra - 1:
+                            g = M[S.dst(j)]
+                        M[S.level(j)] |= np.bitwise_or.reduceat(g, S.offsets(j)) << 1
+                    g = M[S.dst(0)]
+                    M[src] |= (int(np.bitwise_or.reduce(g)) << 1) & self.mask if g.size else 0
+                    self.refined = (ra, bexact)
+        return bool((int(M[src]) >> L) & 1)
 
     def finish(self) -> int:
         self.cache.settle((self.S, self.T), self.before)
@@ -838,7 +868,7 @@ def _bidirectional(index: GraphIndex, triples: np.ndarray, source: int, target: 
     H, k = params.max_hops, params.k
     dtype = _bits_dtype(H)
     row_csr = prep.simple if params.distinct_nodes else prep.multi
-    indptr, nbr = row_csr.indptr, row_csr.nbr
+    ipl, nbr = row_csr.ipl, row_csr.nbr
     distinct = params.distinct_nodes
     budget = params.max_expansions
     bitv = _bitv(dtype, H)
@@ -848,17 +878,24 @@ def _bidirectional(index: GraphIndex, triples: np.ndarray, source: int, target: 
     found: list[tuple[list[int], list[int]]] = []
     raw = rng.bit_generator.random_raw  # one 64-bit draw per random pick (lazy Fisher-Yates)
     M = None
+    nb = _enum_numba(rng)  # the compiled enumeration (same paths, draws and counters), or None
+    if nb is not None:
+        kern, fnp, stp = nb
+        bitva = _BITV.get((dtype, H, "array"))
+        if bitva is None:
+            bitva = _BITV[(dtype, H, "array")] = np.array(bitv, dtype=dtype)
+            _warm_numba(kern, dtype)
 
     def children(u: int, r: int) -> list:
-        """Frame [nodes, next, entries] of u's neighbours with a walk of exactly r hops to the target
-        (``entries``: their positions in the row CSR)."""
-        lo, hi = indptr[u], indptr[u + 1]
+        """Frame [nodes, next, offsets, lo] of u's neighbours with a walk of exactly r hops to the
+        target (their positions in the row CSR: ``lo + offsets[i]``)."""
+        lo, hi = ipl[u], ipl[u + 1]
         row = nbr[lo:hi]
         if r == 0:  # only the target has a walk of 0 hops to the target
-            j0, j1 = row.searchsorted(target), row.searchsorted(target, "right")
-            return [[target] * int(j1 - j0), 0, list(range(int(lo + j0), int(lo + j1)))]
+            j0, j1 = int(row.searchsorted(target)), int(row.searchsorted(target, "right"))
+            return [[target] * (j1 - j0), 0, list(range(j0, j1)), lo]
         idx = (M[row] & bitv[r]).nonzero()[0]
-        return [row[idx].tolist(), 0, (idx + lo).tolist()]  # nodes, next, entries
+        return [row[idx].tolist(), 0, idx.tolist(), lo]
 
     for L in range(1, H + 1):
         if not walks.prepare(L):
@@ -869,17 +906,27 @@ def _bidirectional(index: GraphIndex, triples: np.ndarray, source: int, target: 
             exhausted = True
             break
         expansions += 1
+        lo = ipl[source]
         if L == 1 and distinct:  # the source has bit 1: it is a neighbour of the target
-            j0 = indptr[source] + nbr[indptr[source]:indptr[source + 1]].searchsorted(target)
-            found.append(([source, target], [int(j0)]))
+            found.append(([source, target], [lo + int(nbr[lo:ipl[source + 1]].searchsorted(target))]))
             if len(found) >= k:
+                break
+            continue
+        if nb is not None:
+            nf, out_n, out_e, ex, sc, exhausted = kern(row_csr.indptr, nbr, M, bitva, source, target, L, distinct,
+                                                      k - len(found), budget - expansions, fnp, stp)
+            expansions += ex
+            scanned += sc
+            if nf:
+                found.extend(zip(out_n[:nf].tolist(), out_e[:nf].tolist()))
+            if exhausted or len(found) >= k:
                 break
             continue
         path = [source]
         pe: list[int] = []
         on = {source}
         fr = children(source, L - 1)
-        scanned += int(indptr[source + 1] - indptr[source])
+        scanned += ipl[source + 1] - lo
         stack = [fr]
         last = L - 1  # position whose nodes are neighbours of the target
         while stack:
@@ -904,7 +951,7 @@ def _bidirectional(index: GraphIndex, triples: np.ndarray, source: int, target: 
             pos = len(path)
             if v == target:
                 if pos == L:
-                    found.append((path + [v], pe + [fr[2][i]]))
+                    found.append((path + [v], pe + [fr[3] + fr[2][i]]))
                     if len(found) >= k:
                         break
                 continue
@@ -913,17 +960,17 @@ def _bidirectional(index: GraphIndex, triples: np.ndarray, source: int, target: 
                 break
             expansions += 1
             if distinct and pos == last:  # v is a neighbour of the target: a path
-                lo = indptr[v]
+                lo = ipl[v]
                 found.append((path + [v, target],
-                              pe + [fr[2][i], int(lo + nbr[lo:indptr[v + 1]].searchsorted(target))]))
+                              pe + [fr[3] + fr[2][i], lo + int(nbr[lo:ipl[v + 1]].searchsorted(target))]))
                 if len(found) >= k:
                     break
                 continue
             path.append(v)
-            pe.append(fr[2][i])
+            pe.append(fr[3] + fr[2][i])
             on.add(v)
             stack.append(children(v, L - pos - 1))
-            scanned += int(indptr[v + 1] - indptr[v])
+            scanned += ipl[v + 1] - ipl[v]
         if exhausted or len(found) >= k:
             break
     _bump(stats, "sides", walks.new_sides)
@@ -932,14 +979,240 @@ def _bidirectional(index: GraphIndex, triples: np.ndarray, source: int, target: 
     _bump(stats, "edges_scanned", scanned)
     if not found:
         return [], exhausted
-    flat = np.array([e for _, pe in found for e in pe], dtype=np.intp)
+    flat = [e for _, pe in found for e in pe]
     rows = triples[row_csr.tid[flat]].tolist()
     paths, off = [], 0
     for nodes, _ in found:
-        hops = [(h, r, t) for h, r, t in rows[off:off + len(nodes) - 1]]
-        off += len(nodes) - 1
-        paths.append(KGPath(hops=hops, nodes=nodes, complete=True, method="bidir"))
+        n = len(nodes) - 1
+        paths.append(KGPath(hops=list(map(tuple, rows[off:off + n])), nodes=nodes, complete=True, method="bidir"))
+        off += n
     return paths, exhausted
+
+
+# --------------------------------------------------------------------------- #
+# Optional numba kernels for the bidirectional enumeration (numpy/Python fallback above)
+# --------------------------------------------------------------------------- #
+# The depth-first enumeration is the same algorithm as the Python loop in ``_bidirectional``,
+# compiled with numba when it is installed: the same children (row order, bit filter), the same
+# lazy Fisher-Yates picks -- each one 64-bit draw from the Generator's own bit generator, called
+# through its C function pointer, so the Generator's stream advances exactly as with
+# ``bit_generator.random_raw`` -- the same budget and counters, hence the same paths and stats.
+# Used only where ``random_raw`` *is* ``next_uint64`` (the 64-bit bit generators below) and
+# ``KALE_RAY_NUMBA`` is not "0". ``JIT_STATS`` records the one-off cost (numba import plus
+# compile or on-disk cache load, per process): benchmarks report it alongside the search.
+_RAW64_BITGENS = tuple(getattr(np.random, name) for name in ("PCG64", "PCG64DXSM", "SFC64", "Philox")
+                       if hasattr(np.random, name))
+JIT_STATS: dict = {"available": None, "import_s": 0.0, "compile_s": 0.0, "kernels": []}
+_NB: dict = {}  # "enum": the dispatcher; (bitgen type) -> next_uint64 address
+
+
+def _numba_enabled() -> bool:
+    ok = JIT_STATS["available"]
+    if ok is None:
+        ok = False
+        if os.environ.get("KALE_RAY_NUMBA", "1").strip().lower() not in ("0", "false", "no", "off"):
+            t0 = time.perf_counter()
+            try:
+                _NB["enum"] = _build_numba_enum()
+                ok = True
+            except Exception:  # numba missing or broken: the numpy/Python path
+                ok = False
+            JIT_STATS["import_s"] = time.perf_counter() - t0
+        JIT_STATS["available"] = ok
+    return ok
+
+
+def _build_numba_enum():
+    import numba
+    from llvmlite import ir
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def next_u64(typingctx, fnptr, state):
+        """``bitgen->next_uint64(bitgen->state)`` from the two addresses."""
+        sig = types.uint64(types.uintp, types.uintp)
+
+        def codegen(context, builder, sig, args):
+            i8p = ir.IntType(8).as_pointer()
+            fnty = ir.FunctionType(ir.IntType(64), (i8p,))
+            fp = builder.inttoptr(args[0], fnty.as_pointer())
+            return builder.call(fp, (builder.inttoptr(args[1], i8p),))
+        return sig, codegen
+
+    # a module global, not a closure cell: numba's on-disk cache keys on closure contents (an
+    # intrinsic there would miss the cache in every new process)
+    globals()["_nb_next_u64"] = next_u64
+
+    def enum(indptr, nbr, M, bitv, source, target, L, distinct, kleft, budget_left, fnptr, state):
+        """Simple paths source -> target of exactly L hops (see ``_bidirectional``): returns
+        (found, nodes (cap, L + 1), entries (cap, L), expansions, scanned, exhausted)."""
+        cap = min(kleft, 16)
+        out_n = np.empty((cap, L + 1), dtype=np.int64)
+        out_e = np.empty((cap, L), dtype=np.int64)
+        nf = 0
+        path = np.empty(L + 1, dtype=np.int64)
+        pe = np.empty(L + 1, dtype=np.int64)
+        fstart = np.empty(L + 1, dtype=np.int64)
+        fend = np.empty(L + 1, dtype=np.int64)
+        fcur = np.empty(L + 1, dtype=np.int64)
+        bn = np.empty(256, dtype=np.int64)  # the frames' children, stacked
+        be = np.empty(256, dtype=np.int64)
+        exp = 0
+        scanned = 0
+        exhausted = False
+        mask32 = np.uint64(0xFFFFFFFF)
+        s32 = np.uint64(32)
+        path[0] = source
+        plen = 1
+        u = source
+        r = L - 1
+        depth = 0
+        used = 0
+        while True:
+            # ---- push the frame of u's children with bit r (r == 0: the target's entries) ----
+            lo = indptr[u]
+            hi = indptr[u + 1]
+            if used + (hi - lo) > bn.size:
+                size = max(2 * bn.size, used + (hi - lo))
+                bn2 = np.empty(size, dtype=np.int64)
+                be2 = np.empty(size, dtype=np.int64)
+                bn2[:used] = bn[:used]
+                be2[:used] = be[:used]
+                bn = bn2
+                be = be2
+            fstart[depth] = used
+            fcur[depth] = used
+            if r == 0:
+                for e in range(lo, hi):
+                    if nbr[e] == target:
+                        bn[used] = target
+                        be[used] = e
+                        used += 1
+            else:
+                b = bitv[r]
+                for e in range(lo, hi):
+                    w = nbr[e]
+                    if M[w] & b:
+                        bn[used] = w
+                        be[used] = e
+                        used += 1
+            fend[depth] = used
+            depth += 1
+            scanned += hi - lo
+            # ---- run until the next push ----
+            pushed = False
+            while depth > 0:
+                f = depth - 1
+                i = fcur[f]
+                m = fend[f]
+                if i >= m:
+                    depth -= 1
+                    used = fstart[f]
+                    if plen > 1:
+                        plen -= 1
+                    continue
+                if m - i > 1:  # the high 64 bits of raw * (m - i), as the Python loop's ``>> 64``
+                    x = _nb_next_u64(fnptr, state)  # noqa: F821 (set above)
+                    n = np.uint64(m - i)
+                    hi_ = (x >> s32) * n
+                    lo_ = (x & mask32) * n
+                    j = i + np.int64((hi_ + (lo_ >> s32)) >> s32)
+                    t = bn[i]
+                    bn[i] = bn[j]
+                    bn[j] = t
+                    t = be[i]
+                    be[i] = be[j]
+                    be[j] = t
+                fcur[f] = i + 1
+                v = bn[i]
+                onpath = False
+                for q in range(plen):
+                    if path[q] == v:
+                        onpath = True
+                        break
+                if onpath:
+                    continue
+                pos = plen
+                if v == target:
+                    if pos == L:
+                        if nf == cap:
+                            cap *= 2
+                            n2 = np.empty((cap, L + 1), dtype=np.int64)
+                            e2 = np.empty((cap, L), dtype=np.int64)
+                            n2[:nf] = out_n[:nf]
+                            e2[:nf] = out_e[:nf]
+                            out_n = n2
+                            out_e = e2
+                        out_n[nf, :plen] = path[:plen]
+                        out_n[nf, plen] = v
+                        out_e[nf, :plen - 1] = pe[:plen - 1]
+                        out_e[nf, plen - 1] = be[i]
+                        nf += 1
+                        if nf >= kleft:
+                            return nf, out_n, out_e, exp, scanned, exhausted
+                    continue
+                if exp >= budget_left:
+                    return nf, out_n, out_e, exp, scanned, True
+                exp += 1
+                if distinct and pos == L - 1:  # v is a neighbour of the target: a path
+                    if nf == cap:
+                        cap *= 2
+                        n2 = np.empty((cap, L + 1), dtype=np.int64)
+                        e2 = np.empty((cap, L), dtype=np.int64)
+                        n2[:nf] = out_n[:nf]
+                        e2[:nf] = out_e[:nf]
+                        out_n = n2
+                        out_e = e2
+                    vlo = indptr[v]
+                    out_n[nf, :plen] = path[:plen]
+                    out_n[nf, plen] = v
+                    out_n[nf, plen + 1] = target
+                    out_e[nf, :plen - 1] = pe[:plen - 1]
+                    out_e[nf, plen - 1] = be[i]
+                    out_e[nf, plen] = vlo + np.searchsorted(nbr[vlo:indptr[v + 1]], target)
+                    nf += 1
+                    if nf >= kleft:
+                        return nf, out_n, out_e, exp, scanned, exhausted
+                    continue
+                path[plen] = v
+                pe[plen - 1] = be[i]
+                plen += 1
+                u = v
+                r = L - pos - 1
+                pushed = True
+                break
+            if not pushed:
+                return nf, out_n, out_e, exp, scanned, exhausted
+
+    return numba.njit(cache=True, nogil=True)(enum)
+
+
+def _enum_numba(rng):
+    """The compiled enumeration and the bit generator's (next_uint64, state) addresses, or None."""
+    bg = rng.bit_generator
+    tp = type(bg)
+    if tp not in _RAW64_BITGENS or not _numba_enabled():
+        return None
+    fn = _NB.get(tp)
+    if fn is None:
+        import ctypes
+
+        fn = _NB[tp] = ctypes.cast(bg.ctypes.next_uint64, ctypes.c_void_p).value
+    return _NB["enum"], fn, bg.ctypes.state_address
+
+
+def _warm_numba(kern, dtype) -> None:
+    """Compile (or load from numba's cache) the kernel for bits of ``dtype`` on a 2-node graph, timed."""
+    key = ("warm", np.dtype(dtype).str)
+    if key in _NB:
+        return
+    t0 = time.perf_counter()
+    ip, nb = np.array([0, 1, 2], dtype=np.int64), np.array([1, 0], dtype=np.intp)
+    kern(ip, nb, np.array([0, 1], dtype=dtype), np.array([1, 2], dtype=dtype), 0, 1, 1, False, 1, 1, 0, 0)
+    JIT_STATS["compile_s"] += time.perf_counter() - t0
+    JIT_STATS["kernels"].append(np.dtype(dtype).name)
+    _NB[key] = True
 
 
 def _tree_path(index: GraphIndex, triples: np.ndarray, pedge: np.ndarray, pnode: np.ndarray,

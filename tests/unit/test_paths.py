@@ -485,3 +485,34 @@ def test_bidirectional_long_searches_fall_back_to_the_exact_astar():
     paths = find_paths(index, tr, 0, 60, PathSearchParams(max_hops=63, k=2, heuristic="bidirectional"),
                        np.random.default_rng(0))
     assert [p.length for p in paths] == [60] and paths[0].method == "bidir"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bidirectional_numba_and_python_enumerations_agree(seed):
+    """The optional numba enumeration gives the same paths, stats and rng stream as the Python loop."""
+    import kale_ray.core.paths as paths_mod
+
+    if not paths_mod._numba_enabled():
+        pytest.skip("numba not available")
+    tr, index, _ = random_graph(60 + seed, 150, 400)
+    pairs = _pairs(index, np.random.default_rng(seed), 30)
+
+    def run(params, bitgen):
+        rng = np.random.Generator(bitgen(seed))
+        out = []
+        for s, t in pairs:
+            st: dict = {}
+            out.append(([p.to_dict() for p in find_paths(index, tr, s, t, params, rng, stats=st, cache=False)], st))
+        return out, rng.bit_generator.random_raw()
+
+    for params in (PathSearchParams(max_hops=4, k=5, heuristic="bidirectional"),
+                   PathSearchParams(max_hops=9, k=40, heuristic="bidirectional", distinct_nodes=False),
+                   PathSearchParams(max_hops=6, k=8, heuristic="bidirectional", max_expansions=7)):
+        for bitgen in (np.random.PCG64, np.random.Philox):
+            compiled = run(params, bitgen)
+            paths_mod.JIT_STATS["available"] = False
+            try:
+                python = run(params, bitgen)
+            finally:
+                paths_mod.JIT_STATS["available"] = True
+            assert compiled == python
