@@ -86,6 +86,7 @@ from __future__ import annotations
 import heapq
 import numbers
 import os
+import threading
 import time
 import weakref
 from collections import OrderedDict
@@ -544,7 +545,24 @@ class _Prepared:
             self.simple_key = key[first]
             s2 = self.simple_key // max(n, 1)
             self.simple = self._csr(np.bincount(s2, minlength=n), self.simple_key % max(n, 1), eid[first], index.tid)
+        self._rel: tuple | None = None  # (triples, relation id per multi entry), see entry_relations
         self.build_s = time.perf_counter() - t0
+
+    def entry_relations(self, triples: np.ndarray) -> np.ndarray:
+        """The relation id of every entry of ``multi`` (built once per triples array)."""
+        cur = self._rel
+        if cur is None or cur[0] is not triples:
+            rel = np.asarray(triples)[self.multi.tid, 1].astype(np.intp) if self.multi.tid.size else \
+                np.empty(0, dtype=np.intp)
+            fwd = (np.asarray(triples)[self.multi.tid, 0] == np.repeat(np.arange(self.num_nodes), self.multi.deg)) \
+                if self.multi.tid.size else np.empty(0, dtype=bool)
+            cur = self._rel = (triples, rel, fwd)
+        return cur[1]
+
+    def entry_forward(self, triples: np.ndarray) -> np.ndarray:
+        """Whether each entry of ``multi`` walks its triple forward (head -> tail)."""
+        self.entry_relations(triples)
+        return self._rel[2]
 
     @staticmethod
     def _csr(counts: np.ndarray, nbr: np.ndarray, eid: np.ndarray, tid: np.ndarray) -> _CSR:
@@ -566,23 +584,62 @@ def _bits_dtype(max_hops: int):
     raise ValueError(f"bidirectional search supports max_hops <= {MAX_BIDIRECTIONAL_HOPS}")
 
 
+_TLS = threading.local()  # per-thread work arrays (allocated once per thread, reset after use)
+
+
+def _scratch(n: int) -> np.ndarray:
+    """A per-thread int32 array of >= ``n`` entries (contents undefined; never reset)."""
+    a = getattr(_TLS, "scratch", None)
+    if a is None or a.size < n:
+        a = _TLS.scratch = np.empty(max(n, 1), dtype=np.int32)
+    return a
+
+
+def _work_bits(n: int, dtype) -> np.ndarray:
+    """A per-thread all-zero bit array of ``n`` entries of ``dtype``; whoever writes resets it."""
+    d = getattr(_TLS, "bits", None)
+    if d is None:
+        d = _TLS.bits = {}
+    key = np.dtype(dtype)
+    a = d.get(key)
+    if a is None or a.size < n:
+        a = d[key] = np.zeros(max(n, 1), dtype=key)
+    return a[:n]
+
+
+def _unique_small(x: np.ndarray, n: int) -> np.ndarray:
+    """The distinct values of ``x`` (ids < ``n``), first-kept order irrelevant, in O(len(x)) time
+    and memory (a per-thread scratch array instead of sorting or a |V|-sized allocation)."""
+    if x.size <= 1:
+        return x
+    scratch = _scratch(n)
+    pos = np.arange(x.size, dtype=np.int32)
+    scratch[x] = pos  # the last write per node wins
+    return x[scratch[x] == pos]
+
+
 class _Side:
     """Walk sets around one node ``x`` over the simple CSR, grown one level at a time.
 
-    Level ``r`` = the nodes with a walk of exactly ``r`` hops to ``x``; ``bits[v]`` (built on
-    first use) has bit ``r`` set iff ``v`` is in level ``r`` (complete for ``r <= depth``; the
-    search may add further true bits). Growing level ``j`` scans all CSR entries of the
-    level-``j`` nodes: ``dst(j)`` and, on demand, ``src(j)``. Nothing here depends on an rng, so
-    a side can be shared by every pair that has ``x`` as an endpoint.
+    Level ``r`` = the nodes with a walk of exactly ``r`` hops to ``x``. ``load(M)`` writes the
+    side's bits into a zeroed per-thread work array ``M`` (bit ``r`` of ``M[v]`` set iff ``v`` is
+    in level ``r``, complete for ``r <= depth``) and returns the nodes it touched, so the caller
+    resets only those: a side keeps its bits sparse (``_cnodes``/``_cvals``, bounded by the
+    nodes it reached), never an array over the whole graph. Growing level ``j`` scans all CSR
+    entries of the level-``j`` nodes: ``dst(j)`` and, on demand, ``src(j)``. Nothing here depends
+    on an rng, so a side can be shared by every pair that has ``x`` as an endpoint.
     """
 
-    __slots__ = ("root", "n", "dtype", "depth", "_bits", "_levels", "_dst", "_lens", "_src", "_cost", "nbytes")
+    __slots__ = ("root", "n", "dtype", "depth", "_cnodes", "_cvals", "_cdepth", "_levels", "_dst", "_lens", "_src",
+                 "_cost", "nbytes")
 
     def __init__(self, root: int, n: int, dtype) -> None:
         self.root = root
         self.n = n
         self.dtype = np.dtype(dtype)
-        self._bits: np.ndarray | None = None
+        self._cnodes: np.ndarray | None = None  # sparse bits: the nodes of levels 0.._cdepth ...
+        self._cvals: np.ndarray | None = None  # ... and their bits (levels 0.._cdepth only)
+        self._cdepth = -1
         self._levels: list[np.ndarray | None] = [None]  # level 0 (the root) built on demand
         self._dst: list[np.ndarray] = []
         self._lens: list[np.ndarray] = []
@@ -590,17 +647,30 @@ class _Side:
         self._cost: list[int | None] = [None]
         self.nbytes = 64
         self.depth = 0  # levels grown
-    @property
-    def bits(self) -> np.ndarray:
-        b = self._bits
-        if b is None:
-            b = self._bits = np.zeros(self.n, dtype=self.dtype)
-            b[self.root] = 1
-            one = b.dtype.type
-            for j, dst in enumerate(self._dst):
-                b[dst] |= one(1 << (j + 1))
-            self.nbytes += int(b.nbytes)
-        return b
+
+    def load(self, M: np.ndarray) -> np.ndarray:
+        """OR this side's bits (levels ``0..depth``) into the zeroed work array ``M`` (of at
+        least ``self.dtype``'s width); returns the touched nodes (to reset after the search)."""
+        one = M.dtype.type
+        if self._cdepth == self.depth:
+            M[self._cnodes] = self._cvals
+            return self._cnodes
+        if self._cnodes is None:
+            M[self.root] = 1
+            start = 0
+        else:
+            M[self._cnodes] = self._cvals
+            start = self._cdepth
+        for j in range(start, self.depth):
+            M[self._dst[j]] |= one(1 << (j + 1))
+        parts = [np.array([self.root], dtype=np.int64)] + [self.level(r).astype(np.int64, copy=False)
+                                                           for r in range(1, self.depth + 1)]
+        nodes = _unique_small(np.concatenate(parts), self.n)
+        if self._cnodes is not None:
+            self.nbytes -= int(self._cnodes.nbytes + self._cvals.nbytes)
+        self._cnodes, self._cvals, self._cdepth = nodes, M[nodes].astype(self.dtype), self.depth
+        self.nbytes += int(self._cnodes.nbytes + self._cvals.nbytes)
+        return nodes
 
     def level(self, r: int) -> np.ndarray:
         lv = self._levels[r]
@@ -612,10 +682,7 @@ class _Side:
             if r == 1:  # a row of the simple CSR has no repeated neighbour
                 lv = dst
             else:  # de-duplicate without sorting: the last write per node wins
-                pos = np.arange(dst.size, dtype=np.int32)
-                scratch = np.empty(self.n, dtype=np.int32)
-                scratch[dst] = pos
-                lv = dst[scratch[dst] == pos]
+                lv = _unique_small(dst, self.n)
                 self.nbytes += int(lv.nbytes)
             self._levels[r] = lv
         return lv
@@ -654,8 +721,6 @@ class _Side:
             else:
                 dst = csr.nbr[_frontier_edges(csr.indptr, lv)]
             self.nbytes += int(dst.nbytes + lens.nbytes)
-        if self._bits is not None:
-            self._bits[dst] |= self._bits.dtype.type(1 << (d + 1))
         self._dst.append(dst)
         self._lens.append(lens)
         self._src.append(None)
@@ -781,7 +846,10 @@ class _NumpyWalks:
         self.a = self.b = 0
         self.grown = 0
         self.refined = None  # (source levels, exact target depth) of the last completion
-        self.M = None
+        self.M = None  # the per-thread work array, once the target side is loaded into it
+        self.loaded = 0  # target-side levels written into M
+        self.touched: list = []  # node arrays written into M: reset to 0 by finish()
+        self.dtype = dtype
         self.bitv = _bitv(dtype, H)
         self.mask = (1 << (8 * np.dtype(dtype).itemsize)) - 1  # a Python-int shift stays within the dtype
 
@@ -801,7 +869,18 @@ class _NumpyWalks:
                     self.grown += S.grow(csr)
                 a += 1
         self.a, self.b = a, b
-        M = self.M = T.bits
+        M = self.M
+        if M is None:
+            M = self.M = _work_bits(self.prep.num_nodes, self.dtype)
+            self.touched.append(T.load(M))
+            self.loaded = T.depth
+        elif self.loaded < T.depth:  # the target side grew since it was loaded
+            one = M.dtype.type
+            for j in range(self.loaded, T.depth):
+                dst = T.dst(j)
+                M[dst] |= one(1 << (j + 1))
+                self.touched.append(dst)
+            self.loaded = T.depth
         bexact = T.depth
         src = self.source
         if bexact < L:
@@ -815,6 +894,7 @@ class _NumpyWalks:
                     return False
                 if self.refined != (1, bexact):
                     M[src] |= (orall << 1) & self.mask
+                    self.touched.append(src)
                     self.refined = (1, bexact)
             else:
                 if not (g & bitv[bexact]).any():
@@ -827,13 +907,26 @@ class _NumpyWalks:
                     for j in range(ra - 1, 0, -1):
                         if j < ra - 1:
                             g = M[S.dst(j)]
-                        M[S.level(j)] |= np.bitwise_or.reduceat(g, S.offsets(j)) << 1
+                        lv = S.level(j)
+                        M[lv] |= np.bitwise_or.reduceat(g, S.offsets(j)) << 1
+                        self.touched.append(lv)
                     g = M[S.dst(0)]
                     M[src] |= (int(np.bitwise_or.reduce(g)) << 1) & self.mask if g.size else 0
+                    self.touched.append(src)
                     self.refined = (ra, bexact)
         return bool((int(M[src]) >> L) & 1)
 
+    def release(self) -> None:
+        """Reset the entries of the work array this search wrote (it is all zeros again)."""
+        M = self.M
+        if M is not None:
+            for x in self.touched:
+                M[x] = 0
+            self.touched.clear()
+            self.M = None
+
     def finish(self) -> int:
+        self.release()
         self.cache.settle((self.S, self.T), self.before)
         return self.grown
 
@@ -897,82 +990,85 @@ def _bidirectional(index: GraphIndex, triples: np.ndarray, source: int, target: 
         idx = (M[row] & bitv[r]).nonzero()[0]
         return [row[idx].tolist(), 0, idx.tolist(), lo]
 
-    for L in range(1, H + 1):
-        if not walks.prepare(L):
-            continue
-        M = walks.M
-        # ---- enumerate the simple paths of exactly L hops ----
-        if expansions >= budget:
-            exhausted = True
-            break
-        expansions += 1
-        lo = ipl[source]
-        if L == 1 and distinct:  # the source has bit 1: it is a neighbour of the target
-            found.append(([source, target], [lo + int(nbr[lo:ipl[source + 1]].searchsorted(target))]))
-            if len(found) >= k:
-                break
-            continue
-        if nb is not None:
-            nf, out_n, out_e, ex, sc, exhausted = kern(row_csr.indptr, nbr, M, bitva, source, target, L, distinct,
-                                                      k - len(found), budget - expansions, fnp, stp)
-            expansions += ex
-            scanned += sc
-            if nf:
-                found.extend(zip(out_n[:nf].tolist(), out_e[:nf].tolist()))
-            if exhausted or len(found) >= k:
-                break
-            continue
-        path = [source]
-        pe: list[int] = []
-        on = {source}
-        fr = children(source, L - 1)
-        scanned += ipl[source + 1] - lo
-        stack = [fr]
-        last = L - 1  # position whose nodes are neighbours of the target
-        while stack:
-            fr = stack[-1]
-            c, i = fr[0], fr[1]
-            m = len(c)
-            if i >= m:
-                stack.pop()
-                if len(path) > 1:
-                    on.discard(path.pop())
-                    pe.pop()
+    try:
+        for L in range(1, H + 1):
+            if not walks.prepare(L):
                 continue
-            if m - i > 1:  # random order, drawn lazily: pick one of the remaining children
-                j = i + ((raw() * (m - i)) >> 64)
-                c[i], c[j] = c[j], c[i]
-                es = fr[2]
-                es[i], es[j] = es[j], es[i]
-            fr[1] = i + 1
-            v = c[i]
-            if v in on:
-                continue
-            pos = len(path)
-            if v == target:
-                if pos == L:
-                    found.append((path + [v], pe + [fr[3] + fr[2][i]]))
-                    if len(found) >= k:
-                        break
-                continue
+            M = walks.M
+            # ---- enumerate the simple paths of exactly L hops ----
             if expansions >= budget:
                 exhausted = True
                 break
             expansions += 1
-            if distinct and pos == last:  # v is a neighbour of the target: a path
-                lo = ipl[v]
-                found.append((path + [v, target],
-                              pe + [fr[3] + fr[2][i], lo + int(nbr[lo:ipl[v + 1]].searchsorted(target))]))
+            lo = ipl[source]
+            if L == 1 and distinct:  # the source has bit 1: it is a neighbour of the target
+                found.append(([source, target], [lo + int(nbr[lo:ipl[source + 1]].searchsorted(target))]))
                 if len(found) >= k:
                     break
                 continue
-            path.append(v)
-            pe.append(fr[3] + fr[2][i])
-            on.add(v)
-            stack.append(children(v, L - pos - 1))
-            scanned += ipl[v + 1] - ipl[v]
-        if exhausted or len(found) >= k:
-            break
+            if nb is not None:
+                nf, out_n, out_e, ex, sc, exhausted = kern(row_csr.indptr, nbr, M, bitva, source, target, L, distinct,
+                                                          k - len(found), budget - expansions, fnp, stp)
+                expansions += ex
+                scanned += sc
+                if nf:
+                    found.extend(zip(out_n[:nf].tolist(), out_e[:nf].tolist()))
+                if exhausted or len(found) >= k:
+                    break
+                continue
+            path = [source]
+            pe: list[int] = []
+            on = {source}
+            fr = children(source, L - 1)
+            scanned += ipl[source + 1] - lo
+            stack = [fr]
+            last = L - 1  # position whose nodes are neighbours of the target
+            while stack:
+                fr = stack[-1]
+                c, i = fr[0], fr[1]
+                m = len(c)
+                if i >= m:
+                    stack.pop()
+                    if len(path) > 1:
+                        on.discard(path.pop())
+                        pe.pop()
+                    continue
+                if m - i > 1:  # random order, drawn lazily: pick one of the remaining children
+                    j = i + ((raw() * (m - i)) >> 64)
+                    c[i], c[j] = c[j], c[i]
+                    es = fr[2]
+                    es[i], es[j] = es[j], es[i]
+                fr[1] = i + 1
+                v = c[i]
+                if v in on:
+                    continue
+                pos = len(path)
+                if v == target:
+                    if pos == L:
+                        found.append((path + [v], pe + [fr[3] + fr[2][i]]))
+                        if len(found) >= k:
+                            break
+                    continue
+                if expansions >= budget:
+                    exhausted = True
+                    break
+                expansions += 1
+                if distinct and pos == last:  # v is a neighbour of the target: a path
+                    lo = ipl[v]
+                    found.append((path + [v, target],
+                                  pe + [fr[3] + fr[2][i], lo + int(nbr[lo:ipl[v + 1]].searchsorted(target))]))
+                    if len(found) >= k:
+                        break
+                    continue
+                path.append(v)
+                pe.append(fr[3] + fr[2][i])
+                on.add(v)
+                stack.append(children(v, L - pos - 1))
+                scanned += ipl[v + 1] - ipl[v]
+            if exhausted or len(found) >= k:
+                break
+    finally:  # a failed search must not leave bits in the shared work array
+        walks.release()
     _bump(stats, "sides", walks.new_sides)
     _bump(stats, "bfs_edges", walks.finish())
     _bump(stats, "expansions", expansions)
@@ -1243,15 +1339,279 @@ def _partial_path(index: GraphIndex, triples: np.ndarray, source: int, target: i
     return [_tree_path(index, triples, pedge, pnode, source, best, complete=False, method="partial")]
 
 
+# --------------------------------------------------------------------------- #
+# Relation-following search (paths whose hops use the relations a question asks about)
+# --------------------------------------------------------------------------- #
+def _check_weights(weights) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim not in (1, 2):
+        raise ValueError(f"relation_weights must be a 1-D array over relation ids (or 2-D: hop x relation), "
+                         f"got shape {w.shape}")
+    return w
+
+
+def _allowed(w: np.ndarray, rr: np.ndarray) -> np.ndarray:
+    """``w[rr] > 0`` with relation ids beyond ``len(w)`` not allowed."""
+    if w.size == 0:
+        return np.zeros(rr.size, dtype=bool)
+    return (rr < w.size) & (w[np.minimum(rr, w.size - 1)] > 0)
+
+
+def _sequence_paths(index: GraphIndex, triples: np.ndarray, source: int, target: int, params: PathSearchParams,
+                    rng: np.random.Generator, W: np.ndarray, stats: dict | None) -> list[KGPath]:
+    """Simple paths of exactly ``n = len(W)`` hops whose hop ``i`` uses a relation with
+    ``W[i, r] > 0`` (a relation chain, e.g. the one a question spells out), in either direction.
+
+    Layered and sparse: ``layer[i]`` = nodes with an allowed walk of hops ``i .. n-1`` to the
+    target (a backward pass from the target over the allowed edges of each position, stopped
+    after ``max_expansions`` rows), then a depth-first enumeration from the source through the
+    layers, forward-walked entries (head -> tail as stored) before backward ones, random order
+    within each group. Up to ``k`` paths, those with more forward hops first; ``"relation"``.
+    """
+    n, k = len(W), params.k
+    if n == 0 or n > params.max_hops:
+        return []
+    prep = _prepared(index)[0]
+    csr = prep.multi
+    ipl, nbr = csr.ipl, csr.nbr
+    rel = prep.entry_relations(triples)
+    fwd = prep.entry_forward(triples)
+    budget = params.max_expansions
+    rows_read = 0
+    scanned = 0
+
+    def row(u: int, i: int):
+        nonlocal scanned
+        lo, hi = ipl[u], ipl[u + 1]
+        scanned += hi - lo
+        idx = np.flatnonzero(_allowed(W[i], rel[lo:hi]))
+        return nbr[lo:hi][idx], idx + lo
+
+    # backward: layer[i] = nodes from which hops i..n-1 reach the target
+    layer: list[set] = [set() for _ in range(n + 1)]
+    layer[n] = {target}
+    for i in range(n - 1, -1, -1):
+        cur = layer[i + 1]
+        nxt: set = set()
+        for u in cur:
+            if rows_read >= budget:
+                break
+            rows_read += 1
+            vs, _ = row(u, i)  # the graph is undirected: u's allowed entries at position i reach back
+            nxt.update(vs.tolist())
+        layer[i] = nxt
+        if not nxt:
+            return []
+    if source not in layer[0]:
+        return []
+    found: list[tuple[list[int], list[int]]] = []
+    path, pe, on = [source], [], {source}
+    expansions = 0
+
+    def frame(u: int, i: int) -> list:
+        vs, es = row(u, i)
+        nxt_layer = layer[i + 1]
+        keep = [j for j, v in enumerate(vs.tolist()) if v in nxt_layer and v not in on]
+        if params.distinct_nodes and i == n - 1:
+            keep = [j for j in keep if vs[j] == target]
+        if not keep:
+            return [[], [], 0]
+        keep = np.asarray(keep, dtype=np.int64)
+        keep = keep[rng.permutation(keep.size)] if keep.size > 1 else keep
+        keep = keep[np.argsort(~fwd[es[keep]], kind="stable")]  # forward entries first
+        return [vs[keep].tolist(), es[keep].tolist(), 0]
+
+    stack = [frame(source, 0)]
+    seen: set = set()
+    while stack and len(found) < 4 * k and expansions < budget:
+        fr = stack[-1]
+        if fr[2] >= len(fr[0]):
+            stack.pop()
+            if len(path) > 1:
+                on.discard(path.pop())
+                pe.pop()
+            continue
+        j = fr[2]
+        fr[2] = j + 1
+        v, e = fr[0][j], fr[1][j]
+        if len(path) == n:  # v is the target (the last layer is {target})
+            key = tuple(path) + (v,) if params.distinct_nodes else (tuple(path) + (v,), tuple(pe) + (e,))
+            if key not in seen:
+                seen.add(key)
+                found.append((path + [v], pe + [e]))
+            continue
+        if v == target:
+            continue
+        expansions += 1
+        path.append(v)
+        pe.append(e)
+        on.add(v)
+        stack.append(frame(v, len(path) - 1))
+    _bump(stats, "relation_expansions", expansions)
+    _bump(stats, "edges_scanned", scanned)
+    found.sort(key=lambda f: -int(fwd[f[1]].sum()))  # stable: discovery order among equals
+    return _as_paths(csr, triples, found[:k])
+
+
+def _as_paths(csr: _CSR, triples: np.ndarray, found) -> list[KGPath]:
+    if not found:
+        return []
+    flat = [e for _, pe in found for e in pe]
+    trows = np.asarray(triples)[csr.tid[flat]].tolist()
+    paths, off = [], 0
+    for nodes, _ in found:
+        m = len(nodes) - 1
+        paths.append(KGPath(hops=list(map(tuple, trows[off:off + m])), nodes=nodes, complete=True, method="relation"))
+        off += m
+    return paths
+
+
+def _relation_paths(index: GraphIndex, triples: np.ndarray, source: int, target: int, params: PathSearchParams,
+                    rng: np.random.Generator, weights: np.ndarray, stats: dict | None) -> list[KGPath]:
+    """Simple paths source -> target of at most ``max_hops`` hops whose every hop uses a relation
+    with ``weights[r] > 0`` (relations beyond ``len(weights)`` count as 0).
+
+    A constrained meet in the middle, sparse throughout (dicts, no |V|-sized array): a BFS from
+    the target over the allowed edges to depth ``max_hops - 1`` (stopped after
+    ``max_expansions`` scanned rows), then, for each length ``L = 1 .. max_hops``, a depth-first
+    enumeration of the allowed simple paths of exactly ``L`` hops keeping only children within
+    the remaining distance of the target (random child order from ``rng``), up to ``k`` paths
+    per length. With ``distinct_nodes`` parallel allowed edges collapse to the one with the
+    highest weight (the first in the index among equals). Returns the paths ranked by the
+    number of distinct allowed relations they use (most first), then shorter, then found
+    earlier; at most ``k``. Paths report ``"relation"``.
+    """
+    H, k = params.max_hops, params.k
+    if H == 0:
+        return []
+    prep = _prepared(index)[0]
+    csr = prep.multi
+    ipl, nbr = csr.ipl, csr.nbr
+    rel = prep.entry_relations(triples)
+    w = weights
+    if w.size == 0 or not (w > 0).any():
+        return []
+    nrel = w.size
+    budget = params.max_expansions
+    rows: dict[int, tuple[list[int], list[int]]] = {}
+    scanned = 0
+
+    def row(u: int) -> tuple[list[int], list[int]]:
+        nonlocal scanned
+        r = rows.get(u)
+        if r is None:
+            lo, hi = ipl[u], ipl[u + 1]
+            scanned += hi - lo
+            rr = rel[lo:hi]
+            ww = np.where(rr < nrel, w[np.minimum(rr, nrel - 1)], 0.0)
+            idx = np.flatnonzero(ww > 0)
+            vs = nbr[lo:hi][idx]
+            if params.distinct_nodes and idx.size > 1:  # best weight per neighbour, first among equals
+                order = np.lexsort((idx, -ww[idx], vs))
+                vs_o = vs[order]
+                keep = np.ones(vs_o.size, dtype=bool)
+                keep[1:] = vs_o[1:] != vs_o[:-1]
+                idx = np.sort(idx[order][keep])
+                vs = nbr[lo:hi][idx]
+            r = rows[u] = (vs.tolist(), (idx + lo).tolist())
+        return r
+
+    # ---- allowed-edge distances to the target, up to H - 1 (sparse) ----
+    dist = {target: 0}
+    frontier = [target]
+    rows_read = 0
+    for d in range(1, H):
+        nxt = []
+        for u in frontier:
+            if rows_read >= budget:
+                break
+            rows_read += 1
+            for v in row(u)[0]:
+                if v not in dist:
+                    dist[v] = d
+                    nxt.append(v)
+        frontier = nxt
+        if not frontier or rows_read >= budget:
+            break
+    far = H + 1
+    # ---- enumerate, length by length ----
+    found: list[tuple[list[int], list[int]]] = []
+    expansions = 0
+    for L in range(1, H + 1):
+        if expansions >= budget:
+            break
+        n_len = 0
+        path, pe, on = [source], [], {source}
+        stack = []
+
+        def frame(u: int, left: int) -> list:
+            vs, es = row(u)
+            if left == 1:
+                pick = [i for i, v in enumerate(vs) if v == target]
+            else:
+                pick = [i for i, v in enumerate(vs) if v != target and v not in on and dist.get(v, far) <= left - 1]
+            if len(pick) > 1:
+                pick = [pick[i] for i in rng.permutation(len(pick)).tolist()]
+            return [[vs[i] for i in pick], [es[i] for i in pick], 0]
+
+        stack.append(frame(source, L))
+        while stack and n_len < k and expansions < budget:
+            fr = stack[-1]
+            if fr[2] >= len(fr[0]):
+                stack.pop()
+                if len(path) > 1:
+                    on.discard(path.pop())
+                    pe.pop()
+                continue
+            i = fr[2]
+            fr[2] = i + 1
+            v, e = fr[0][i], fr[1][i]
+            if v == target:
+                found.append((path + [v], pe + [e]))
+                n_len += 1
+                continue
+            if v in on:
+                continue
+            expansions += 1
+            path.append(v)
+            pe.append(e)
+            on.add(v)
+            stack.append(frame(v, L - len(path) + 1))
+    _bump(stats, "relation_expansions", expansions)
+    _bump(stats, "edges_scanned", scanned)
+    if not found:
+        return []
+    flat = [e for _, pe in found for e in pe]
+    trows = np.asarray(triples)[csr.tid[flat]].tolist()
+    paths, off = [], 0
+    for nodes, _ in found:
+        n = len(nodes) - 1
+        paths.append(KGPath(hops=list(map(tuple, trows[off:off + n])), nodes=nodes, complete=True, method="relation"))
+        off += n
+    order = sorted(range(len(paths)), key=lambda i: (-len({h[1] for h in paths[i].hops}), paths[i].length, i))
+    return [paths[i] for i in order[:k]]
+
+
 def find_paths(index: GraphIndex, triples: np.ndarray, source: int, target: int, params: PathSearchParams,
                rng: np.random.Generator, *, heuristic: LandmarkHeuristic | None = None,
-               stats: dict | None = None, cache: PathCache | bool | None = None) -> list[KGPath]:
+               stats: dict | None = None, cache: PathCache | bool | None = None,
+               relation_weights: np.ndarray | None = None) -> list[KGPath]:
     """Up to ``params.k`` distinct simple paths source -> target, shortest first (see module doc).
 
     ``heuristic`` may be a precomputed ``landmark_heuristic(index, target, ...)`` (e.g. cached
     per target; A* modes only); ``stats`` (a dict) accumulates expansions and scanned CSR
     entries. ``cache`` (``"bidirectional"`` only): a ``PathCache``, ``None`` for the index's
     shared one, ``False`` for none -- results do not depend on it.
+
+    ``relation_weights`` (optional, one weight per relation id; ``> 0`` = relevant, e.g. the
+    relations a question mentions): first the paths whose every hop uses a relevant relation
+    (``_relation_paths``: most distinct relevant relations first, then shorter; method
+    ``"relation"``), then, if fewer than ``k``, the ordinary shortest paths of ``params.heuristic``
+    (not repeating a path), up to ``k`` in all. A 2-D ``(n, num_relations)`` array is a relation
+    chain: first the paths of exactly ``n`` hops whose hop ``i`` uses a relation with
+    ``W[i, r] > 0`` (``_sequence_paths``, forward-walked hops preferred), then the 1-D search
+    with ``W.max(axis=0)``, then the shortest paths. The relation searches are sparse (bounded
+    by the rows they read, at most ``max_expansions``); they never touch |V|-sized arrays.
     """
     triples = _check_triples(index, triples)
     source = _check_node(index, source, "source")
@@ -1261,6 +1621,27 @@ def find_paths(index: GraphIndex, triples: np.ndarray, source: int, target: int,
     indptr = index.indptr
     if indptr[source + 1] == indptr[source] or indptr[target + 1] == indptr[target]:
         return []  # isolated endpoint: no path and no direction for a partial path
+    if relation_weights is not None:
+        w = _check_weights(relation_weights)
+        rel_paths: list[KGPath] = []
+        if w.ndim == 2:
+            rel_paths = _sequence_paths(index, triples, source, target, params, rng, w, stats)
+            w = w.max(axis=0) if w.size else np.zeros(0)
+        if len(rel_paths) < params.k:
+            seen = {p.key(params.distinct_nodes) for p in rel_paths}
+            rel_paths += [p for p in _relation_paths(index, triples, source, target, params, rng, w, stats)
+                          if p.key(params.distinct_nodes) not in seen]
+            rel_paths = rel_paths[: params.k]
+        _bump(stats, "relation_pairs")
+        if rel_paths:
+            _bump(stats, "relation_hits")
+        if len(rel_paths) >= params.k:
+            return rel_paths
+        rest = find_paths(index, triples, source, target, params, rng, heuristic=heuristic, stats=stats, cache=cache)
+        if not rel_paths:
+            return rest
+        seen = {p.key(params.distinct_nodes) for p in rel_paths}
+        return (rel_paths + [p for p in rest if p.complete and p.key(params.distinct_nodes) not in seen])[: params.k]
     if params.heuristic == "bidirectional" and params.max_hops <= MAX_BIDIRECTIONAL_HOPS:
         if heuristic is not None and heuristic.target != target:
             raise ValueError(f"heuristic was built for target {heuristic.target}, not {target}")
@@ -1301,7 +1682,8 @@ def find_paths(index: GraphIndex, triples: np.ndarray, source: int, target: int,
 
 def find_paths_many(index: GraphIndex, triples: np.ndarray, pairs, params: PathSearchParams,
                     rng: np.random.Generator, *, stats: dict | None = None,
-                    cache: PathCache | bool | None = None) -> list[list[KGPath]]:
+                    cache: PathCache | bool | None = None,
+                    relation_weights: np.ndarray | None = None) -> list[list[KGPath]]:
     """``find_paths`` for many ``(source, target)`` pairs, in order: one list of paths per pair.
 
     The per-endpoint work is shared across the pairs: walk sets (``"bidirectional"``, through
@@ -1325,19 +1707,21 @@ def find_paths_many(index: GraphIndex, triples: np.ndarray, pairs, params: PathS
             if heur is None:
                 heur = heur_cache[t] = landmark_heuristic(index, t, params, rng, stats=stats)
         out.append(find_paths(index, triples, s, t, params, rng, heuristic=heur, stats=stats,
-                              cache=cache if bidir else None))
+                              cache=cache if bidir else None, relation_weights=relation_weights))
     return out
 
 
 def sample_paths(index: GraphIndex, triples: np.ndarray, sources: list[int], targets: list[int],
                  params: PathSearchParams, rng: np.random.Generator, *, include_trivial: bool = False,
-                 stats: dict | None = None, cache: PathCache | bool | None = None) -> list[KGPath]:
+                 stats: dict | None = None, cache: PathCache | bool | None = None,
+                 relation_weights: np.ndarray | None = None) -> list[KGPath]:
     """Paths for all (source, target) pairs: pairs de-duplicated, at most ``params.k`` per pair.
 
     A* modes: the landmark heuristic is built once per target and reused across sources.
     ``"bidirectional"``: the walk sets of every endpoint are cached (``cache``, by default the
     index's shared one, so they are reused across calls too). Pairs with ``source == target``
-    give a hop-less "trivial" path only with ``include_trivial``.
+    give a hop-less "trivial" path only with ``include_trivial``. ``relation_weights``: as in
+    ``find_paths`` (per pair: relation-following paths first).
     """
     triples = _check_triples(index, triples)
     srcs = list(dict.fromkeys(_check_node(index, s, "source") for s in sources))
@@ -1345,7 +1729,8 @@ def sample_paths(index: GraphIndex, triples: np.ndarray, sources: list[int], tar
     pairs = [(s, t) for s in srcs for t in tgts if s != t or include_trivial]
     out: list[KGPath] = []
     seen: set = set()
-    for found in find_paths_many(index, triples, pairs, params, rng, stats=stats, cache=cache):
+    for found in find_paths_many(index, triples, pairs, params, rng, stats=stats, cache=cache,
+                                 relation_weights=relation_weights):
         for p in found[: params.k]:
             key = p.key(params.distinct_nodes)
             if key not in seen:

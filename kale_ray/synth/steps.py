@@ -6,6 +6,7 @@ its outputs filled or ``reject_reason`` set; nothing is dropped here.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import asdict
 from typing import Any
@@ -28,16 +29,95 @@ def path_params(cfg: PathConfig) -> PathSearchParams:
     )
 
 
-class SynthContext:
-    """What every path-search worker needs, built once per worker from the shared KG."""
+class RelationWords:
+    """Which KG relations a question mentions: an index of the relations' phrases, built once per KG.
 
-    def __init__(self, kg: KnowledgeGraph, index: GraphIndex, cfg: PathConfig) -> None:
+    A relation's forms are its ``relation_phrase`` and its name (``relation_name``), normalised,
+    each also without a leading "is"/"has" (token sequences). A relation is mentioned when one
+    of its forms occurs as a contiguous token run of the normalised question and that run is
+    not strictly inside a longer mentioned relation's run (so "is part of" does not also count
+    as a mention of a relation named "part"). Only ``kg.relations`` and the two text helpers
+    are used, so a duck-typed columnar KG works too.
+    """
+
+    def __init__(self, kg) -> None:
+        self.num_relations = len(kg.relations)
+        self.by_first: dict[str, list[tuple[int, tuple[str, ...]]]] = {}
+        for r in range(self.num_relations):
+            forms = set()
+            for text in (relation_phrase(kg, r), kg.relation_name(r)):
+                toks = tuple(normalize(text).split())
+                if toks:
+                    forms.add(toks)
+                if len(toks) > 1 and toks[0] in ("is", "has"):
+                    forms.add(toks[1:])
+            for toks in forms:
+                self.by_first.setdefault(toks[0], []).append((r, toks))
+
+    def chain(self, question_norm: str) -> list[set[int]]:
+        """The relation mentions of the (normalised) question in text order: one set of relation
+        ids per mention (several only when relations share a phrase); repeats kept."""
+        toks = question_norm.split()
+        spans: list[tuple[int, int, int]] = []  # (start, end, relation)
+        for i, tok in enumerate(toks):
+            for r, form in self.by_first.get(tok, ()):
+                j = i + len(form)
+                if tuple(toks[i:j]) == form:
+                    spans.append((i, j, r))
+        groups: dict[tuple[int, int], set[int]] = {}
+        for a, b, r in spans:
+            if any(a2 <= a and b <= b2 and (b2 - a2) > (b - a) for a2, b2, _ in spans):
+                continue  # inside a longer mention (another relation's, or a longer form of this one)
+            groups.setdefault((a, b), set()).add(r)
+        return [groups[key] for key in sorted(groups)]
+
+    def mentions(self, question_norm: str) -> dict[int, int]:
+        """relation id -> index of its first mention in ``chain`` (text order)."""
+        out: dict[int, int] = {}
+        for i, rs in enumerate(self.chain(question_norm)):
+            for r in rs:
+                out.setdefault(r, i)
+        return out
+
+    def weights(self, chain: list[set[int]], max_hops: int | None = None) -> np.ndarray | None:
+        """Relation weights for ``find_paths``: 2-D (hop x relation, the mentioned chain) when the
+        chain has 1..``max_hops`` mentions, else 1-D over the mentioned relations; None if none."""
+        if not chain:
+            return None
+        if max_hops is not None and len(chain) <= max_hops:
+            w = np.zeros((len(chain), self.num_relations), dtype=np.float64)
+            for i, rs in enumerate(chain):
+                w[i, list(rs)] = 1.0
+            return w
+        w = np.zeros(self.num_relations, dtype=np.float64)
+        w[sorted(set().union(*chain))] = 1.0
+        return w
+
+
+class SynthContext:
+    """What every path-search worker needs, built once per worker from the shared KG.
+
+    ``linker``: a prebuilt ``EntityLinker`` (default: ``EntityLinker(kg)``). With
+    ``cfg.follow_question_relations`` the question's relations steer the path search
+    (``relation_words``, built here once per KG).
+    """
+
+    def __init__(self, kg: KnowledgeGraph, index: GraphIndex, cfg: PathConfig,
+                 linker: EntityLinker | None = None) -> None:
         self.kg = kg
         self.index = index
         self.params = path_params(cfg)
         self.seed = cfg.seed
         self.oversample = max(1, cfg.oversample)
-        self.linker = EntityLinker(kg)
+        self.linker = linker if linker is not None else EntityLinker(kg)
+        self.follow_question_relations = bool(getattr(cfg, "follow_question_relations", False))
+        self.relation_words = RelationWords(kg)
+
+
+def row_seed(seed: int, row_id: str) -> list[int]:
+    """Seed words for a row's rng: the config seed and a 64-bit hash of the whole row id."""
+    digest = hashlib.blake2b(str(row_id).encode("utf-8"), digest_size=8).digest()
+    return [int(seed), int.from_bytes(digest, "little")]
 
 
 def relation_relevance(kg: KnowledgeGraph, path: KGPath, question_norm: str) -> float:
@@ -58,15 +138,55 @@ def _mentioned(kg: KnowledgeGraph, r: int, question_norm: str) -> bool:
     return all(w in words for w in rel_words)
 
 
-def rank_paths(kg: KnowledgeGraph, paths: list[KGPath], question: str) -> list[KGPath]:
-    """Complete paths first, then those closest to the question's relations, then shorter."""
-    qn = normalize(question)
+def rank_paths(kg: KnowledgeGraph, paths: list[KGPath], question: str,
+               mentioned: dict[int, int] | None = None, chain: list[set[int]] | None = None) -> list[KGPath]:
+    """Complete paths first, then those closest to the question's relations, then shorter.
 
-    def key(p: KGPath):
-        covered = len({r for _, r, _ in p.hops if _mentioned(kg, r, qn)})
-        return (not p.complete, -relation_relevance(kg, p, qn), -covered, len(p.hops))
+    With ``mentioned`` (relation id -> index of its first mention, ``RelationWords.mentions``)
+    and ``chain`` (``RelationWords.chain``): complete paths first, then paths that follow the
+    question's relation chain hop by hop (read forward as stored before backward), then the
+    share of hops using a mentioned relation, the number of distinct mentioned relations used,
+    hops in mention order, then shorter. Without them, the relation-word test of
+    ``relation_relevance``.
+    """
+    if mentioned is None:
+        qn = normalize(question)
 
-    return sorted(paths, key=key)
+        def key(p: KGPath):
+            covered = len({r for _, r, _ in p.hops if _mentioned(kg, r, qn)})
+            return (not p.complete, -relation_relevance(kg, p, qn), -covered, len(p.hops))
+
+        return sorted(paths, key=key)
+
+    def key2(p: KGPath):
+        if not p.hops:
+            return (not p.complete, 0.0, 0, 0, 0)
+        rels = [r for _, r, _ in p.hops]
+        share = sum(r in mentioned for r in rels) / len(rels)
+        covered = len({r for r in rels if r in mentioned})
+        return (not p.complete, -_follows_chain(p, chain or []), -share, -covered, -_in_order(p, mentioned),
+                len(p.hops))
+
+    return sorted(paths, key=key2)
+
+
+def _follows_chain(p: KGPath, chain: list[set[int]]) -> int:
+    """2: hop ``i`` uses a relation of ``chain[i]`` for every hop, all read forward; 1: the same
+    relations, some hop walked backwards; 0: not the chain."""
+    if not chain or len(p.hops) != len(chain) or any(r not in rs for (_, r, _), rs in zip(p.hops, chain)):
+        return 0
+    forward = all(p.nodes[i] == h and p.nodes[i + 1] == t for i, (h, _, t) in enumerate(p.hops))
+    return 2 if forward else 1
+
+
+def _in_order(p: KGPath, mentioned: dict[int, int]) -> int:
+    """2: every hop is a mentioned relation, read forward, in mention order; 1: mention order
+    only; 0: neither."""
+    pos = [mentioned.get(r) for _, r, _ in p.hops]
+    if any(x is None for x in pos) or pos != sorted(pos):
+        return 0
+    forward = all(p.nodes[i] == h and p.nodes[i + 1] == t for i, (h, _, t) in enumerate(p.hops))
+    return 2 if forward else 1
 
 
 def path_facts(kg: KnowledgeGraph, paths: list[list[list[str]]]) -> list[str]:
@@ -85,7 +205,7 @@ def link_and_search(row: dict[str, Any], ctx: SynthContext) -> dict[str, Any]:
     ex = QAExample.from_dict(row)
     out = dict(row)
     out.update(reject_reason="", reject_detail="", paths=[], path_complete=False, path_methods=[],
-               facts=[], teacher_messages="")
+               facts=[], teacher_messages="", path_mode="", path_follows_question=False)
     ex, reason = link_example(ex, ctx.linker)
     out["question_entities"], out["answer_entities"] = ex.question_entities, ex.answer_entities
     if reason:
@@ -96,10 +216,17 @@ def link_and_search(row: dict[str, Any], ctx: SynthContext) -> dict[str, Any]:
     src = [kg.entity_index[e] for e in ex.question_entities]
     dst = [kg.entity_index[e] for e in ex.answer_entities]
     # Randomness derived from (seed, row id): the same row gets the same paths on any worker.
-    rng = np.random.default_rng([ctx.seed, int(str(ex.id.encode().hex())[:12] or "0", 16)])
+    rng = np.random.default_rng(row_seed(ctx.seed, ex.id))
     # Over-sample candidates, then keep the k that fit the question best.
     wide = dataclasses.replace(ctx.params, k=ctx.params.k * ctx.oversample)
-    found = rank_paths(kg, sample_paths(ctx.index, kg.triples, src, dst, wide, rng), ex.question)
+    chain = ctx.relation_words.chain(normalize(ex.question))
+    mentioned: dict[int, int] = {}
+    for i, rs in enumerate(chain):
+        for r in rs:
+            mentioned.setdefault(r, i)
+    weights = ctx.relation_words.weights(chain, ctx.params.max_hops) if ctx.follow_question_relations else None
+    cand = sample_paths(ctx.index, kg.triples, src, dst, wide, rng, relation_weights=weights)
+    found = rank_paths(kg, cand, ex.question, *((mentioned, chain) if ctx.follow_question_relations else ()))
     found = [p for p in found if p.hops][: ctx.params.k]
     if not found:
         out["reject_reason"] = "no_path"
@@ -113,6 +240,10 @@ def link_and_search(row: dict[str, Any], ctx: SynthContext) -> dict[str, Any]:
     out["paths"] = named
     out["path_complete"] = bool(found[0].complete)
     out["path_methods"] = [p.method for p in found]
+    # "relation": the first path came from the relation-following search; else the search mode
+    out["path_mode"] = "relation" if found[0].method == "relation" else (
+        found[0].method if found[0].method in ("partial", "bfs") else ctx.params.heuristic)
+    out["path_follows_question"] = any(r in mentioned for _, r, _ in found[0].hops)
     best = [named[0]]
     out["facts"] = path_facts(kg, best if found[0].complete else named)
     out["teacher_messages"] = json.dumps(rationale_request_messages(ex.question, ex.answer, out["facts"], ex.choices))
@@ -170,6 +301,8 @@ def finish_row(row: dict[str, Any], kg: KnowledgeGraph, teacher: str, fallback_t
         "answer_entities": list(row.get("answer_entities") or []),
         "paths": [[list(h) for h in p] for p in (row.get("paths") or [])],
         "path_complete": bool(row.get("path_complete")),
+        "path_mode": str(row.get("path_mode") or ""),
+        "path_follows_question": bool(row.get("path_follows_question")),
         "rationale": rationale,
         "teacher": source,
         "num_hops": int(row.get("num_hops") or 0),
