@@ -516,3 +516,114 @@ def test_bidirectional_numba_and_python_enumerations_agree(seed):
             finally:
                 paths_mod.JIT_STATS["available"] = True
             assert compiled == python
+
+
+# --------------------------------------------------------------------------- #
+# Bounded memory per question (no |V|-sized allocation once warm)
+# --------------------------------------------------------------------------- #
+def test_bidirectional_peak_allocation_per_question_is_far_below_num_nodes():
+    """On a 10^6-node graph, after a warm-up, a question allocates far less than |V| bytes."""
+    import tracemalloc
+
+    n, m = 1_000_000, 3_000_000
+    r = np.random.default_rng(0)
+    tr = np.stack([r.integers(0, n, m), r.integers(0, 8, m), r.integers(0, n, m)], axis=1).astype(np.int64)
+    index = GraphIndex.build(tr, n)
+    params = PathSearchParams(max_hops=3, k=3, heuristic="bidirectional")
+    ip, nb = index.indptr, index.nbr
+    pairs = []
+    while len(pairs) < 60:  # targets 1..3 hops out, so every pair has a path
+        s = u = int(r.integers(n))
+        for _ in range(int(r.integers(1, 4))):
+            if ip[u + 1] == ip[u]:
+                break
+            u = int(nb[r.integers(ip[u], ip[u + 1])])
+        if u != s:
+            pairs.append((s, u))
+    rng = np.random.default_rng(1)
+    weights = np.zeros(8)
+    weights[:3] = 1.0
+    for s, t in pairs[:5]:  # warm-up: per-index arrays, per-thread work arrays, numba
+        find_paths(index, tr, s, t, params, rng)
+        find_paths(index, tr, s, t, params, rng, relation_weights=weights)
+    tracemalloc.start()
+    try:
+        peaks = []
+        for i, (s, t) in enumerate(pairs[5:]):
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            ps = find_paths(index, tr, s, t, params, rng, relation_weights=weights if i % 2 else None)
+            peaks.append(tracemalloc.get_traced_memory()[1] - base)
+            assert ps and ps[0].complete
+    finally:
+        tracemalloc.stop()
+    assert max(peaks) < n // 8, f"peak allocation per question {max(peaks)} bytes vs |V| = {n}"
+    assert float(np.median(peaks)) < n // 50
+
+
+def test_bidirectional_work_array_is_clean_after_searches():
+    """The per-thread work array is reset to zeros after every search (also after a failure)."""
+    import kale_ray.core.paths as paths_mod
+
+    tr, index, _ = random_graph(5, 200, 300)
+    params = PathSearchParams(max_hops=4, k=4, heuristic="bidirectional")
+    rng = np.random.default_rng(0)
+    for s, t in _pairs(index, rng, 20):
+        find_paths(index, tr, s, t, params, rng)
+    M = paths_mod._work_bits(index.num_nodes, paths_mod._bits_dtype(4))
+    assert not M.any()
+
+
+# --------------------------------------------------------------------------- #
+# Relation-following search
+# --------------------------------------------------------------------------- #
+def _shortcut_graph():
+    # 0 --r0--> 3 is the shortest path but uses the wrong relation; the question's chain is
+    # 0 --r1--> 1 --r2--> 3; 0 --r0--> 2 --r2--> 3 mixes both.
+    tr = np.array([[0, 0, 3], [0, 1, 1], [1, 2, 3], [0, 0, 2], [2, 2, 3], [4, 1, 0]], dtype=np.int64)
+    return tr, GraphIndex.build(tr, 5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_relation_weights_steer_the_search_past_a_shortcut(mode):
+    tr, index = _shortcut_graph()
+    params = PathSearchParams(max_hops=3, k=3, heuristic=mode)
+    plain = find_paths(index, tr, 0, 3, params, np.random.default_rng(0))
+    assert plain[0].hops == [(0, 0, 3)]
+    w = np.zeros(3)
+    w[[1, 2]] = 1.0
+    ps = find_paths(index, tr, 0, 3, params, np.random.default_rng(0), relation_weights=w)
+    assert ps[0].hops == [(0, 1, 1), (1, 2, 3)] and ps[0].method == "relation"
+    assert [p.method for p in ps[1:]] == [SEARCH_METHOD[mode]] * (len(ps) - 1)  # then the shortest paths
+    assert ps[1].hops == [(0, 0, 3)]
+    for p in ps:
+        assert_valid(p, tr, 0, 3)
+    # a chain (hop x relation): hop 0 must use r0, hop 1 r2 -> 0-2-3
+    W = np.zeros((2, 3))
+    W[0, 0] = W[1, 2] = 1.0
+    ps = find_paths(index, tr, 0, 3, params, np.random.default_rng(0), relation_weights=W)
+    assert ps[0].hops == [(0, 0, 2), (2, 2, 3)] and ps[0].method == "relation"
+    # no relevant relation at all: the ordinary search
+    assert find_paths(index, tr, 0, 3, params, np.random.default_rng(0), relation_weights=np.zeros(3)) == plain
+
+
+def test_relation_paths_are_valid_on_random_graphs():
+    for seed in range(4):
+        tr, index, g = random_graph(200 + seed, 60, 150)
+        rng = np.random.default_rng(seed)
+        w = (rng.random(4) < 0.5).astype(float)
+        params = PathSearchParams(max_hops=3, k=4, heuristic="bidirectional")
+        for s, t in _pairs(index, rng, 15):
+            ps = find_paths(index, tr, s, t, params, rng, relation_weights=w)
+            assert len(ps) <= params.k
+            assert len({p.key() for p in ps}) == len(ps)
+            rel = [p for p in ps if p.method == "relation"]
+            assert ps[: len(rel)] == rel  # relation-following paths first
+            for p in ps:
+                assert_valid(p, tr, s, params.max_hops)
+            for p in rel:
+                assert all(w[r] > 0 for _, r, _ in p.hops)
+            if not rel:  # none exists: plain paths, with networkx's lengths
+                plain = [p for p in ps if p.complete]
+                if plain:
+                    assert [p.length for p in plain] == nx_k_shortest_lengths(g, s, t, len(plain), 3)

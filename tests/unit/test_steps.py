@@ -200,3 +200,75 @@ def test_finish_row_template_backend_keeps_template(umls_kg, searched):
         # the template rationale passes the same verification a teacher's would
         ents = path_entity_names(umls_kg, row["paths"])
         assert verify_rationale(kept["rationale"], row["all_answers"], row["choices"], ents) == (True, "")
+
+
+# --------------------------------------------------------------------------- #
+# per-row seed, relation-following search
+# --------------------------------------------------------------------------- #
+def test_row_seed_uses_the_whole_id():
+    from kale_ray.synth.steps import row_seed
+
+    seeds = {tuple(row_seed(0, f"medqa-{i:04d}")) for i in range(1000)}
+    assert len(seeds) == 1000
+    assert row_seed(0, "medqa-0001") != row_seed(0, "medqa-0002")
+    assert row_seed(0, "x") == row_seed(0, "x") and row_seed(1, "x") != row_seed(0, "x")
+    long_a, long_b = "q" * 40 + "a", "q" * 40 + "b"  # differ only past the old 6-byte prefix
+    assert row_seed(0, long_a) != row_seed(0, long_b)
+
+
+def _shortcut_kg():
+    # the shortest path alpha -> gamma is one "trades_with" hop; the question asks for
+    # "located_in" then "borders" (alpha -> beta -> gamma)
+    return KnowledgeGraph.from_named_triples([
+        ("alpha", "trades_with", "gamma"), ("alpha", "located_in", "beta"), ("beta", "borders", "gamma"),
+        ("delta", "trades_with", "beta"), ("delta", "borders", "alpha"),
+    ])
+
+
+@pytest.mark.parametrize("heuristic", ["bidirectional", "landmark", "target"])
+def test_question_relations_steer_the_search(heuristic):
+    kg = _shortcut_kg()
+    row = qa_row(QAExample(id="q1", question="Which concept X satisfies: alpha is located in A, and A borders X?",
+                           answer="gamma", question_entities=["alpha"]))
+    on = SynthContext(kg, GraphIndex.from_kg(kg), PathConfig(max_hops=3, k=2, heuristic=heuristic))
+    out = link_and_search(row, on)
+    assert out["reject_reason"] == ""
+    assert out["paths"][0] == [["alpha", "located_in", "beta"], ["beta", "borders", "gamma"]]
+    assert out["path_methods"][0] == "relation" and out["path_mode"] == "relation"
+    assert out["path_follows_question"] is True
+    off = SynthContext(kg, GraphIndex.from_kg(kg), PathConfig(max_hops=3, k=2, heuristic=heuristic,
+                                                               follow_question_relations=False))
+    out2 = link_and_search(row, off)
+    assert out2["paths"][0] == [["alpha", "located_in", "beta"], ["beta", "borders", "gamma"]]  # re-ranked
+    assert out2["path_mode"] == heuristic and "relation" not in out2["path_methods"]
+    # a question about another relation: the shortcut does not follow it
+    row3 = qa_row(QAExample(id="q3", question="What does alpha frobnicate?", answer="gamma",
+                            question_entities=["alpha"]))
+    out3 = link_and_search(row3, on)
+    assert out3["paths"][0] == [["alpha", "trades_with", "gamma"]]
+    assert out3["path_follows_question"] is False and out3["path_mode"] == heuristic
+    kept, _ = finish_row(out, kg, "template", False)
+    assert kept["path_follows_question"] is True and kept["path_mode"] == "relation"
+
+
+def test_relation_words_match_phrases_not_substrings():
+    from kale_ray.synth.steps import RelationWords
+
+    kg = KnowledgeGraph.from_named_triples([("a1", "part_of", "b1"), ("a1", "part", "b1"), ("a1", "isa", "b1")])
+    rw = RelationWords(kg)
+    rel = kg.relation_index
+    chain = rw.chain(normalize("Which concept X satisfies: foo is part of A, and A is a X?"))
+    assert chain == [{rel["part_of"]}, {rel["isa"]}]  # "part" inside "is part of" is not a mention
+    w = rw.weights(chain, max_hops=3)
+    assert w.shape == (2, 3) and w[0, rel["part_of"]] == 1 and w[1, rel["isa"]] == 1 and w.sum() == 2
+    assert rw.weights(chain, max_hops=1).shape == (3,)
+    assert rw.weights([], max_hops=3) is None
+
+
+def test_context_accepts_a_prebuilt_linker(umls_kg):
+    from kale_ray.core.qa import EntityLinker
+
+    linker = EntityLinker(umls_kg)
+    ctx = SynthContext(umls_kg, GraphIndex.from_kg(umls_kg), PathConfig(), linker=linker)
+    assert ctx.linker is linker
+    assert PathConfig().heuristic == "bidirectional" and PathConfig().follow_question_relations is True
