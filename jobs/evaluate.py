@@ -14,27 +14,12 @@ On a cluster (token auth on, see deploy/README.md; model, data and ``out_dir`` o
         -- python jobs/evaluate.py --config configs/eval.yaml model.name=/mnt/shared/runs/kale/kale/merged \\
         data=/mnt/shared/runs/kale/synth/qa/test.jsonl out_dir=/mnt/shared/runs/eval_kale \\
         generation.num_gpus_per_replica=1 generation.concurrency=1 generation.max_concurrency=4
-"""
-from __future__ import annotations
 
-import json
+Same as ``kale-ray evaluate ...`` (one table of jobs in ``kale_ray/cli.py``).
+"""
 import sys
 
-from _common import connect_ray, parse_job_args
-
-from kale_ray.config import EvalConfig
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_job_args(EvalConfig, __doc__, argv)
-    print(f"[job] evaluate {cfg.model.name} on {cfg.data} -> {cfg.out_dir} ({connect_ray()})", flush=True)
-    from kale_ray.eval.evaluate import evaluate
-
-    metrics = evaluate(cfg, label=cfg.model.name)
-    keys = ("accuracy", "accuracy_ci95", "probe_accuracy", "known_and_incorrect_rate", "n_questions")
-    print(json.dumps({k: metrics.get(k) for k in keys} | {"out_dir": cfg.out_dir}, indent=2))
-    return 0
-
+from kale_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

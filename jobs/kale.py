@@ -16,27 +16,12 @@ every node sees; GPU nodes come up for the vLLM and training stages and go away 
         synth.generation.num_gpus_per_replica=1 synth.generation.max_concurrency=8 \\
         train.use_gpu=true train.num_workers=8 train.max_failures=2 train.checkpoint_every=50 \\
         eval.generation.num_gpus_per_replica=1 eval.generation.max_concurrency=4
-"""
-from __future__ import annotations
 
-import json
+Same as ``kale-ray kale ...`` (one table of jobs in ``kale_ray/cli.py``).
+"""
 import sys
 
-from _common import connect_ray, parse_job_args
-
-from kale_ray.config import DemoConfig
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_job_args(DemoConfig, __doc__, argv)
-    print(f"[job] KALE recipe -> {cfg.out} ({connect_ray(cfg.train.num_workers + 2, cfg.ray_address)})", flush=True)
-    from kale_ray.demo import run_demo
-
-    metrics = run_demo(cfg)
-    print(json.dumps({"sft": metrics["sft"], "kale": metrics["kale"], "report": f"{cfg.out}/report.md",
-                      "minutes": round(metrics["timings"]["total"] / 60, 1)}, indent=2))
-    return 0
-
+from kale_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["kale", *sys.argv[1:]]))

@@ -10,29 +10,12 @@ On a cluster (``out`` must be on storage every node sees)::
     ray job submit --working-dir . -- python jobs/kalm.py --config configs/kalm_umls.yaml \\
         train.num_workers=8 train.use_gpu=true eval.generation.num_gpus_per_replica=1 out=/mnt/shared/runs/kalm_umls
 
-Same as ``kale-ray kalm --config configs/kalm_umls.yaml``. Overrides are ``key.sub=value``.
+Same as ``kale-ray kalm --config configs/kalm_umls.yaml`` (one table of jobs in ``kale_ray/cli.py``). Overrides are ``key.sub=value``.
 Writes ``out/{metrics.json, report.md}``; a rerun reuses finished stages.
 """
-from __future__ import annotations
-
-import argparse
 import sys
 
-from kale_ray.config import load_config
-from kale_ray.kalm.config import KaLMJobConfig
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file with KaLMJobConfig fields")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = parser.parse_args(argv)
-    cfg = load_config(KaLMJobConfig, args.config, args.overrides)
-    from kale_ray.kalm.recipe import run_kalm
-
-    run_kalm(cfg)
-    return 0
-
+from kale_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["kalm", *sys.argv[1:]]))

@@ -11,29 +11,12 @@ On a cluster (``out`` must be on storage every node sees)::
         train.num_workers=8 train.use_gpu=true teacher.generation.num_gpus_per_replica=1 \\
         eval.generation.num_gpus_per_replica=1 teacher.num_rationales=10 out=/mnt/shared/runs/kard_umls
 
-Same as ``kale-ray kard --config configs/kard_umls.yaml``. Overrides are ``key.sub=value``.
+Same as ``kale-ray kard --config configs/kard_umls.yaml`` (one table of jobs in ``kale_ray/cli.py``). Overrides are ``key.sub=value``.
 Writes ``out/{metrics.json, report.md}``; a rerun reuses finished stages.
 """
-from __future__ import annotations
-
-import argparse
 import sys
 
-from kale_ray.config import load_config
-from kale_ray.kard.config import KARDJobConfig
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file with KARDJobConfig fields")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = parser.parse_args(argv)
-    cfg = load_config(KARDJobConfig, args.config, args.overrides)
-    from kale_ray.kard.recipe import run_kard
-
-    run_kard(cfg)
-    return 0
-
+from kale_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["kard", *sys.argv[1:]]))

@@ -15,26 +15,13 @@ One stage at a time (each reuses the stages before it): ``stop_after=qa | stage1
 e.g. ``python jobs/knowtuning.py --config configs/knowtuning_hpo.yaml stop_after=stage1_data`` (QA, atomic
 facts, perplexity, rewrites) and later the same command without ``stop_after`` for the rest.
 
-Same as ``kale-ray knowtuning --config configs/knowtuning_hpo.yaml``. Overrides are ``key.sub=value``.
+Same as ``kale-ray knowtuning --config configs/knowtuning_hpo.yaml`` (one table of jobs in ``kale_ray/cli.py``). Overrides are ``key.sub=value``.
 Writes ``out/{qa,stage1,baseline,stage2,eval}/``, ``out/metrics.json`` and ``out/report.md``;
 a rerun reuses finished stages. Stage II alone: ``jobs/knowtuning_dpo.py``.
 """
-from __future__ import annotations
-
 import sys
 
-from _common import parse_job_args
-
-from kale_ray.knowtuning.config import KnowTuningJobConfig
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_job_args(KnowTuningJobConfig, __doc__, argv)
-    from kale_ray.knowtuning.pipeline import run_knowtuning
-
-    run_knowtuning(cfg)
-    return 0
-
+from kale_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["knowtuning", *sys.argv[1:]]))

@@ -12,26 +12,12 @@ On a cluster (``out`` must be on storage every node sees)::
 
 Overrides are ``key.sub=value`` (``train.dpo.loss_type=ipo``, ``train.dpo.reference=adapter_disabled``).
 Writes ``out/{pairs.jsonl, pair_rejects.jsonl, data/, train/, summary.json}``.
-"""
-from __future__ import annotations
 
-import json
+Same as ``kale-ray knowtuning-dpo ...`` (one table of jobs in ``kale_ray/cli.py``).
+"""
 import sys
 
-from _common import parse_job_args
-
-from kale_ray.knowtuning.config import KnowTuningDPOJobConfig
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_job_args(KnowTuningDPOJobConfig, __doc__, argv)
-    from kale_ray.knowtuning.recipe import run_dpo_stage
-
-    summary = run_dpo_stage(cfg)
-    print(json.dumps({k: summary.get(k) for k in ("pairs", "train", "rewards_after", "seconds")}, indent=2,
-                     default=str))
-    return 0
-
+from kale_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["knowtuning-dpo", *sys.argv[1:]]))

@@ -20,28 +20,12 @@ On a cluster (token auth on: the client reads ``~/.ray/auth_token``, see deploy/
         generation.num_gpus_per_replica=1 generation.concurrency=1 generation.max_concurrency=8
 
 Overrides are ``key.sub=value``; an unknown or mistyped key exits with status 2 and names it.
-"""
-from __future__ import annotations
 
-import json
+Same as ``kale-ray synthesize ...`` (one table of jobs in ``kale_ray/cli.py``).
+"""
 import sys
 
-from _common import connect_ray, parse_job_args
-
-from kale_ray.config import SynthConfig
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_job_args(SynthConfig, __doc__, argv)
-    print(f"[job] synthesize -> {cfg.out_dir} ({connect_ray()})", flush=True)
-    from kale_ray.synth.pipeline import run_synthesis
-
-    summary = run_synthesis(cfg)
-    keys = ("rows_in", "rows_out", "rejected", "teacher_rejected", "teacher_counts", "shards_total", "shards_skipped")
-    print(json.dumps({**{k: getattr(summary, k) for k in keys}, "seconds": round(summary.seconds["total"], 1),
-                      "out_dir": cfg.out_dir}, indent=2))
-    return 0
-
+from kale_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["synthesize", *sys.argv[1:]]))

@@ -13,31 +13,12 @@ On a cluster (``out_dir`` must be on storage every node sees)::
 
 Overrides are ``key.sub=value`` (``lora.r=8``, ``ka.lam=0.5``). Rerunning the same command
 resumes from the last checkpoint in ``out_dir/ray/<run name>``.
-"""
-from __future__ import annotations
 
-import argparse
-import json
+Same as ``kale-ray train ...`` (one table of jobs in ``kale_ray/cli.py``).
+"""
 import sys
 
-from kale_ray.config import TrainConfig, load_config
-from kale_ray.train.trainer import run_training
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file with TrainConfig fields")
-    parser.add_argument("--run-name", default=None, help="Ray Train run name (default: 'train'); same name resumes")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = parser.parse_args(argv)
-    cfg = load_config(TrainConfig, args.config, args.overrides)
-    result = run_training(cfg, run_name=args.run_name)
-    keys = ("steps", "samples", "final_loss", "first_loss", "seconds_per_step", "samples_per_s",
-            "wall_seconds", "rejected")
-    print(json.dumps({k: result.summary.get(k) for k in keys}, indent=2))
-    print(f"merged model: {result.merged_dir}\nadapter: {result.adapter_dir}\nhistory: {result.out_dir}/history.jsonl")
-    return 0
-
+from kale_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,119 +1,198 @@
-"""``kale-ray``: one CLI for every stage. Each subcommand takes ``--config FILE`` plus ``key.sub=value`` overrides.
+"""``kale-ray``: one CLI for every job. Each subcommand takes ``--config FILE`` plus ``key.sub=value`` overrides.
 
-    kale-ray demo --out runs/demo                       # the whole KALE pipeline on UMLS + SmolLM2
+    kale-ray demo --out runs/demo                       # the whole KALE recipe on UMLS + SmolLM2 (alias: kale)
     kale-ray synthesize --config configs/synth_umls.yaml out_dir=runs/synth
-    kale-ray train --config configs/train_kale.yaml data=runs/synth/train_rows
-    kale-ray evaluate --config configs/eval.yaml model.name=runs/train/merged
+    kale-ray prepare --synth runs/synth --out runs/rows --model builtin:smollm2-135m   # a student's training rows
+    kale-ray train --config configs/train_kale.yaml data=runs/rows out_dir=runs/kale
+    kale-ray evaluate --config configs/eval.yaml model.name=runs/kale/merged data=runs/synth/qa/test.jsonl
     kale-ray kalm --config configs/kalm_umls.yaml      # KaLM: eval before, align, eval after, report
     kale-ray kard --config configs/kard_umls.yaml      # KARD: rationales, students +/- knowledge, reranker, report
     kale-ray knowtuning --config configs/knowtuning_hpo.yaml   # KnowTuning: Stage I + II, fact-level eval, report
-    kale-ray prepare --synth runs/synth --out runs/train_rows   # render training rows for a student
+    kale-ray knowtuning-dpo --config configs/knowtuning_dpo.yaml   # KnowTuning Stage II alone: pairs + DPO
     kale-ray show-config train                          # print a job's config with its defaults
+
+``JOBS`` is the one table of jobs: ``{job: (config class, run function)}``; every ``jobs/*.py`` is a
+shim that calls :func:`main` with its job name. A bad key or value exits with status 2 and one line
+on stderr (``kale-ray <job>: config error: ...``), before anything is started.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
 import sys
+from typing import Any, Callable
 
-from kale_ray.llm import QUIET_ENV
 from kale_ray.config import ConfigError, DemoConfig, EvalConfig, SynthConfig, TrainConfig, load_config, to_dict
 from kale_ray.kalm.config import KaLMJobConfig
 from kale_ray.kard.config import KARDJobConfig
-from kale_ray.knowtuning.config import KnowTuningJobConfig
-
-JOBS = {"demo": DemoConfig, "synthesize": SynthConfig, "train": TrainConfig, "evaluate": EvalConfig,
-        "kalm": KaLMJobConfig, "kard": KARDJobConfig, "knowtuning": KnowTuningJobConfig}
+from kale_ray.knowtuning.config import KnowTuningDPOJobConfig, KnowTuningJobConfig
 
 
-def _init_ray(address: str | None = None) -> None:
-    import ray
+@dataclasses.dataclass
+class PrepareConfig:
+    """Render the kept synthesised rows (``synth/data/shard-*.jsonl``) into a student's training rows
+    (``out/train.jsonl`` with prompt, teacher_prompt, completion): the ``data`` of ``kale-ray train``."""
 
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True, runtime_env=QUIET_ENV)
-        else:
-            ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=True, runtime_env=QUIET_ENV)
+    synth: str = "runs/synth"  # a synthesis out_dir (or its data/ folder)
+    out: str = "runs/rows"
+    model: str = "builtin:smollm2-135m"  # the student whose chat template renders the rows
+    trust_remote_code: bool = False
+
+
+def _ray(address: str | None = None, workers: int = 0) -> None:
+    from kale_ray.llm import QUIET_ENV
+    from kale_ray.ray_init import init_ray
+
+    init_ray(address, workers, log_to_driver=True, runtime_env=QUIET_ENV)
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str), flush=True)
+
+
+def run_kale(cfg: DemoConfig, args: argparse.Namespace) -> None:
+    from kale_ray.demo import run_demo
+
+    _ray(cfg.ray_address, cfg.train.num_workers)
+    m = run_demo(cfg)
+    _print({"sft": m["sft"], "kale": m["kale"], "report": f"{cfg.out}/report.md",
+            "minutes": round(m["timings"]["total"] / 60, 1)})
+
+
+def run_synthesize(cfg: SynthConfig, args: argparse.Namespace) -> None:
+    from kale_ray.synth.pipeline import run_synthesis
+
+    _ray()
+    s = run_synthesis(cfg)
+    keys = ("rows_in", "rows_out", "rejected", "teacher_rejected", "teacher_counts", "shards_total", "shards_skipped")
+    _print({**{k: getattr(s, k) for k in keys}, "seconds": round(s.seconds["total"], 1), "out_dir": cfg.out_dir})
+
+
+def run_prepare(cfg: PrepareConfig, args: argparse.Namespace) -> None:
+    from kale_ray.models import resolve_model
+    from kale_ray.synth.format import write_training_rows
+
+    _print(write_training_rows(cfg.synth, resolve_model(cfg.model), cfg.out, cfg.trust_remote_code))
+
+
+def run_train(cfg: TrainConfig, args: argparse.Namespace) -> None:
+    from kale_ray.train.trainer import run_training
+
+    res = run_training(cfg, run_name=args.run_name)  # starts (or joins) Ray itself, sized for its workers
+    keys = ("steps", "samples", "final_loss", "first_loss", "seconds_per_step", "samples_per_s", "wall_seconds",
+            "rejected")
+    _print({k: res.summary.get(k) for k in keys})
+    print(f"merged model: {res.merged_dir}\nadapter: {res.adapter_dir}\nhistory: {res.out_dir}/history.jsonl")
+
+
+def run_evaluate(cfg: EvalConfig, args: argparse.Namespace) -> None:
+    from kale_ray.eval.evaluate import evaluate
+
+    _ray()
+    m = evaluate(cfg, label=cfg.model.name)
+    keys = ("accuracy", "accuracy_ci95", "probe_accuracy", "known_and_incorrect_rate", "n_questions")
+    _print({k: m.get(k) for k in keys} | {"out_dir": cfg.out_dir})
+
+
+def run_kalm_job(cfg: KaLMJobConfig, args: argparse.Namespace) -> None:
+    from kale_ray.kalm.recipe import run_kalm
+
+    m = run_kalm(cfg)  # starts (or joins) Ray itself
+    _print({label: ev["kg_completion"]["both"] for label, ev in m["eval"].items()})
+
+
+def run_kard_job(cfg: KARDJobConfig, args: argparse.Namespace) -> None:
+    from kale_ray.kard.recipe import run_kard
+
+    m = run_kard(cfg)  # starts (or joins) Ray itself
+    _print({k: v["accuracy"] for k, v in m["accuracy"].items()})
+
+
+def run_knowtuning_job(cfg: KnowTuningJobConfig, args: argparse.Namespace) -> None:
+    from kale_ray.knowtuning.pipeline import run_knowtuning
+
+    m = run_knowtuning(cfg)  # starts (or joins) Ray itself
+    _print(m["eval"]["results"] if "eval" in m else m["timings"])
+
+
+def run_knowtuning_dpo(cfg: KnowTuningDPOJobConfig, args: argparse.Namespace) -> None:
+    from kale_ray.knowtuning.recipe import run_dpo_stage
+
+    summary = run_dpo_stage(cfg)  # starts (or joins) Ray itself
+    _print({k: summary.get(k) for k in ("pairs", "train", "rewards_after", "seconds")})
+
+
+Run = Callable[[Any, argparse.Namespace], None]
+_KALE = (DemoConfig, run_kale)
+# The one table of jobs. ``demo`` is the README's first command, an alias of ``kale`` (jobs/kale.py).
+JOBS: dict[str, tuple[type, Run]] = {
+    "kale": _KALE,
+    "demo": _KALE,
+    "synthesize": (SynthConfig, run_synthesize),
+    "prepare": (PrepareConfig, run_prepare),
+    "train": (TrainConfig, run_train),
+    "evaluate": (EvalConfig, run_evaluate),
+    "kalm": (KaLMJobConfig, run_kalm_job),
+    "kard": (KARDJobConfig, run_kard_job),
+    "knowtuning": (KnowTuningJobConfig, run_knowtuning_job),
+    "knowtuning-dpo": (KnowTuningDPOJobConfig, run_knowtuning_dpo),
+}
+ALIASES = {"demo": "kale"}
+# Flags kept for the README's commands; each is the same as the override ``<key>=VALUE``.
+_FLAGS = {"kale": ("out",), "demo": ("out",), "prepare": ("synth", "out", "model")}
+
+
+def _summary(cls: type) -> str:
+    return (cls.__doc__ or cls.__name__).strip().splitlines()[0]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kale-ray", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name, (cls, _) in JOBS.items():
+        alias = f" (alias of {ALIASES[name]})" if name in ALIASES else ""
+        p = sub.add_parser(
+            name, help=_summary(cls) + alias, description=_summary(cls) + alias,
+            epilog=f"Overrides are key.sub=value (e.g. out_dir=runs/x, train.lr=1e-4); `kale-ray show-config {name}` "
+                   f"lists every key with its default. A bad key or value exits with status 2.")
+        p.add_argument("--config", "-c", default=None, help=f"YAML file with {cls.__name__} fields (see configs/)")
+        for flag in _FLAGS.get(name, ()):
+            p.add_argument(f"--{flag}", default=None, help=f"same as {flag}=...")
+        if name == "train":
+            p.add_argument("--run-name", default=None, help="Ray Train run name (default: 'train'); same name resumes")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p = sub.add_parser("show-config", help="print a job's full config (defaults + overrides) as YAML",
+                       epilog="Overrides are key.sub=value, as for the job itself.")
+    p.add_argument("job", choices=list(JOBS))
+    p.add_argument("--config", "-c", default=None)
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kale-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in JOBS:
-        p = sub.add_parser(name, help=f"run the {name} job")
-        p.add_argument("--config", "-c", default=None, help="YAML config (see configs/)")
-        if name == "demo":
-            p.add_argument("--out", default=None, help="output folder (same as out=...)")
-    p = sub.add_parser("prepare", help="render synthesised rows into a student's training rows")
-    p.add_argument("--synth", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--model", default="builtin:smollm2-135m")
-    p = sub.add_parser("show-config", help="print a job's full config (defaults + overrides) as YAML")
-    p.add_argument("job", choices=list(JOBS))
-    p.add_argument("--config", "-c", default=None)
+    parser = _parser()
     args, extra = parser.parse_known_args(argv)
     bad = [x for x in extra if "=" not in x or x.startswith("-")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are key.sub=value)")
-    args.overrides = extra
-
+    overrides = list(args.overrides) + extra
+    job = args.job if args.cmd == "show-config" else args.cmd
+    cls, run = JOBS[job]
+    overrides += [f"{flag}={getattr(args, flag)}" for flag in _FLAGS.get(args.cmd, ())
+                  if getattr(args, flag, None) is not None]
     try:
+        cfg = load_config(cls, args.config, overrides)
         if args.cmd == "show-config":
             import yaml
 
-            print(yaml.safe_dump(to_dict(load_config(JOBS[args.job], args.config, args.overrides)), sort_keys=False))
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
-        if args.cmd == "prepare":
-            from kale_ray.models import resolve_model
-            from kale_ray.synth.format import write_training_rows
-
-            print(json.dumps(write_training_rows(args.synth, resolve_model(args.model), args.out), indent=2))
-            return 0
-        overrides = list(args.overrides)
-        if args.cmd == "demo" and args.out:
-            overrides.append(f"out={args.out}")
-        cfg = load_config(JOBS[args.cmd], args.config, overrides)
+        run(cfg, args)
     except ConfigError as e:
-        print(f"kale-ray {args.cmd}: config error: {e}", file=sys.stderr)
+        print(f"kale-ray {args.cmd}: config error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-
-    if args.cmd == "demo":
-        from kale_ray.demo import run_demo
-
-        run_demo(cfg)
-    elif args.cmd == "synthesize":
-        from kale_ray.synth.pipeline import run_synthesis
-
-        _init_ray()
-        run_synthesis(cfg)
-    elif args.cmd == "train":
-        from kale_ray.train.trainer import run_training
-
-        res = run_training(cfg)
-        print(json.dumps({k: res.summary[k] for k in ("steps", "final_loss", "samples_per_s", "rejected")}, indent=2))
-    elif args.cmd == "evaluate":
-        from kale_ray.eval.evaluate import evaluate
-
-        _init_ray()
-        m = evaluate(cfg)
-        print(json.dumps({k: m[k] for k in ("accuracy", "accuracy_ci95", "probe_accuracy", "known_and_incorrect_rate")}))
-    elif args.cmd == "kalm":
-        from kale_ray.kalm.recipe import run_kalm
-
-        m = run_kalm(cfg)
-        print(json.dumps({label: ev["kg_completion"]["both"] for label, ev in m["eval"].items()}, indent=2))
-    elif args.cmd == "kard":
-        from kale_ray.kard.recipe import run_kard
-
-        m = run_kard(cfg)
-        print(json.dumps({k: v["accuracy"] for k, v in m["accuracy"].items()}, indent=2))
-    elif args.cmd == "knowtuning":
-        from kale_ray.knowtuning.pipeline import run_knowtuning
-
-        m = run_knowtuning(cfg)
-        print(json.dumps(m["eval"]["results"] if "eval" in m else m["timings"], indent=2, default=str))
     return 0
 
 
