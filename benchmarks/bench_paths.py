@@ -45,6 +45,14 @@ round counts (the slow landmark mode: ``--landmark-rounds``). One untimed warm-u
   in-actor search time; rounds interleaved, best round counts. On 2 cores the ideal is 2x; the
   load average says what else ran.
 
+* Scale (``--scale N``, runs only this section): a synthetic power-law KG of N entities and
+  5N triples (heads drawn with Zipf-like weights ~ rank^-0.8, tails uniform, 20 relations),
+  ``GraphIndex.build``; per mode ms/question (``find_paths`` one by one, the shared per-index
+  cache as in a synthesis worker, after a warm-up) and the peak allocation per question
+  (``tracemalloc``, on fresh pairs). Modes: ``--heuristics`` plus "bidirectional+relations"
+  (``relation_weights`` marking 3 of the 20 relations as the question's). Writes
+  ``benchmarks/results/paths_scale.json``.
+
 Writes ``benchmarks/results/paths.json`` (machine info, config, seed, raw per-pair timings).
 """
 from __future__ import annotations
@@ -380,6 +388,72 @@ def run_ray_scaling(kg, index, workers: list[int], n_targets: int, per_target: i
     return res
 
 
+def power_law_kg(n: int, m: int, num_rel: int, seed: int):
+    """(triples, GraphIndex) of a synthetic power-law KG: Zipf-like heads, uniform tails."""
+    rng = np.random.default_rng(seed)
+    w = 1.0 / np.arange(1, n + 1) ** 0.8
+    w /= w.sum()
+    heads = rng.permutation(n)[rng.choice(n, size=m, p=w)]
+    tr = np.unique(np.stack([heads, rng.integers(0, num_rel, m), rng.integers(0, n, m)], axis=1), axis=0)
+    return tr.astype(np.int64), GraphIndex.build(tr, n)
+
+
+def run_scale(n: int, modes: list[str], max_hops: int, k: int, seed: int, n_pairs: int, landmark_pairs: int) -> dict:
+    import tracemalloc
+
+    t0 = time.perf_counter()
+    tr, index = power_law_kg(n, 5 * n, 20, seed)
+    build_s = time.perf_counter() - t0
+    rng = np.random.default_rng(seed + 1)
+    ip, nb = index.indptr, index.nbr
+    pairs = []
+    while len(pairs) < n_pairs + 20:  # a random source, the end of a 1..max_hops-step random walk
+        s = u = int(rng.integers(n))
+        for _ in range(int(rng.integers(1, max_hops + 1))):
+            if ip[u + 1] == ip[u]:
+                break
+            u = int(nb[rng.integers(ip[u], ip[u + 1])])
+        if u != s:
+            pairs.append((s, u))
+    t1 = time.perf_counter()
+    path_cache(index)
+    prepare_s = time.perf_counter() - t1
+    rel_w = np.zeros(20)
+    rel_w[:3] = 1.0
+    out = {"num_nodes": n, "num_triples": int(len(tr)), "build_s": build_s, "prepare_s": prepare_s,
+           "max_hops": max_hops, "k": k, "seed": seed, "modes": {}}
+    print(f"scale: {n} nodes, {len(tr)} triples, built in {build_s:.1f}s (+ search CSR {prepare_s:.1f}s)")
+    for mode in modes:
+        heur, kw = mode, {}
+        if mode == "bidirectional+relations":
+            heur, kw = "bidirectional", {"relation_weights": rel_w}
+        params = PathSearchParams(max_hops=max_hops, k=k, heuristic=heur)
+        npairs = landmark_pairs if heur == "landmark" else n_pairs
+        g = np.random.default_rng(seed)
+        for s, t in pairs[:3]:  # warm-up (numba, per-thread work arrays)
+            find_paths(index, tr, s, t, params, g, **kw)
+        t2 = time.perf_counter()
+        for s, t in pairs[:npairs]:
+            find_paths(index, tr, s, t, params, g, **kw)
+        ms = 1e3 * (time.perf_counter() - t2) / npairs
+        fresh = pairs[n_pairs:n_pairs + min(20, npairs)]
+        peaks = []
+        tracemalloc.start()
+        try:
+            for s, t in fresh:
+                tracemalloc.reset_peak()
+                b0 = tracemalloc.get_traced_memory()[0]
+                find_paths(index, tr, s, t, params, g, **kw)
+                peaks.append(tracemalloc.get_traced_memory()[1] - b0)
+        finally:
+            tracemalloc.stop()
+        out["modes"][mode] = {"ms_per_question": ms, "pairs": npairs, "peak_alloc_median_bytes": float(np.median(peaks)),
+                              "peak_alloc_max_bytes": int(max(peaks))}
+        print(f"  {mode}: {ms:.2f} ms/question; peak allocation per question median "
+              f"{np.median(peaks) / 1e3:.1f} kB, max {max(peaks) / 1e3:.1f} kB (|V| = {n / 1e3:.0f} k)")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=300)
@@ -408,7 +482,21 @@ def main(argv=None) -> int:
     ap.add_argument("--ray-only", action="store_true",
                     help="run only the Ray Data scaling section; merge it into the existing --out file")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "paths.json"))
+    ap.add_argument("--scale", type=int, default=0,
+                    help="run only the synthetic power-law scale section with this many entities (e.g. 1000000)")
+    ap.add_argument("--scale-pairs", type=int, default=60)
     args = ap.parse_args(argv)
+    if args.scale:
+        modes = [m for m in args.heuristics.split(",") if m] + ["bidirectional+relations"]
+        res = run_scale(args.scale, modes, min(args.max_hops, 3), args.k, args.seed, args.scale_pairs,
+                        max(4, args.scale_pairs // 8))
+        res.update(machine=platform.platform(), python=platform.python_version(),
+                   date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        out = Path(args.out).with_name("paths_scale.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
+        print(f"wrote {out}")
+        return 0
     ray_workers = [int(x) for x in args.ray_workers.split(",") if x.strip()]
     if args.quick:
         args.pairs = min(args.pairs, 40)

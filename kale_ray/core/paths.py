@@ -44,6 +44,19 @@ a meet-in-the-middle enumeration, below):
   The index must be undirected (as ``GraphIndex.build`` makes it by default), as for all modes.
   With numba installed the enumeration runs compiled (same paths, draws and stats; see
   ``_build_numba_enum``; ``KALE_RAY_NUMBA=0`` forces the Python loop).
+  Memory per question does not grow with the graph: a side stores its levels and its bits
+  sparsely (the nodes it reached); the search loads the target side's bits into a per-thread
+  work array of |V| entries allocated once per thread (``_work_bits``) and resets exactly the
+  entries it wrote afterwards (also on an exception); levels are de-duplicated through one
+  per-thread scratch array (``_scratch``). The default mode of ``PathConfig``.
+* ``relation_weights`` (all modes, optional): a per-relation relevance vector (e.g. the
+  relations a question mentions), or a hop x relation matrix (a relation chain). Paths whose
+  hops all use relevant relations are searched first (``_sequence_paths`` for a chain,
+  ``_relation_paths`` for a set; sparse dict/set searches bounded by ``max_expansions`` rows)
+  and ranked first (method ``"relation"``); the ordinary search fills up to ``k``.
+* ``"landmark"`` and ``"target"`` still build a |V|-sized ``h`` per target (``landmark_heuristic``;
+  ``"landmark"`` BFS from its anchors over most of a small-world graph): use them for the
+  paper's algorithm or cross-checks, not at scale.
 * States are paths (tree search), so after the first goal we keep popping the frontier to
   collect up to ``k`` paths; a node may be reached again through a different parent path.
   A child is kept only if ``g + 1 + h(child) <= max_hops`` and it is not already on its
@@ -850,6 +863,7 @@ class _NumpyWalks:
         self.loaded = 0  # target-side levels written into M
         self.touched: list = []  # node arrays written into M: reset to 0 by finish()
         self.dtype = dtype
+        _scratch(n)  # the per-thread scratch array exists before the first level is de-duplicated
         self.bitv = _bitv(dtype, H)
         self.mask = (1 << (8 * np.dtype(dtype).itemsize)) - 1  # a Python-int shift stays within the dtype
 
