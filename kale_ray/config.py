@@ -225,7 +225,7 @@ class TrainConfig:
 
     loss: str = "kale"  # a name in kale_ray.train.registry (sft, kale, ...)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    data: str = "runs/synth/data"  # synthesised shards (a dir of JSONL/Parquet)
+    data: str = "runs/rows"  # prepared training rows (`kale-ray prepare --out`): prompt, teacher_prompt, completion
     out_dir: str = "runs/train"
     num_workers: int = 2
     use_gpu: bool = False
@@ -256,7 +256,7 @@ class TrainConfig:
 @dataclasses.dataclass
 class EvalConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    data: str = "runs/synth/test.jsonl"  # held-out QA (JSONL)
+    data: str = "runs/synth/qa/test.jsonl"  # held-out QA (JSONL; synthesis writes out_dir/qa/test.jsonl)
     out_dir: str = "runs/eval"
     generation: GenerationConfig = dataclasses.field(
         default_factory=lambda: GenerationConfig(max_tokens=16, temperature=0.0)

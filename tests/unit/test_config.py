@@ -220,3 +220,23 @@ def test_dump_then_load_roundtrip(cls, tmp_path):
     dump_config(cfg, p)
     again = load_config(cls, p)
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+def test_train_and_eval_defaults_point_at_what_prepare_and_synthesis_write():
+    """One name for the prepared-rows folder: prepare's default out, train's default data, the configs, README."""
+    from pathlib import Path
+
+    import yaml
+
+    from kale_ray.cli import PrepareConfig
+    from kale_ray.config import EvalConfig, SynthConfig, TrainConfig
+
+    repo = Path(__file__).resolve().parents[2]
+    rows = PrepareConfig().out
+    assert TrainConfig().data == rows == "runs/rows"
+    for name in ("train_kale.yaml", "train_sft.yaml"):
+        assert yaml.safe_load((repo / "configs" / name).read_text())["data"] == rows, name
+    readme = (repo / "README.md").read_text()
+    assert f"--out {rows}" in readme and f"data={rows}" in readme
+    # synthesis writes out_dir/qa/{train,test}.jsonl
+    assert EvalConfig().data == f"{SynthConfig().out_dir}/qa/test.jsonl"
