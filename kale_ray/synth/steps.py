@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
+import unicodedata
 from dataclasses import asdict
 from typing import Any
 
@@ -29,15 +31,27 @@ def path_params(cfg: PathConfig) -> PathSearchParams:
     )
 
 
+_FUNCTION_WORDS = frozenset("a an the is are was be has have had of in to with by for on at as from into".split())
+_NONWORD = re.compile(r"[^\w\s]")
+
+
+def _tokens(text: str) -> list[str]:
+    """``normalize`` without dropping articles: lowercase, accents/punctuation stripped, ``_``/``-`` as spaces."""
+    text = unicodedata.normalize("NFKD", str(text))
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    return _NONWORD.sub(" ", text.lower().replace("_", " ").replace("-", " ")).split()
+
+
 class RelationWords:
     """Which KG relations a question mentions: an index of the relations' phrases, built once per KG.
 
-    A relation's forms are its ``relation_phrase`` and its name (``relation_name``), normalised,
-    each also without a leading "is"/"has" (token sequences). A relation is mentioned when one
-    of its forms occurs as a contiguous token run of the normalised question and that run is
-    not strictly inside a longer mentioned relation's run (so "is part of" does not also count
-    as a mention of a relation named "part"). Only ``kg.relations`` and the two text helpers
-    are used, so a duck-typed columnar KG works too.
+    A relation's forms are its ``relation_phrase`` and its name (``relation_name``), as tokens
+    (``_tokens``: like ``normalize`` but articles kept, so "is a" stays two words), each also
+    without a leading "is"/"has"; a form that is one function word ("is", "of", ...) is
+    dropped. A relation is mentioned when one of its forms occurs as a contiguous token run of
+    the question and that run is not strictly inside a longer mention (so "is part of" does not
+    also count as a mention of a relation named "part"). Only ``kg.relations`` and the two text
+    helpers are used, so a duck-typed columnar KG works too.
     """
 
     def __init__(self, kg) -> None:
@@ -46,18 +60,18 @@ class RelationWords:
         for r in range(self.num_relations):
             forms = set()
             for text in (relation_phrase(kg, r), kg.relation_name(r)):
-                toks = tuple(normalize(text).split())
-                if toks:
-                    forms.add(toks)
+                toks = tuple(_tokens(text))
+                forms.add(toks)
                 if len(toks) > 1 and toks[0] in ("is", "has"):
                     forms.add(toks[1:])
             for toks in forms:
-                self.by_first.setdefault(toks[0], []).append((r, toks))
+                if toks and not (len(toks) == 1 and toks[0] in _FUNCTION_WORDS):
+                    self.by_first.setdefault(toks[0], []).append((r, toks))
 
-    def chain(self, question_norm: str) -> list[set[int]]:
-        """The relation mentions of the (normalised) question in text order: one set of relation
-        ids per mention (several only when relations share a phrase); repeats kept."""
-        toks = question_norm.split()
+    def chain(self, question: str) -> list[set[int]]:
+        """The relation mentions of the question in text order: one set of relation ids per
+        mention (several only when relations share a phrase); repeats kept."""
+        toks = _tokens(question)
         spans: list[tuple[int, int, int]] = []  # (start, end, relation)
         for i, tok in enumerate(toks):
             for r, form in self.by_first.get(tok, ()):
@@ -71,10 +85,10 @@ class RelationWords:
             groups.setdefault((a, b), set()).add(r)
         return [groups[key] for key in sorted(groups)]
 
-    def mentions(self, question_norm: str) -> dict[int, int]:
+    def mentions(self, question: str) -> dict[int, int]:
         """relation id -> index of its first mention in ``chain`` (text order)."""
         out: dict[int, int] = {}
-        for i, rs in enumerate(self.chain(question_norm)):
+        for i, rs in enumerate(self.chain(question)):
             for r in rs:
                 out.setdefault(r, i)
         return out
@@ -219,7 +233,7 @@ def link_and_search(row: dict[str, Any], ctx: SynthContext) -> dict[str, Any]:
     rng = np.random.default_rng(row_seed(ctx.seed, ex.id))
     # Over-sample candidates, then keep the k that fit the question best.
     wide = dataclasses.replace(ctx.params, k=ctx.params.k * ctx.oversample)
-    chain = ctx.relation_words.chain(normalize(ex.question))
+    chain = ctx.relation_words.chain(ex.question)
     mentioned: dict[int, int] = {}
     for i, rs in enumerate(chain):
         for r in rs:

@@ -257,8 +257,9 @@ def test_relation_words_match_phrases_not_substrings():
     kg = KnowledgeGraph.from_named_triples([("a1", "part_of", "b1"), ("a1", "part", "b1"), ("a1", "isa", "b1")])
     rw = RelationWords(kg)
     rel = kg.relation_index
-    chain = rw.chain(normalize("Which concept X satisfies: foo is part of A, and A is a X?"))
+    chain = rw.chain("Which concept X satisfies: foo is part of A, and A is a X?")
     assert chain == [{rel["part_of"]}, {rel["isa"]}]  # "part" inside "is part of" is not a mention
+    assert rw.chain("What is the cause of this? It is red.") == []  # a bare "is" is not "is a"
     w = rw.weights(chain, max_hops=3)
     assert w.shape == (2, 3) and w[0, rel["part_of"]] == 1 and w[1, rel["isa"]] == 1 and w.sum() == 2
     assert rw.weights(chain, max_hops=1).shape == (3,)
