@@ -4,6 +4,10 @@
 callable class around it. A row carries ``prompt`` (chat-rendered, ending where the assistant
 answers) and ``choices`` (JSON list); the output ``choice_scores`` is a JSON object
 ``{choice: mean (or summed) log-prob of "Answer: <choice>"}``, ``score_error`` names a failure.
+
+A row fails (``score_error`` set, the rationale rejected as ``verifier_failed``) only for what a
+row can legitimately cause: :class:`ScoringInputError` (no choices, an empty continuation, no room
+left for the prompt) or running out of memory on it. Anything else is a bug and fails the job.
 """
 from __future__ import annotations
 
@@ -12,6 +16,10 @@ import os
 from typing import Sequence
 
 import numpy as np
+
+
+class ScoringInputError(ValueError):
+    """A row that cannot be scored: no choices, an empty continuation, or no room for the prompt."""
 
 
 def choice_logprobs(model, tokenizer, prompt: str, continuations: Sequence[str], length_normalise: bool = True,
@@ -24,7 +32,15 @@ def choice_logprobs(model, tokenizer, prompt: str, continuations: Sequence[str],
     """
     import torch
 
+    if not continuations:
+        raise ScoringInputError("no choices to score")
     conts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+    if not all(conts):
+        empty = [c for c, ids in zip(continuations, conts) if not ids]
+        raise ScoringInputError(f"a continuation has no tokens: {empty!r}")
+    if max(len(c) for c in conts) >= max_len:
+        raise ScoringInputError(f"the longest continuation ({max(len(c) for c in conts)} tokens) leaves no room for "
+                                f"the prompt in max_len {max_len}")
     pi = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     pi = pi[max(0, len(pi) + max(len(c) for c in conts) - max_len):]
     with torch.no_grad():
@@ -63,6 +79,8 @@ class ChoiceScorer:
         self.prefix, self.norm, self.max_len = prefix, length_normalise, max_len
 
     def __call__(self, batch: dict) -> dict:
+        import torch
+
         choices = [json.loads(c) for c in batch["choices"]]
         scores_out: list[dict] = [{} for _ in choices]
         errors = [""] * len(choices)
@@ -71,7 +89,9 @@ class ChoiceScorer:
                 lps = choice_logprobs(self.model, self.tok, str(p), [self.prefix + c for c in cs], self.norm,
                                       self.max_len)
                 scores_out[i] = dict(zip(cs, lps))
-            except Exception as e:  # a failed row is marked (rejected with the reason), never dropped
+            # A row that cannot be scored is marked (rejected with the reason), never dropped; any
+            # other error is a bug and propagates: it must not turn every rationale into verifier_failed.
+            except (ScoringInputError, torch.OutOfMemoryError, MemoryError) as e:
                 errors[i] = f"{type(e).__name__}: {e}"
         batch["choice_scores"] = np.array([json.dumps(s) for s in scores_out], dtype=object)
         batch["score_error"] = np.array(errors, dtype=object)

@@ -354,3 +354,53 @@ def test_kard_config_file_and_validation():
                      ("reranker.losss=kl", "did you mean 'reranker.loss'")):
         with pytest.raises(ConfigError, match=msg):
             load_config(KARDJobConfig, None, [bad])
+
+
+def _scorer(monkeypatch, fn):
+    import kale_ray.kard.scoring as scoring
+
+    monkeypatch.setattr(scoring, "choice_logprobs", fn)
+    scorer = object.__new__(scoring.ChoiceScorer)  # no model load: the per-row handling alone
+    scorer.model, scorer.tok, scorer.prefix, scorer.norm, scorer.max_len = None, None, "Answer: ", True, 64
+    return scorer
+
+
+def _batch():
+    import numpy as np
+
+    return {"prompt": np.array(["p1", "p2"], dtype=object),
+            "choices": np.array([json.dumps(["a", "b"]), json.dumps(["c", "d"])], dtype=object)}
+
+
+def test_choice_scorer_lets_an_unexpected_error_propagate(monkeypatch):
+    """A verifier bug must fail the job, not turn every rationale into verifier_failed."""
+    def bug(*a, **k):
+        raise RuntimeError("a bug in the verifier")
+
+    with pytest.raises(RuntimeError, match="a bug in the verifier"):
+        _scorer(monkeypatch, bug)(_batch())
+
+
+def test_choice_scorer_marks_a_row_that_cannot_be_scored(monkeypatch):
+    from kale_ray.kard.scoring import ScoringInputError
+
+    def fn(model, tok, prompt, conts, norm, max_len):
+        if prompt == "p2":
+            raise ScoringInputError("no room for the prompt")
+        return [-1.0] * len(conts)
+
+    out = _scorer(monkeypatch, fn)(_batch())
+    assert list(out["score_error"]) == ["", "ScoringInputError: no room for the prompt"]
+    assert json.loads(out["choice_scores"][0]) == {"a": -1.0, "b": -1.0} and out["choice_scores"][1] == "{}"
+
+
+def test_choice_logprobs_rejects_rows_it_cannot_score():
+    from kale_ray.kard.scoring import ScoringInputError, choice_logprobs
+
+    tok = _CharTok()
+    with pytest.raises(ScoringInputError, match="no choices"):
+        choice_logprobs(None, tok, "p", [])
+    with pytest.raises(ScoringInputError, match="no tokens"):
+        choice_logprobs(None, tok, "p", ["a", ""])
+    with pytest.raises(ScoringInputError, match="no room"):
+        choice_logprobs(None, tok, "p", ["abcdef"], max_len=6)
