@@ -315,92 +315,155 @@ def split_questions(questions: list[QAExample], test_fraction: float, seed: int 
 # --------------------------------------------------------------------------- #
 # QA files
 # --------------------------------------------------------------------------- #
-def read_qa_jsonl(path: str | Path, rejects: Rejects | None = None, on_error: str = "skip") -> Iterator[QAExample]:
+def read_qa_jsonl(path: str | Path, rejects: Rejects | None = None, on_error: str = "skip",
+                  byte_range: tuple[int, int] | None = None, first_line: int = 1) -> Iterator[QAExample]:
     """Users' QA: JSONL with ``question``, ``answer``, optional ``choices``, ``id``, ``answers``.
 
     A bad row is rejected with file and line (``on_error="skip"``, the default: counted in
-    ``rejects``) or raises ``QAFormatError`` (``on_error="error"``).
+    ``rejects``) or raises ``QAFormatError`` (``on_error="error"``). ``byte_range=(start, end)``
+    reads only the lines that start in ``[start, end)`` (``start`` at a line start, numbered from
+    ``first_line``): how a synthesis shard reads its slice of a large file.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"QA file not found: {path}")
     rejects = rejects if rejects is not None else Rejects()
+    yield from _read_qa_lines(path, _byte_range_lines(path, byte_range, first_line), rejects, on_error)
 
+
+def _byte_range_lines(path: Path, byte_range: tuple[int, int] | None, first_line: int) -> Iterator[tuple[int, bytes]]:
+    with path.open("rb") as f:
+        if byte_range is None:
+            yield from enumerate(f, start=first_line)
+            return
+        start, end = byte_range
+        f.seek(start)
+        pos, lineno = start, first_line
+        while pos < end:
+            raw = f.readline()
+            if not raw:
+                break
+            yield lineno, raw
+            pos += len(raw)
+            lineno += 1
+
+
+def line_offsets(path: str | Path, every: int, max_lines: int = 0, chunk: int = 1 << 24) -> list[tuple[int, int, int]]:
+    """Cut a text file into slices of ``every`` lines without holding it: ``[(start, end, first_line)]``.
+
+    Reads it once in ``chunk``-byte pieces (constant memory). ``max_lines`` > 0 stops after that
+    many lines.
+    """
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    cuts, pos, lines = [0], 0, 0
+    size = Path(path).stat().st_size
+    with Path(path).open("rb") as f:
+        while True:
+            buf = f.read(chunk)
+            if not buf:
+                break
+            i = 0
+            while True:
+                j = buf.find(b"\n", i)
+                if j < 0:
+                    break
+                lines += 1
+                if max_lines and lines >= max_lines:
+                    cuts.append(pos + j + 1)
+                    return _slices(cuts, pos + j + 1, every)
+                if lines % every == 0:
+                    cuts.append(pos + j + 1)
+                i = j + 1
+            pos += len(buf)
+    return _slices(cuts, size, every)
+
+
+def _slices(cuts: list[int], end: int, every: int) -> list[tuple[int, int, int]]:
+    if cuts[-1] != end:
+        cuts.append(end)
+    out = []
+    for k in range(len(cuts) - 1):
+        if cuts[k + 1] > cuts[k]:
+            out.append((cuts[k], cuts[k + 1], 1 + k * every))
+    return out
+
+
+def _read_qa_lines(path: Path, lines: Iterator[tuple[int, bytes]], rejects: Rejects, on_error: str) -> Iterator[QAExample]:
     def bad(lineno: int, msg: str, text: str, reason: str) -> None:
         if on_error == "error":
             raise QAFormatError(f"{path}:{lineno}: {msg}")
         rejects.add(reason, file=str(path), line=lineno, message=msg, text=text[:200])
 
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as e:
-                bad(lineno, f"not valid UTF-8 ({e.reason})", repr(raw[:80]), "bad_encoding")
-                continue
-            if not text:
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                bad(lineno, f"not valid JSON ({e.msg})", text, "malformed_qa")
-                continue
-            if not isinstance(obj, dict):
-                bad(lineno, "expected a JSON object", text, "malformed_qa")
-                continue
-            q, a = obj.get("question"), obj.get("answer")
-            if not isinstance(q, str) or not q.strip():
-                bad(lineno, "missing or empty 'question'", text, "malformed_qa")
-                continue
-            if not isinstance(a, (str, int, float)) or not str(a).strip():
-                bad(lineno, "missing or empty 'answer'", text, "malformed_qa")
-                continue
-            choices = obj.get("choices") or []
-            if isinstance(choices, dict):  # {"A": "...", ...}
-                choices = list(choices.values())
-            if not isinstance(choices, list) or not all(isinstance(c, (str, int, float)) for c in choices):
-                bad(lineno, "'choices' must be a list of strings", text, "malformed_qa")
-                continue
-            choices = [str(c) for c in choices]
-            a = str(a)
-            if len(a) == 1 and a.isalpha() and choices and normalize(a) not in {normalize(c) for c in choices}:
-                idx = ord(a.upper()) - ord("A")  # a letter answer for a multiple-choice row
-                if 0 <= idx < len(choices):
-                    a = choices[idx]
-            if choices and normalize(a) not in {normalize(c) for c in choices}:
-                bad(lineno, f"answer {a!r} is not one of the choices", text, "answer_not_in_choices")
-                continue
-            # "all_answers" is what write_qa_jsonl writes; "answers" is the documented input key
-            extra = obj.get("answers") if obj.get("answers") is not None else obj.get("all_answers")
-            lists = {"answers": extra, "question_entities": obj.get("question_entities"),
-                     "answer_entities": obj.get("answer_entities")}
-            wrong = [k for k, v in lists.items() if v is not None and not (
-                isinstance(v, list) and all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in v))]
-            if wrong:
-                bad(lineno, f"'{wrong[0]}' must be a list of strings", text, "malformed_qa")
-                continue
-            num_hops, hops, probes = obj.get("num_hops"), obj.get("hops"), obj.get("probes")
-            if num_hops is not None and (isinstance(num_hops, bool) or not isinstance(num_hops, int)):
-                bad(lineno, "'num_hops' must be an integer", text, "malformed_qa")
-                continue
-            if hops is not None and not (isinstance(hops, list) and all(isinstance(h, list) for h in hops)):
-                bad(lineno, "'hops' must be a list of [head, relation, tail] lists", text, "malformed_qa")
-                continue
-            if probes is not None and not (isinstance(probes, list) and all(isinstance(x, dict) for x in probes)):
-                bad(lineno, "'probes' must be a list of objects", text, "malformed_qa")
-                continue
-            all_answers = [str(x) for x in extra or []] or [a]
-            if a not in all_answers:
-                all_answers = [a] + all_answers
-            yield QAExample(
-                id=str(obj.get("id") or _qid(str(path), lineno, q)),
-                question=q.strip(), answer=a, choices=choices, all_answers=all_answers,
-                question_entities=[str(x) for x in lists["question_entities"] or []],
-                answer_entities=[str(x) for x in lists["answer_entities"] or []],
-                num_hops=int(num_hops or 0),
-                hops=hops or [],
-                probes=probes or [],
-            )
+    for lineno, raw in lines:
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            bad(lineno, f"not valid UTF-8 ({e.reason})", repr(raw[:80]), "bad_encoding")
+            continue
+        if not text:
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            bad(lineno, f"not valid JSON ({e.msg})", text, "malformed_qa")
+            continue
+        if not isinstance(obj, dict):
+            bad(lineno, "expected a JSON object", text, "malformed_qa")
+            continue
+        q, a = obj.get("question"), obj.get("answer")
+        if not isinstance(q, str) or not q.strip():
+            bad(lineno, "missing or empty 'question'", text, "malformed_qa")
+            continue
+        if not isinstance(a, (str, int, float)) or not str(a).strip():
+            bad(lineno, "missing or empty 'answer'", text, "malformed_qa")
+            continue
+        choices = obj.get("choices") or []
+        if isinstance(choices, dict):  # {"A": "...", ...}
+            choices = list(choices.values())
+        if not isinstance(choices, list) or not all(isinstance(c, (str, int, float)) for c in choices):
+            bad(lineno, "'choices' must be a list of strings", text, "malformed_qa")
+            continue
+        choices = [str(c) for c in choices]
+        a = str(a)
+        if len(a) == 1 and a.isalpha() and choices and normalize(a) not in {normalize(c) for c in choices}:
+            idx = ord(a.upper()) - ord("A")  # a letter answer for a multiple-choice row
+            if 0 <= idx < len(choices):
+                a = choices[idx]
+        if choices and normalize(a) not in {normalize(c) for c in choices}:
+            bad(lineno, f"answer {a!r} is not one of the choices", text, "answer_not_in_choices")
+            continue
+        # "all_answers" is what write_qa_jsonl writes; "answers" is the documented input key
+        extra = obj.get("answers") if obj.get("answers") is not None else obj.get("all_answers")
+        lists = {"answers": extra, "question_entities": obj.get("question_entities"),
+                 "answer_entities": obj.get("answer_entities")}
+        wrong = [k for k, v in lists.items() if v is not None and not (
+            isinstance(v, list) and all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in v))]
+        if wrong:
+            bad(lineno, f"'{wrong[0]}' must be a list of strings", text, "malformed_qa")
+            continue
+        num_hops, hops, probes = obj.get("num_hops"), obj.get("hops"), obj.get("probes")
+        if num_hops is not None and (isinstance(num_hops, bool) or not isinstance(num_hops, int)):
+            bad(lineno, "'num_hops' must be an integer", text, "malformed_qa")
+            continue
+        if hops is not None and not (isinstance(hops, list) and all(isinstance(h, list) for h in hops)):
+            bad(lineno, "'hops' must be a list of [head, relation, tail] lists", text, "malformed_qa")
+            continue
+        if probes is not None and not (isinstance(probes, list) and all(isinstance(x, dict) for x in probes)):
+            bad(lineno, "'probes' must be a list of objects", text, "malformed_qa")
+            continue
+        all_answers = [str(x) for x in extra or []] or [a]
+        if a not in all_answers:
+            all_answers = [a] + all_answers
+        yield QAExample(
+            id=str(obj.get("id") or _qid(str(path), lineno, q)),
+            question=q.strip(), answer=a, choices=choices, all_answers=all_answers,
+            question_entities=[str(x) for x in lists["question_entities"] or []],
+            answer_entities=[str(x) for x in lists["answer_entities"] or []],
+            num_hops=int(num_hops or 0),
+            hops=hops or [],
+            probes=probes or [],
+        )
 
 
 def write_qa_jsonl(rows: list[QAExample], path: str | Path) -> None:

@@ -1,0 +1,128 @@
+"""Stages that know the settings behind their outputs.
+
+A stage's output folder holds ``stages/<name>.json``: the settings that made it (the config
+subtree that decides the output, plus the identity of its input files) and their hash. A rerun
+with the same settings reuses or resumes the output; a rerun with other settings never mixes old
+and new outputs: it stops with the keys that changed (``on_change="error"``, the default) or
+deletes the stage's outputs and starts again (``on_change="overwrite"``).
+
+Pure: json + hashlib over a ``Storage`` (kale_ray.runtime.storage) or a local folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+
+class StaleOutputError(ValueError):
+    """An output folder holds results made with other settings (a config error: exit 2, one line)."""
+
+
+def fingerprint(settings: Any) -> str:
+    """A stable hash of JSON-able settings (key order does not matter)."""
+    text = json.dumps(settings, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def settings_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs (dotted keys)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old:
+                out.append(f"{key}: (unset) -> {new[k]!r}")
+            elif k not in new:
+                out.append(f"{key}: {old[k]!r} -> (unset)")
+            else:
+                out.extend(settings_diff(old[k], new[k], key))
+        return out
+    return [] if old == new else [f"{prefix or '(settings)'}: {old!r} -> {new!r}"]
+
+
+def file_identity(path: str | Path) -> dict[str, Any]:
+    """What identifies an input file's content cheaply: resolved path, size, mtime (ns)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return {"path": str(p), "missing": True}
+    if p.is_dir():
+        return {"path": str(p.resolve()), "files": [file_identity(x) for x in sorted(p.iterdir()) if x.is_file()]}
+    st = p.stat()
+    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def without(tree: dict, keys: Iterable[str]) -> dict:
+    """A deep copy of ``tree`` without the dotted ``keys`` (settings that do not change outputs)."""
+    tree = json.loads(json.dumps(tree, default=str))
+    for dotted in keys:
+        node = tree
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(parts[-1], None)
+    return tree
+
+
+class Stage:
+    """One stage's settings record under ``<out>/stages/<name>.json``.
+
+    >>> st = Stage(storage, "synthesis", settings)
+    >>> st.claim(on_change="error")     # fresh or same settings: go on (resume); else StaleOutputError
+    >>> ...                             # the stage writes its outputs, shard by shard
+    >>> st.finish(rows_out=12)          # marks it complete, with what it produced
+    """
+
+    def __init__(self, storage, name: str, settings: dict) -> None:
+        self.storage = storage
+        self.name = name
+        self.settings = settings
+        self.hash = fingerprint(settings)
+        self.rel = f"stages/{name}.json"
+
+    def previous(self) -> dict | None:
+        if not self.storage.exists(self.rel):
+            return None
+        return json.loads(self.storage.read_text(self.rel))
+
+    def claim(self, on_change: str = "error", outputs: Iterable[str] = (),
+              wipe: Callable[[], None] | None = None) -> dict | None:
+        """Check the folder's earlier settings. Returns the earlier record when it matches (reuse/resume).
+
+        ``outputs``: names that exist only if an earlier run wrote into this folder (used when the
+        folder predates settings records: such a folder is refused as well, since its settings are
+        unknown).
+        """
+        prev = self.previous()
+        stale = None
+        if prev is not None and prev.get("hash") != self.hash:
+            changes = settings_diff(prev.get("settings", {}), self.settings)
+            stale = "; ".join(changes[:8]) + (f"; ... ({len(changes)} changes)" if len(changes) > 8 else "")
+        elif prev is None and any(self.storage.exists(o) for o in outputs):
+            stale = "the folder holds outputs without a settings record (an older run)"
+        if stale is not None:
+            if on_change != "overwrite":
+                raise StaleOutputError(
+                    f"{self.storage.uri}: holds {self.name} outputs made with other settings ({stale}). "
+                    f"Use a new out_dir, or add on_change=overwrite to delete them and start again.")
+            if wipe is not None:
+                wipe()
+            prev = None
+        if prev is None:
+            self._write({"status": "running", "started": time.time()})
+        return prev
+
+    def finish(self, **info: Any) -> None:
+        self._write({"status": "complete", "finished": time.time(), **info})
+
+    def complete(self) -> bool:
+        prev = self.previous()
+        return bool(prev and prev.get("hash") == self.hash and prev.get("status") == "complete")
+
+    def _write(self, info: dict) -> None:
+        rec = {"stage": self.name, "hash": self.hash, "settings": self.settings, "pid": os.getpid(), **info}
+        self.storage.write_atomic(self.rel, json.dumps(rec, indent=2, default=str))
