@@ -140,3 +140,92 @@ def test_pure_modules_import_no_ray_or_deepspeed():
         "bad=[m for m in ('ray','deepspeed','vllm') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_kalm_compute_golden():
+    """The registered ``kalm`` loss on hand-made embeddings and LM logits, against values worked out by hand.
+
+    q = [1,0], [0,1]; k = [1,0], [0.6,0.8] (already unit); tau = 0.5, margin = 0.1, so
+    S = (q k^T - 0.1 I) / 0.5 = [[1.8, 1.2], [0, 1.4]]; symmetric InfoNCE =
+    ((CE(S)_rows + CE(S^T)_rows) / 2) = 0.352255460078. LM: per-token CE ln2, ln(4/3) (row 0) and
+    ln2 (row 1), the mean per row summed = (ln2 + ln(4/3)) / 2 + ln2 = 1.183561807066.
+    Each term is divided by the global count of triples; lm_weight = 0.5.
+    """
+    import math
+    from types import SimpleNamespace
+
+    table = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])  # id -> hidden state
+
+    class Fake:
+        def __call__(self, input_ids, attention_mask, output=None, labels=None):
+            if output == "hidden":
+                return table[input_ids]  # (2B, T, H)
+            logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [0.0, 0.0]])  # (N, V)
+            return logits, torch.tensor([0, 0, 1])
+
+    one = torch.ones(2, 1, dtype=torch.long)
+    batch = {"query_input_ids": torch.tensor([[1], [2]]), "query_attention_mask": one,
+             "key_input_ids": torch.tensor([[3], [4]]), "key_attention_mask": one,
+             "tail_ids": torch.tensor([0, 1]), "known_tails": torch.tensor([[-1], [-1]]),
+             "input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long),
+             "labels": torch.tensor([[-100, 5, 6], [-100, -100, 7]])}
+    kalm = SimpleNamespace(tau=0.5, margin=0.1, lm_weight=0.5, symmetric=True, mask_false_negatives=True,
+                           gather_negatives=False)
+    compute = get_loss("kalm").compute
+    exp, lm = 0.3522554600780007, 1.1835618070658085
+    loss, m = compute(Fake(), batch, SimpleNamespace(kalm=kalm), StepContext())
+    assert float(m["exp"]) == pytest.approx(exp * 2 / 2, abs=1e-6)
+    assert float(m["lm"]) == pytest.approx(lm / 2, abs=1e-6)
+    assert float(loss) == pytest.approx(exp + 0.5 * lm / 2, abs=1e-6)
+    # another shard's triples in the step: every term is this batch's share of the global mean
+    loss4, m4 = compute(Fake(), batch, SimpleNamespace(kalm=kalm), StepContext(global_count=4))
+    assert float(loss4) == pytest.approx((exp * 2 + 0.5 * lm) / 4, abs=1e-6)
+    # lm_weight 0: the contrastive term alone, no LM forward pass
+    only = SimpleNamespace(**{**vars(kalm), "lm_weight": 0.0})
+    loss0, m0 = compute(Fake(), batch, SimpleNamespace(kalm=only), StepContext())
+    assert float(loss0) == pytest.approx(exp, abs=1e-6) and "lm" not in m0
+
+
+# =========================================================================== meta
+
+
+def _unit_test_names() -> set[str]:
+    import ast
+    from pathlib import Path
+
+    names = set()
+    for path in Path(__file__).parent.glob("test_*.py"):
+        names |= {n.name for n in ast.walk(ast.parse(path.read_text()))
+                  if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
+    return names
+
+
+def _has_golden_test(loss: str, names: set[str]) -> bool:
+    key = f"_{loss.replace('-', '_')}_"
+    return any(key in f"_{n}_" and "golden" in n for n in names)
+
+
+def test_every_loss_the_trainer_can_train_has_a_golden_value_test():
+    """The trainer's real registry (``get_loss`` / ``list_losses``) and KARD's reranker losses: each needs
+    a test named after it with ``golden`` in the name (a hand-computed value), in any tests/unit file."""
+    from typing import get_type_hints
+
+    from kale_ray.kard import losses as kard_losses
+    from kale_ray.kard.config import RerankerConfig
+
+    names = _unit_test_names()
+    registered = [n for n in list_losses() if get_loss(n).compute.__module__.startswith("kale_ray.")]
+    assert {"sft", "kale", "kalm", "dpo"} <= set(registered), registered
+    missing = [n for n in registered if not _has_golden_test(n, names)]
+    # KARD trains its reranker with rerank_<kind>_loss, kind = RerankerConfig.loss
+    kinds = get_type_hints(RerankerConfig)["loss"].__args__
+    for kind in kinds:
+        assert callable(getattr(kard_losses, f"rerank_{kind}_loss", None)), kind
+    missing += [f"rerank_{k}" for k in kinds if not _has_golden_test(f"rerank_{k}", names)]
+    assert not missing, f"losses without a golden-value test named after them: {missing}"
+
+
+def test_the_golden_test_check_would_catch_a_missing_test():
+    names = {"test_sft_loss_golden", "test_kalm_is_registered", "test_dpo_compute_golden_values"}
+    assert _has_golden_test("sft", names) and _has_golden_test("dpo", names)
+    assert not _has_golden_test("kalm", names) and not _has_golden_test("kale", names)
