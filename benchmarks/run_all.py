@@ -5,6 +5,8 @@
     python benchmarks/run_all.py --table    # only rebuild the README table from existing results
     python benchmarks/run_all.py --only bench_dpo.py,bench_generation.py
 
+``bench_synth_scale.py`` at full size (10^5, 10^6, 5*10^6 entities x 10^4..10^6 questions) runs for hours
+with today's pipeline (each run capped by its ``--timeout``); ``--quick`` is 10^5 entities x 10^4 questions.
 The accuracy testbed's full size (several seeds x ~25 min) is not part of a plain run:
 ``python benchmarks/bench_accuracy.py --size full --seeds 0,1,2``. ``bench_dpo.py`` needs the
 ``bench`` extra (TRL): ``pip install -e ".[bench]"``.
@@ -20,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SCRIPTS = ["bench_paths.py", "bench_ka_loss.py", "bench_generation.py", "bench_dpo.py", "bench_accuracy.py",
-           "bench_recipes.py"]
+           "bench_recipes.py", "bench_synth_scale.py"]
 
 
 def _get(d, *keys, default=None):
@@ -85,6 +87,7 @@ def rows() -> list[list[str]]:
                         if rs.get("loadavg_at_start") else _la(*[r["loadavg_before"] for v in rs["raw"].values() for r in v])])
         else:
             out.append(["Ray Data sampling stage 1 -> 2 workers", "`paths.json`", "not measured", "report", "—", "—"])
+    out += synth_scale_rows()
     ka = _load("ka_loss.json")
     if ka:
         entry, which = (ka["full"], "full") if "full" in ka else (ka.get("quick"), "quick")
@@ -152,6 +155,28 @@ def rows() -> list[list[str]]:
             out.append([f"{label} ({which})", f"`{method}.json`", entry["headline"], "report", "—", la])
         else:
             out.append([label, f"`{method}.json`", "not run yet", "report", "—", "—"])
+    return out
+
+
+def synth_scale_rows() -> list[list[str]]:
+    """bench_synth_scale.py: per target, the largest KG size it was measured at."""
+    doc = _load("synth_scale.json")
+    if not doc:
+        return [["Synthesis at KG scale (issue 11)", "`synth_scale.json`", "not run yet", "see issue 11", "—", "—"]]
+    best: dict[str, dict] = {}
+    for t in doc.get("targets") or []:
+        if t["target"] not in best or t["entities"] >= best[t["target"]]["entities"]:
+            best[t["target"]] = t
+    la = _load_of(doc)
+    out = []
+    for t in best.values():
+        n = t["entities"]
+        size = f"{n:.0e}".replace("e+0", "e") if float(f"{n:.0e}") == n else str(n)
+        meas = "did not finish" if t["measured"] is None else (
+            f"{t['measured']:.2f} {t.get('unit') or ''}".strip()
+            + (f" (baseline {t['baseline']:.2f}, ratio {t['ratio']:.2f})" if t.get("ratio") is not None else ""))
+        out.append([f"Synthesis at scale, {size} entities: {t['target']}", "`synth_scale.json`", meas,
+                    "issue 11 (met judged at the size it names)", _met(t["met"]), la])
     return out
 
 
