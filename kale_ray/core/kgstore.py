@@ -46,6 +46,8 @@ from kale_ray.core.kg import (
     read_names,
     read_triples,
 )
+from kale_ray.core.qa import _ARTICLES as _QA_ARTICLES
+from kale_ray.core.qa import _NONWORD as _QA_NONWORD
 from kale_ray.core.qa import normalize
 from kale_ray.core.rejects import Rejects
 
@@ -60,6 +62,16 @@ _CSV_HEADERS = ("head,relation,tail", "h,r,t", "subject,predicate,object")
 # --------------------------------------------------------------------------- #
 # Hashing and string tables
 # --------------------------------------------------------------------------- #
+def _norm(text: str) -> str:
+    """``kale_ray.core.qa.normalize``; ASCII text skips the Unicode steps (identity for ASCII)."""
+    if text.isascii():
+        text = text.lower().replace("_", " ").replace("-", " ")
+        text = _QA_NONWORD.sub(" ", text)
+        text = _QA_ARTICLES.sub(" ", text)
+        return " ".join(text.split())
+    return normalize(text)
+
+
 def _h64(b: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little")
 
@@ -427,7 +439,8 @@ def _build(entities, relations: list[str], triples: np.ndarray, names: Mapping, 
     """All arrays from entity strings (list or pyarrow array), relations, unique id triples, names."""
     ent_buf, ent_off = _pack_strings(entities)
     ent_col = StringColumn(ent_buf, ent_off)
-    ent_list = list(ent_col) if not isinstance(entities, list) else entities
+    ent_list = entities if isinstance(entities, list) else (
+        entities.to_pylist() if hasattr(entities, "to_pylist") else list(ent_col))
     E = len(ent_list)
     ent_hash, ent_perm = _sorted_hashes(ent_list)
     rel_buf, rel_off = _pack_strings(list(relations))
@@ -463,7 +476,10 @@ def _build(entities, relations: list[str], triples: np.ndarray, names: Mapping, 
     triples = np.ascontiguousarray(triples, dtype=np.int64).reshape(-1, 3)
     h = triples[:, 0]
     key = triples[:, 1] * E + triples[:, 2]
-    order = np.lexsort((key, h))
+    if E * max(R, 1) * max(E, 1) < (1 << 62):
+        order = np.argsort(h * (R * E) + key)  # one sort of a composite key (no overflow)
+    else:
+        order = np.lexsort((key, h))
     spo_key = key[order]
     head_ptr = np.zeros(E + 1, dtype=np.int64)
     np.cumsum(np.bincount(h, minlength=E), out=head_ptr[1:])
@@ -474,12 +490,18 @@ def _build(entities, relations: list[str], triples: np.ndarray, names: Mapping, 
     sf_ents: list[int] = []
     max_len = 1
     for i, eid in enumerate(ent_list):
+        if not alias_counts[i] and not (has_name[i] and name_list[i]):
+            k = _norm(eid)  # its display name (id with '_' as ' ') normalises the same
+            if k:
+                sf_keys.append(k)
+                sf_ents.append(i)
+            continue
         forms = {eid}
         if has_name[i] and name_list[i]:
             forms.add(name_list[i])
         if alias_counts[i]:
             forms.update(alias_by_pos[i])
-        keys = {normalize(f) for f in forms}
+        keys = {_norm(f) for f in forms}
         for k in keys:
             if k:
                 sf_keys.append(k)
@@ -540,10 +562,10 @@ class ColumnarLinker:
         return sorted(out)
 
     def link_exact(self, text: str) -> list[str]:
-        return self.lookup(normalize(text))
+        return self.lookup(_norm(text))
 
     def link_mentions(self, text: str) -> list[str]:
-        tokens = normalize(text).split()
+        tokens = _norm(text).split()
         found: list[str] = []
         seen: set[str] = set()
         i = 0

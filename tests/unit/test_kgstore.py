@@ -278,3 +278,23 @@ def test_no_valid_triples(tmp_path):
     kgf = _write(tmp_path, "kg.tsv", "a\tb\n")
     with pytest.raises(KGFormatError, match="no valid triples"):
         build_columnar_kg(str(kgf), on_error="skip")
+
+
+def test_fast_normalize_matches_qa_normalize():
+    from kale_ray.core.qa import normalize
+
+    texts = ["The_Alga-of  a Pond!", "Café au lait", "naïve ÉCOLE", "x\ty\nz", "an apple", "a", "", "__--",
+             "Größe", "ﬁne", "α-helix", "C3H8O", "it's the end.", "\u00a0nbsp\u2009thin"]
+    for t in texts:
+        assert kgstore._norm(t) == normalize(t), t
+
+
+def test_unicode_names_link_like_entity_linker(tmp_path):
+    kgf = _write(tmp_path, "kg.tsv", "café_1\tnear\tÉcole_Normale\nÉcole_Normale\tin\tparis\n")
+    nf = _write(tmp_path, "names.tsv", "café_1\tCafé de Flore\tLe Flore\nparis\tParis\tla Ville Lumière\n")
+    kg, c = load_kg(str(kgf), names=str(nf)), build_columnar_kg(str(kgf), names=str(nf))
+    _same(c, kg)
+    lin, clin = EntityLinker(kg), ColumnarLinker(c)
+    for q in ["Is the cafe de flore near the ecole normale?", "la ville lumiere", "ÉCOLE NORMALE in Paris", "le flore"]:
+        assert clin.link_mentions(q) == lin.link_mentions(q)
+        assert clin.link_exact(q) == lin.link_exact(q)
