@@ -298,3 +298,20 @@ def test_unicode_names_link_like_entity_linker(tmp_path):
     for q in ["Is the cafe de flore near the ecole normale?", "la ville lumiere", "ÉCOLE NORMALE in Paris", "le flore"]:
         assert clin.link_mentions(q) == lin.link_mentions(q)
         assert clin.link_exact(q) == lin.link_exact(q)
+
+
+def test_out_of_band_pickle_shares_buffers(umls_c):
+    """What ray.put/ray.get do: protocol-5 out-of-band buffers, arrays rebuilt over them without a copy."""
+    import pickle
+
+    bufs = []
+    blob = pickle.dumps(umls_c.to_arrays(), protocol=5, buffer_callback=bufs.append)
+    assert len(blob) < 64 * 1024  # the arrays travel out of band, only meta in the pickle
+    raw = [memoryview(b.raw()) for b in bufs]
+    meta, arrays = pickle.loads(blob, buffers=raw)
+    c = ColumnarKG.from_arrays(meta, arrays)
+    backing = [np.frombuffer(r, dtype=np.uint8) for r in raw]
+    assert any(np.shares_memory(c.triples, b) for b in backing)
+    assert c.has_named_triple(*[umls_c.entities[int(umls_c.triples[5, 0])], umls_c.relations[int(umls_c.triples[5, 1])],
+                                umls_c.entities[int(umls_c.triples[5, 2])]])
+    assert c.summary() == umls_c.summary()
