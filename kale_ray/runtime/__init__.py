@@ -1,0 +1,1 @@
+"""The only Ray / vLLM / storage code methods touch: ray start-up, generation, stages, storage."""
