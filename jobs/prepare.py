@@ -1,4 +1,4 @@
-"""Render the kept synthesised rows into a student's training rows: ``out/train.jsonl`` (prompt, teacher_prompt,
+"""Render the kept synthesised rows into a student's training rows: JSONL under ``out/`` (prompt, teacher_prompt,
 completion in the student's chat template), the ``data`` of ``jobs/train.py``. No Ray, no GPU.
 
 Local, between ``jobs/synthesize.py`` and ``jobs/train.py``::

@@ -32,7 +32,7 @@ from kale_ray.knowtuning.config import KnowTuningDPOJobConfig, KnowTuningJobConf
 @dataclasses.dataclass
 class PrepareConfig:
     """Render the kept synthesised rows (``synth/data/shard-*.jsonl``) into a student's training rows
-    (``out/train.jsonl`` with prompt, teacher_prompt, completion): the ``data`` of ``kale-ray train``."""
+    (JSONL under ``out/`` with prompt, teacher_prompt, completion): the ``data`` of ``kale-ray train``."""
 
     synth: str = "runs/synth"  # a synthesis out_dir (or its data/ folder)
     out: str = "runs/rows"
