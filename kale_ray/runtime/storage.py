@@ -43,7 +43,10 @@ def _split_scheme(uri: str) -> tuple[str | None, str]:
 
 
 def _s3_options_from_env() -> dict[str, Any]:
-    opts: dict[str, Any] = {}
+    # allow_delayed_open: an object under the part size (pyarrow: 10 MiB) goes up as ONE PutObject at close();
+    # without it pyarrow 26 uses a multipart upload (3 requests) even for a 1-byte marker. Both are atomic:
+    # a multipart object only appears on CompleteMultipartUpload.
+    opts: dict[str, Any] = {"allow_delayed_open": True}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         endpoint = endpoint.strip()
@@ -357,7 +360,10 @@ class Storage:
         return len(lines)
 
     def delete(self, rel: str) -> None:
-        """Delete a file (or a folder with everything under it); missing is fine."""
+        """Delete a file (or a folder with everything under it); missing is fine.
+
+        On S3, pyarrow's delete_file re-creates the parent "dir/" marker object when the folder would become
+        empty (so exists(parent) stays True); list() leaves markers out."""
         path = self.path(rel)
         try:
             info = self.fs.get_file_info(path)
