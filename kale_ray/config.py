@@ -109,6 +109,22 @@ class GenerationConfig:
     http_api_key_env: str = "OPENAI_API_KEY"
     http_timeout_s: float = 60.0
     max_retries: int = 2
+    # vLLM parallelism of one replica (a teacher bigger than one GPU): GPUs per replica =
+    # tensor_parallel_size * pipeline_parallel_size. > 1 needs num_gpus_per_replica > 0.
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        for key, lo in (("tensor_parallel_size", 1), ("pipeline_parallel_size", 1), ("concurrency", 1),
+                        ("max_concurrency", 0), ("batch_size", 1), ("max_tokens", 1)):
+            if getattr(self, key) < lo:
+                raise ConfigError(f"generation.{key}: must be >= {lo}, got {getattr(self, key)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"generation.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.temperature < 0:
+            raise ConfigError(f"generation.temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generation.top_p: must be in (0, 1], got {self.top_p}")
 
 
 @dataclasses.dataclass
@@ -120,8 +136,16 @@ class SynthConfig:
     paths: PathConfig = dataclasses.field(default_factory=PathConfig)
     teacher: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
+    # A local folder or a storage URI (s3://bucket/prefix, gs://..., file://...).
     out_dir: str = "runs/synth"
-    shard_size: int = 64  # rows per output shard; a finished shard is never redone
+    # Question lines per shard (the unit of work, output files and resume); a finished shard is
+    # never redone. Part of the settings: a changed shard_size on a rerun is refused, never mixed.
+    shard_size: int = 256
+    # A rerun whose settings differ from those behind out_dir's outputs: "error" stops and names
+    # the changed keys; "overwrite" deletes the old outputs and starts again. Never mixes them.
+    on_change: Literal["error", "overwrite"] = "error"
+    # Path-search tasks in flight (0 = one per CPU of the cluster); each shares the KG zero-copy.
+    search_workers: int = 0
     # If the teacher's rationale fails verification, keep the example with the template
     # rationale (teacher='template-fallback') instead of only rejecting it. The rejected
     # teacher output is still written aside with its reason.

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from kale_ray.config import GenerationConfig
+from kale_ray.config import ConfigError, GenerationConfig
 
 # Worker env for local runs: progress lines from training reach the driver, vLLM's
 # per-request INFO chatter does not.
@@ -70,35 +70,44 @@ def _concurrency(gen: GenerationConfig):
     return gen.concurrency
 
 
-def build_vllm_processor(model_path: str, gen: GenerationConfig, max_model_len: int,
-                         trust_remote_code: bool = False, max_tokens: int | None = None,
-                         json_schema: dict | None = None):
-    """A ray.data.llm processor: rows with ``prompt`` (str) in, rows with ``generation`` out.
+def vllm_processor_config(model_path: str, gen: GenerationConfig, max_model_len: int,
+                          trust_remote_code: bool = False):
+    """The ``ray.data.llm.vLLMEngineProcessorConfig`` of the teacher (no GPU or Ray needed to build it).
 
-    Other columns pass through. Output columns: ``generation``, ``gen_tokens``,
-    ``prompt_tokens``, ``gen_error`` ("" when fine). ``json_schema``: guided decoding to that
-    JSON schema (vLLM ``StructuredOutputsParams(json=...)``, which ray.data.llm builds from the
-    row's ``sampling_params["structured_outputs"]``).
+    One replica spans ``tp * pp`` GPUs. How Ray 2.60 uses these fields (read in
+    ray/llm/_internal/batch/stages/vllm_engine_stage.py, ``vLLMEngineStage.post_init`` and
+    ``_ray_scheduling_strategy_fn``; field doc in batch/processor/vllm_engine_proc.py): it reads
+    ``engine_kwargs["tensor_parallel_size"]`` / ``["pipeline_parallel_size"]``, bundles per replica
+    = tp * pp, and sets ``distributed_executor_backend`` to "uni" (tp*pp == 1) or "ray"
+    (setdefault). With "ray" the actor asks for 0 GPUs and ``placement_group_config``
+    (``{"bundles": [...], "strategy": PACK|STRICT_PACK|SPREAD|STRICT_SPREAD}``, validated by
+    ray/llm/_internal/common/placement.py::PlacementGroupConfig) becomes the placement group the
+    vLLM workers run in; with "uni" the bundles' CPU/GPU sum becomes the actor's num_cpus/num_gpus.
+    Ray Serve LLM's cross-node-parallelism guide: PACK places workers on as few nodes as possible
+    and spills to other nodes; vLLM's docs: TP within a node, PP across nodes.
     """
-    import ray.data
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+    from ray.data.llm import vLLMEngineProcessorConfig
 
-    # An engine that fails to start (seen once here: engine core init failed while the machine
-    # was loaded) is retried inside its actor (DataContext.actor_init_max_retries, default 3)
-    # instead of failing the whole run on the first try.
-    ray.data.DataContext.get_current().actor_init_retry_on_errors = True
-    sp = sampling_params(gen, max_tokens)
-    if not _on_gpu(gen) and sp["temperature"] > 0:
-        # vLLM 0.32 CPU: a per-request seeded generator crashes the engine core when a prompt is
-        # prefilled in chunks ("CPU Generator does not use offset"); the engine's own seed
-        # (engine_kwargs: gen.seed) still makes the sampling reproducible per pass.
-        sp.pop("seed", None)
-    if json_schema is not None:
-        sp["structured_outputs"] = {"json": json.dumps(json_schema)}
-    pg = None if _on_gpu(gen) else {"bundles": [{"CPU": 1}]}
-    config = vLLMEngineProcessorConfig(
+    tp, pp = gen.tensor_parallel_size, gen.pipeline_parallel_size
+    kw = engine_kwargs(gen, max_model_len, trust_remote_code)
+    if _on_gpu(gen):
+        kw["tensor_parallel_size"] = tp
+        kw["pipeline_parallel_size"] = pp
+        if pp > 1:
+            # Pipeline stages may sit on other nodes: vLLM needs the Ray executor for that.
+            kw["distributed_executor_backend"] = "ray"
+        pg = {"bundles": [{"GPU": 1, "CPU": 1} for _ in range(tp * pp)],
+              # TP all-reduces every layer: keep a replica on one node. PP stages may span nodes.
+              "strategy": "STRICT_PACK" if pp == 1 else "PACK"}
+    else:
+        if tp > 1:
+            raise ConfigError("generation.tensor_parallel_size > 1 needs GPUs (generation.num_gpus_per_replica)")
+        if pp > 1:
+            raise ConfigError("generation.pipeline_parallel_size > 1 needs GPUs (generation.num_gpus_per_replica)")
+        pg = {"bundles": [{"CPU": 1}]}
+    return vLLMEngineProcessorConfig(
         model_source=model_path,
-        engine_kwargs=engine_kwargs(gen, max_model_len, trust_remote_code),
+        engine_kwargs=kw,
         batch_size=gen.batch_size,
         concurrency=_concurrency(gen),
         chat_template_stage=False,
@@ -112,6 +121,34 @@ def build_vllm_processor(model_path: str, gen: GenerationConfig, max_model_len: 
         accelerator_type=None,
         runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "TOKENIZERS_PARALLELISM": "false"}},
     )
+
+
+def build_vllm_processor(model_path: str, gen: GenerationConfig, max_model_len: int,
+                         trust_remote_code: bool = False, max_tokens: int | None = None,
+                         json_schema: dict | None = None):
+    """A ray.data.llm processor: rows with ``prompt`` (str) in, rows with ``generation`` out.
+
+    Other columns pass through. Output columns: ``generation``, ``gen_tokens``,
+    ``prompt_tokens``, ``gen_error`` ("" when fine). ``json_schema``: guided decoding to that
+    JSON schema (vLLM ``StructuredOutputsParams(json=...)``, which ray.data.llm builds from the
+    row's ``sampling_params["structured_outputs"]``).
+    """
+    import ray.data
+    from ray.data.llm import build_processor
+
+    # An engine that fails to start (seen once here: engine core init failed while the machine
+    # was loaded) is retried inside its actor (DataContext.actor_init_max_retries, default 3)
+    # instead of failing the whole run on the first try.
+    ray.data.DataContext.get_current().actor_init_retry_on_errors = True
+    sp = sampling_params(gen, max_tokens)
+    if not _on_gpu(gen) and sp["temperature"] > 0:
+        # vLLM 0.32 CPU: a per-request seeded generator crashes the engine core when a prompt is
+        # prefilled in chunks ("CPU Generator does not use offset"); the engine's own seed
+        # (engine_kwargs: gen.seed) still makes the sampling reproducible per pass.
+        sp.pop("seed", None)
+    if json_schema is not None:
+        sp["structured_outputs"] = {"json": json.dumps(json_schema)}
+    config = vllm_processor_config(model_path, gen, max_model_len, trust_remote_code)
 
     def preprocess(row: dict) -> dict:
         return dict(row, sampling_params=sp)
