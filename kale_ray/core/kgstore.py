@@ -10,7 +10,9 @@ handful of flat arrays:
   (the string is verified on a hit, so hash collisions are harmless);
 * triple membership by a (head, relation, tail)-sorted order: a per-head CSR of ``r * E + t``
   keys searched with ``np.searchsorted`` (no Python set);
-* the path-search ``GraphIndex`` arrays, stored so workers never rebuild them;
+* the path-search ``GraphIndex`` arrays and the search CSRs derived from them
+  (``kale_ray.core.paths.search_arrays``, ``ps_*``), stored so workers never rebuild or copy them
+  (``index()`` attaches them: every worker's searches read the one shared copy);
 * a surface-form index (normalised id/name/aliases, hashed and sorted, with entity ids) for
   ``ColumnarLinker``, the array twin of ``kale_ray.core.qa.EntityLinker``.
 
@@ -46,12 +48,13 @@ from kale_ray.core.kg import (
     read_names,
     read_triples,
 )
+from kale_ray.core.paths import REQUIRED_SEARCH_ARRAYS, SEARCH_ARRAY_NAMES, attach_search_arrays, search_arrays
 from kale_ray.core.qa import _ARTICLES as _QA_ARTICLES
 from kale_ray.core.qa import _NONWORD as _QA_NONWORD
 from kale_ray.core.qa import normalize
 from kale_ray.core.rejects import Rejects
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the path-search arrays (ps_*, kale_ray.core.paths.search_arrays)
 KEEP_DUPLICATE_RECORDS = 100  # duplicate triples: counted, only the first few kept as records
 KEEP_REJECT_ROWS_IN_META = 1000
 
@@ -260,7 +263,8 @@ _ARRAY_NAMES = (
     "triples", "head_ptr", "spo_key",
     "gi_indptr", "gi_nbr", "gi_rel", "gi_tid", "gi_inv",
     "sf_hash", "sf_ent", "sf_buf", "sf_off",
-)
+) + REQUIRED_SEARCH_ARRAYS
+_OPTIONAL_ARRAY_NAMES = tuple(k for k in SEARCH_ARRAY_NAMES if k not in REQUIRED_SEARCH_ARRAYS)
 
 
 def _rejects_to_meta(rejects: Rejects) -> dict:
@@ -376,10 +380,11 @@ class ColumnarKG:
         if undirected not in self._indexes:
             if undirected == self.undirected:
                 a = self.arrays
-                self._indexes[undirected] = GraphIndex(
+                gi = self._indexes[undirected] = GraphIndex(
                     indptr=a["gi_indptr"], nbr=a["gi_nbr"], rel=a["gi_rel"], tid=a["gi_tid"], inv=a["gi_inv"],
                     num_nodes=self.num_entities,
                 )
+                attach_search_arrays(gi, {k: a[k] for k in SEARCH_ARRAY_NAMES if k in a})
             else:
                 self._indexes[undirected] = GraphIndex.build(self.triples, self.num_entities, undirected=undirected)
         return self._indexes[undirected]
@@ -419,7 +424,8 @@ class ColumnarKG:
     def open(cls, directory: str | Path, mmap: bool = True) -> "ColumnarKG":
         d = Path(directory)
         meta = json.loads((d / "meta.json").read_text())
-        arrays = {k: np.load(d / f"{k}.npy", mmap_mode="r" if mmap else None, allow_pickle=False) for k in _ARRAY_NAMES}
+        names = _ARRAY_NAMES + tuple(k for k in _OPTIONAL_ARRAY_NAMES if (d / f"{k}.npy").exists())
+        arrays = {k: np.load(d / f"{k}.npy", mmap_mode="r" if mmap else None, allow_pickle=False) for k in names}
         return cls(meta, arrays)
 
     # ----- construction ----------------------------------------------------
@@ -528,6 +534,7 @@ def _build(entities, relations: list[str], triples: np.ndarray, names: Mapping, 
         "gi_indptr": gi.indptr, "gi_nbr": gi.nbr, "gi_rel": gi.rel, "gi_tid": gi.tid, "gi_inv": gi.inv,
         "sf_hash": sf_hash_raw[sf_order], "sf_ent": sf_ent_raw[sf_order].astype(np.int32), "sf_buf": sf_buf, "sf_off": sf_off,
     }
+    arrays.update(search_arrays(gi, triples))  # shared by every worker (see ColumnarKG.index)
     kg = ColumnarKG(meta, arrays)
     kg.rejects = rejects
     return kg

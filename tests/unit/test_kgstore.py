@@ -315,3 +315,51 @@ def test_out_of_band_pickle_shares_buffers(umls_c):
     assert c.has_named_triple(*[umls_c.entities[int(umls_c.triples[5, 0])], umls_c.relations[int(umls_c.triples[5, 1])],
                                 umls_c.entities[int(umls_c.triples[5, 2])]])
     assert c.summary() == umls_c.summary()
+
+
+def _search_views(prep):
+    csrs = [prep.multi] + ([prep.simple] if prep.simple is not prep.multi else [])
+    return [getattr(c, f) for c in csrs for f in ("indptr", "nbr", "eid", "tid", "deg", "deg2")] + [
+        prep.simple_key, prep.entry_relations(None), prep.entry_forward(None)]
+
+
+def test_search_arrays_shared_zero_copy(umls_c, umls):
+    """Workers wrap the artifact's path-search arrays (ps_*): nothing per worker, same paths."""
+    import pickle
+
+    from kale_ray.core import paths
+
+    assert kgstore.FORMAT_VERSION >= 2
+    assert all(k in umls_c.arrays for k in paths.REQUIRED_SEARCH_ARRAYS + ("ps_entry_rel", "ps_entry_fwd"))
+    bufs = []
+    blob = pickle.dumps(umls_c.to_arrays(), protocol=5, buffer_callback=bufs.append)
+    raw = [memoryview(b.raw()) for b in bufs]
+    meta, arrays = pickle.loads(blob, buffers=raw)
+    c = ColumnarKG.from_arrays(meta, arrays)
+    idx = c.index()
+    prep = paths._prepared(idx)[0]
+    backing = [np.frombuffer(r, dtype=np.uint8) for r in raw]
+    for v in _search_views(prep):
+        assert v.size == 0 or any(np.shares_memory(v, b) for b in backing)
+    assert isinstance(prep.multi.ipl, memoryview)  # no per-process list of |V| ints
+    # identical results to a process-built _Prepared on a fresh index
+    ref = GraphIndex.from_kg(umls)
+    rw = np.zeros(c.num_relations)
+    rw[:3] = 1.0
+    for heur in ("bidirectional", "target"):
+        params = paths.PathSearchParams(max_hops=3, k=4, heuristic=heur)
+        for s, t in [(0, 5), (3, 40), (10, 90), (7, 7)]:
+            for w in (None, rw):
+                a = paths.find_paths(idx, c.triples, s, t, params, np.random.default_rng(1), relation_weights=w)
+                b = paths.find_paths(ref, umls.triples, s, t, params, np.random.default_rng(1), relation_weights=w)
+                assert [(p.nodes, p.hops, p.method) for p in a] == [(p.nodes, p.hops, p.method) for p in b]
+
+
+def test_search_arrays_saved_and_mmapped(tmp_path, umls_c):
+    from kale_ray.core import paths
+
+    umls_c.save(tmp_path / "art")
+    c = ColumnarKG.open(tmp_path / "art")
+    prep = paths._prepared(c.index())[0]
+    for v in _search_views(prep):
+        assert v.size == 0 or isinstance(v, np.memmap) or isinstance(v.base, np.memmap)

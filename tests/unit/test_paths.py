@@ -620,3 +620,36 @@ def test_relation_paths_are_valid_on_random_graphs():
                 plain = [p for p in ps if p.complete]
                 if plain:
                     assert [p.length for p in plain] == nx_k_shortest_lengths(g, s, t, len(plain), 3)
+
+
+def test_attach_search_arrays_wraps_without_copy():
+    """search_arrays once, attach_search_arrays in a 'worker': shared arrays, identical paths."""
+    import numpy as np
+
+    from kale_ray.core import paths as P
+    from kale_ray.core.kg import GraphIndex
+
+    rng = np.random.default_rng(0)
+    n = 60
+    tr = np.unique(np.stack([rng.integers(0, n, 400), rng.integers(0, 3, 400), rng.integers(0, n, 400)], 1), axis=0)
+    tr = np.concatenate([tr, tr[:20, [2, 1, 0]]])  # parallel edges: simple != multi
+    ref = GraphIndex.build(tr, n)
+    arrays = P.search_arrays(ref, tr)
+    assert "ps_simple_indptr" in arrays
+    worker = GraphIndex(indptr=ref.indptr, nbr=ref.nbr, rel=ref.rel, tid=ref.tid, inv=ref.inv, num_nodes=n)
+    P.attach_search_arrays(worker, arrays)
+    prep = P._prepared(worker)[0]
+    assert np.shares_memory(prep.multi.nbr, arrays["ps_multi_nbr"])
+    assert np.shares_memory(prep.simple.indptr, arrays["ps_simple_indptr"])
+    assert np.shares_memory(prep.entry_relations(tr), arrays["ps_entry_rel"])
+    w = np.array([1.0, 0.0, 1.0])
+    for dn in (True, False):
+        params = P.PathSearchParams(max_hops=3, k=5, heuristic="bidirectional", distinct_nodes=dn)
+        for s, t in [(0, 1), (2, 30), (5, 59)]:
+            for rw in (None, w):
+                a = P.find_paths(worker, tr, s, t, params, np.random.default_rng(3), relation_weights=rw)
+                b = P.find_paths(ref, tr, s, t, params, np.random.default_rng(3), relation_weights=rw)
+                assert [(p.nodes, p.hops, p.method) for p in a] == [(p.nodes, p.hops, p.method) for p in b]
+    import pytest
+    with pytest.raises(ValueError):
+        P.attach_search_arrays(GraphIndex.build(tr[:5], 10), arrays)
