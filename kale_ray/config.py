@@ -272,6 +272,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     max_failures: int = 0
+    # A rerun into an out_dir trained with other settings (or data): "error" stops and names the
+    # changed keys; "overwrite" deletes the old run (checkpoints included) and trains again.
+    on_change: Literal["error", "overwrite"] = "error"
     seed: int = 0
     torch_threads: int = 0  # 0 = cores / workers
     save_merged: bool = True

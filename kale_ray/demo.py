@@ -14,6 +14,7 @@ evaluations are reused).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -21,7 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 from kale_ray.llm import QUIET_ENV
-from kale_ray.config import DemoConfig, EvalConfig, dump_config
+from kale_ray.config import DemoConfig, EvalConfig, dump_config, to_dict
+from kale_ray.runtime.stages import content_identity
 from kale_ray.report import machine_info, plot, write_metrics, write_report
 
 
@@ -79,7 +81,10 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
         tcfg.loss = loss
         tcfg.data = str(out / "train_rows")
         tcfg.out_dir = str(out / loss)
-        done = _done(out / loss / "train_summary.json")
+        from kale_ray.train.trainer import training_stage
+
+        # Reused only when trained under these very settings and rows; other settings: refused or redone.
+        done = _done(out / loss / "train_summary.json") if training_stage(tcfg, f"demo-{loss}").complete() else None
         if done is None:
             progress(f"[demo] training {loss} on Ray Train + DeepSpeed ZeRO-{tcfg.zero_stage}, {tcfg.num_workers} workers")
             res = run_training(tcfg, run_name=f"demo-{loss}")
@@ -101,8 +106,21 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
         ecfg.model.name = path
         ecfg.data = str(test_file)
         ecfg.out_dir = str(out / f"eval_{name}")
-        done = _done(out / f"eval_{name}" / "metrics.json")
+        # The evaluation's settings name the model it scored (the training run's settings hash).
+        from kale_ray.runtime.stages import Stage
+        from kale_ray.runtime.storage import Storage
+        from kale_ray.train.trainer import training_stage
+
+        model_id = path if name == "base" else training_stage(
+            dataclasses.replace(cfg.train, loss=name, data=str(out / "train_rows"), out_dir=str(out / name)),
+            f"demo-{name}").hash
+        stage = Stage(Storage.from_uri(str(out / f"eval_{name}")), "evaluate",
+                      {"eval": to_dict(ecfg), "model": model_id, "test": content_identity(test_file)})
+        stage.claim(cfg.train.on_change, outputs=("metrics.json",),
+                    wipe=lambda d=out / f"eval_{name}": (d / "metrics.json").unlink(missing_ok=True))
+        done = _done(out / f"eval_{name}" / "metrics.json") if stage.complete() else None
         evals[name] = done if done is not None else evaluate(ecfg, label=name, progress=progress)
+        stage.finish(accuracy=evals[name].get("accuracy"))
         timings[f"eval.{name}"] = time.perf_counter() - t
 
     timings["total"] = time.perf_counter() - t_all

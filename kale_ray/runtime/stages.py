@@ -55,6 +55,21 @@ def file_identity(path: str | Path) -> dict[str, Any]:
     return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def content_identity(path: str | Path) -> dict[str, Any]:
+    """A hash of a file's (or a folder's files') bytes: for inputs rewritten with the same content."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return {"path": str(p), "missing": True}
+    files = sorted(x for x in p.iterdir() if x.is_file()) if p.is_dir() else [p]
+    h = hashlib.blake2b(digest_size=16)
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return {"path": str(p.resolve()), "files": len(files), "blake2b": h.hexdigest()}
+
+
 def without(tree: dict, keys: Iterable[str]) -> dict:
     """A deep copy of ``tree`` without the dotted ``keys`` (settings that do not change outputs)."""
     tree = json.loads(json.dumps(tree, default=str))

@@ -26,23 +26,64 @@ def training_row(row: dict, tokenizer) -> dict:
 
 
 def write_training_rows(synth_dir: str | Path, model_path: str, dest: str | Path, trust_remote_code: bool = False) -> dict:
-    """Render every kept synthesised row into ``dest/train.jsonl``; returns counts."""
-    from kale_ray.models import load_tokenizer
+    """Render every kept synthesised row into ``dest/part-<shard>.jsonl``; returns counts.
 
+    One part per synthesis shard, rendered by Ray Data tasks when Ray is running (the driver sees
+    only counts), else in this process. Parts of shards that no longer exist are removed, so the
+    folder never mixes rows of another synthesis run.
+    """
     synth_dir, dest = Path(synth_dir), Path(dest)
     data_dir = synth_dir / "data" if (synth_dir / "data").is_dir() else synth_dir
     files = sorted(data_dir.glob("shard-*.jsonl"))
     if not files:
         raise FileNotFoundError(f"no synthesised shards (shard-*.jsonl) in {data_dir}")
-    tok = load_tokenizer(model_path, trust_remote_code)
     dest.mkdir(parents=True, exist_ok=True)
+    jobs = [{"src": str(f), "dst": str(dest / f"part-{f.stem.removeprefix('shard-')}.jsonl")} for f in files]
+    wanted = {Path(j["dst"]).name for j in jobs}
+    for old in list(dest.glob("*.jsonl")):
+        if old.name not in wanted:
+            old.unlink()
+    try:
+        import ray
+        use_ray = ray.is_initialized()
+    except ImportError:  # pragma: no cover - ray is a dependency
+        use_ray = False
+    if use_ray:
+        ds = ray.data.from_items(jobs, override_num_blocks=len(jobs))
+        counts = [int(r["rows"]) for r in ds.map_batches(_render_parts, batch_size=1, batch_format="numpy", num_cpus=1,
+                                                          fn_kwargs={"model_path": model_path,
+                                                                     "trust_remote_code": trust_remote_code}).iter_rows()]
+    else:
+        counts = [render_part(j["src"], j["dst"], model_path, trust_remote_code) for j in jobs]
+    return {"rows": int(sum(counts)), "shards": len(files), "path": str(dest)}
+
+
+_TOKENIZERS: dict = {}
+
+
+def render_part(src: str, dst: str, model_path: str, trust_remote_code: bool = False) -> int:
+    """One synthesis shard -> one file of training rows (atomic); returns its row count."""
+    import os
+
+    from kale_ray.models import load_tokenizer
+
+    key = (model_path, trust_remote_code)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_tokenizer(model_path, trust_remote_code)
+    tok = _TOKENIZERS[key]
     n = 0
-    tmp = dest / "train.jsonl.tmp"
+    tmp = Path(dst).with_name(Path(dst).name + f".tmp{os.getpid()}")
     with tmp.open("w") as f:
-        for path in files:
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    f.write(json.dumps(training_row(json.loads(line), tok)) + "\n")
-                    n += 1
-    tmp.replace(dest / "train.jsonl")
-    return {"rows": n, "shards": len(files), "path": str(dest / "train.jsonl")}
+        for line in Path(src).read_text().splitlines():
+            if line.strip():
+                f.write(json.dumps(training_row(json.loads(line), tok)) + "\n")
+                n += 1
+    tmp.replace(dst)
+    return n
+
+
+def _render_parts(batch, model_path: str, trust_remote_code: bool):
+    import numpy as np
+
+    rows = [render_part(str(s), str(d), model_path, trust_remote_code) for s, d in zip(batch["src"], batch["dst"])]
+    return {"rows": np.array(rows, dtype=np.int64)}

@@ -1,38 +1,55 @@
-"""KI synthesis on Ray Data: QA rows -> linking -> paths -> prompts -> teacher -> parse -> verify -> write.
+"""KI synthesis as one streaming Ray Data job: QA lines -> link -> paths -> prompts -> teacher -> parse/verify -> write.
 
-Layout of ``out_dir``::
+No row passes through the driver. The driver plans shards (byte ranges of the question file,
+``shard_size`` lines each, found in one constant-memory scan), puts the KG's arrays in the object
+store once, and streams shard descriptors through Ray Data. Workers read their lines, link,
+search, and write; the driver only sees per-shard counts.
 
-    qa/train.jsonl, qa/test.jsonl      the questions (generated once; reruns read them back)
-    data/shard-00000.jsonl             kept rows (id, question, answer, question_entities,
-                                       answer_entities, paths, rationale, teacher, ...)
-    rejects/shard-00000.jsonl          rows aside, each with a ``reason``
+Layout of ``out_dir`` (a local folder or a storage URI, see kale_ray.runtime.storage)::
+
+    stages/synthesis.json              the settings behind these outputs (a rerun with others is refused)
+    qa/train.jsonl, qa/test.jsonl      generated questions (qa.source=generate); a user's file is read in place
+    data/shard-00000.jsonl             kept rows (id, question, answer, question_entities, answer_entities,
+                                       paths, rationale, teacher, ...)
     data/shard-00000.done              completion marker with the shard's counts
+    rejects/shard-00000.jsonl          rows aside, each with a ``reason``
+    rejects/qa_lines.jsonl, kg_lines.jsonl   malformed input lines (file, line, reason)
+    work/                              teacher stage in flight (per-shard inputs and parts); gone when done
     summary.json                       rows in/out, rejected by reason, tokens, time per stage
 
-Resume: rows are cut into fixed shards in question order. A shard is written atomically
-(temp file + rename) and then marked done; a rerun skips done shards and redoes the rest,
-so after a crash no row is lost and none is duplicated.
+Exactly once: a shard's files are written atomically, then its marker; a rerun skips marked
+shards and redoes the rest. Teacher outputs are written in parts named by a hash of their row
+ids (a retried task rewrites the same part) and merged into the shard by id.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from kale_ray.config import SynthConfig, dump_config
-from kale_ray.core.kg import GraphIndex, KnowledgeGraph, load_kg
+from kale_ray.config import SynthConfig, to_dict
+from kale_ray.core.kg import GraphIndex, load_kg
 from kale_ray.core.prompts import render_chat
-from kale_ray.core.qa import QAExample, generate_questions, read_qa_jsonl, split_questions, write_qa_jsonl
+from kale_ray.core.qa import generate_questions, line_offsets, read_qa_jsonl, split_questions
 from kale_ray.core.rejects import Rejects
+from kale_ray.runtime.stages import Stage, file_identity, without
+from kale_ray.runtime.storage import Storage
 from kale_ray.synth import steps
 
 SHARD_FMT = "shard-{:05d}"
+
+# Settings that change how fast a run goes, not what it writes.
+_NOT_OUTPUT_SETTINGS = ("out_dir", "on_change", "search_workers", "generation.batch_size", "generation.concurrency",
+                        "generation.max_concurrency", "generation.http_timeout_s", "generation.num_gpus_per_replica",
+                        "generation.gpu_memory_utilization", "generation.tensor_parallel_size",
+                        "generation.pipeline_parallel_size", "teacher.cache_dir")
 
 
 @dataclass
@@ -48,183 +65,182 @@ class SynthSummary:
     seconds: dict[str, float] = field(default_factory=dict)
     qa: dict[str, Any] = field(default_factory=dict)
     kg: dict[str, Any] = field(default_factory=dict)
+    paths: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
 
 
+def synthesis_settings(cfg: SynthConfig) -> dict:
+    """What decides this job's outputs: the config (minus speed knobs) and its input files' identity."""
+    s = without(to_dict(cfg), _NOT_OUTPUT_SETTINGS)
+    inputs = {}
+    for key, src in (("kg", cfg.kg.source), ("kg_names", cfg.kg.names), ("qa", cfg.qa.source), ("qa_test", cfg.qa.test_file)):
+        if src and not src.startswith("builtin:") and src != "generate":
+            inputs[key] = file_identity(src)
+    s["inputs"] = inputs
+    return s
+
+
 # --------------------------------------------------------------------------- #
-# Questions
+# The KG, shared
 # --------------------------------------------------------------------------- #
-def prepare_questions(cfg: SynthConfig, kg: KnowledgeGraph, out_dir: Path, rejects: Rejects
-                      ) -> tuple[list[QAExample], list[QAExample]]:
-    """Generate (or load) the train/test questions once; reruns read the saved files back."""
-    train_p, test_p = out_dir / "qa" / "train.jsonl", out_dir / "qa" / "test.jsonl"
-    if train_p.exists() and test_p.exists():
-        return list(read_qa_jsonl(train_p, rejects)), list(read_qa_jsonl(test_p, rejects))
-    qa = cfg.qa
-    if qa.source == "generate":
-        questions = generate_questions(kg, qa.num_questions, qa.hops, qa.num_choices, qa.max_answers, qa.seed)
-        train, test = split_questions(questions, qa.test_fraction, qa.seed)
-    else:
-        train = list(read_qa_jsonl(qa.source, rejects))
-        test = list(read_qa_jsonl(qa.test_file, rejects)) if qa.test_file else []
-    if cfg.max_rows:
-        train = train[: cfg.max_rows]
-    write_qa_jsonl(test, test_p)
-    write_qa_jsonl(train, train_p)
-    return train, test
+def _columnar():
+    try:
+        from kale_ray.core import kgstore
+        return kgstore
+    except ImportError:  # pragma: no cover - the store ships with the package
+        return None
+
+
+def load_shared_kg(cfg: SynthConfig):
+    """(kg, index, kg_for_questions): the columnar KG (cached on disk) when available."""
+    kgstore = _columnar()
+    if cfg.qa.source == "generate" or kgstore is None:
+        kg = load_kg(cfg.kg.source, cfg.kg.names, cfg.kg.on_error)
+        ckg = kgstore.ColumnarKG.from_kg(kg, undirected=cfg.kg.undirected_search) if kgstore else kg
+        return ckg, kg
+    ckg = kgstore.load_columnar_kg(cfg.kg.source, cfg.kg.names, cfg.kg.on_error, undirected=cfg.kg.undirected_search)
+    return ckg, None
+
+
+def _share(kg) -> Any:
+    """What goes to the object store: the arrays (zero-copy on every worker of a node)."""
+    return kg.to_arrays() if hasattr(kg, "to_arrays") else (kg, GraphIndex.from_kg(kg))
+
+
+_CTX: dict[str, steps.SynthContext] = {}
+
+
+def _context(kg_holder: list, cfg: SynthConfig) -> steps.SynthContext:
+    """One SynthContext per worker process, over the shared arrays (built once, reused by later tasks)."""
+    import ray
+
+    key = kg_holder[0].hex()
+    ctx = _CTX.get(key)
+    if ctx is None:
+        shared = ray.get(kg_holder[0])
+        kgstore = _columnar()
+        if isinstance(shared, tuple) and len(shared) == 2 and isinstance(shared[0], dict):
+            kg = kgstore.ColumnarKG.from_arrays(*shared)
+            ctx = steps.SynthContext(kg, kg.index(cfg.kg.undirected_search), cfg.paths, linker=kgstore.ColumnarLinker(kg))
+        else:
+            kg, index = shared
+            ctx = steps.SynthContext(kg, index, cfg.paths)
+        _CTX.clear()
+        _CTX[key] = ctx
+    return ctx
 
 
 # --------------------------------------------------------------------------- #
 # Shards
 # --------------------------------------------------------------------------- #
-def _atomic_write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with tmp.open("w") as f:
-            for r in rows:
-                f.write(json.dumps(r, default=_json_default) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a half-written file behind
-        raise
+@dataclass(frozen=True)
+class ShardJob:
+    """What every shard task needs besides its descriptor (small, pickled once per task)."""
+
+    cfg: SynthConfig
+    storage: Storage
+    qa_path: str
+    teacher_label: str
+    kg_holder: list  # [ObjectRef of the shared KG] (a list, so Ray passes the ref, not the value)
+    qa_rel: str = ""  # the question file inside ``storage`` when that is not local (copied once per node)
+
+    def questions(self) -> str:
+        if not self.qa_rel:
+            return self.qa_path
+        if self.qa_rel not in _QA_COPIES:
+            _QA_COPIES[self.qa_rel] = _local_copy(self.storage, self.qa_rel)
+        return _QA_COPIES[self.qa_rel]
 
 
-def _json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, (np.bool_,)):
-        return bool(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
+_QA_COPIES: dict[str, str] = {}
 
 
-def shard_done(out_dir: Path, shard: int) -> bool:
-    return (out_dir / "data" / (SHARD_FMT.format(shard) + ".done")).exists()
+def shard_name(shard: int) -> str:
+    return SHARD_FMT.format(shard)
 
 
-def write_shard(out_dir: Path, shard: int, kept: list[dict], rejected: list[dict], teacher_rejected: list[dict]) -> dict:
-    """Write a shard's files, then its marker. Raises a clear error if storage fails."""
-    name = SHARD_FMT.format(shard)
-    data_dir, rej_dir = out_dir / "data", out_dir / "rejects"
+def write_shard(storage: Storage, shard: int, kept: list[dict], rejected: list[dict], teacher_rejected: list[dict],
+                extra: dict | None = None) -> dict:
+    """Write a shard's rows, then its marker. Raises a clear error if storage fails."""
+    name = shard_name(shard)
+    kept = sorted(kept, key=lambda r: r["id"])
     counts = {
         "shard": shard, "kept": len(kept), "rejected": dict(Counter(r["reason"] for r in rejected)),
         "teacher_rejected": dict(Counter(r["reason"] for r in teacher_rejected)),
         "teachers": dict(Counter(r["teacher"] for r in kept)),
         "tokens": int(sum(int(r.get("gen_tokens") or 0) for r in kept)),
+        "by_hops": dict(Counter(str(r.get("num_hops") or 0) for r in kept)),
+        "follows_question": dict(Counter(str(r.get("num_hops") or 0) for r in kept if r.get("path_follows_question"))),
+        **(extra or {}),
     }
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        rej_dir.mkdir(parents=True, exist_ok=True)
-        kept = sorted(kept, key=lambda r: r["id"])
-        _atomic_write_jsonl(rej_dir / f"{name}.jsonl", rejected + [dict(r, kept_with_fallback=True) for r in teacher_rejected])
-        _atomic_write_jsonl(data_dir / f"{name}.jsonl", kept)
-        marker = data_dir / f"{name}.done"
-        tmp = marker.with_name(marker.name + ".tmp")
-        tmp.write_text(json.dumps(counts))
-        tmp.replace(marker)
-        _fault_injection_point(shard)
+        storage.write_jsonl_atomic(f"rejects/{name}.jsonl",
+                                   rejected + [dict(r, kept_with_fallback=True) for r in teacher_rejected])
+        storage.write_jsonl_atomic(f"data/{name}.jsonl", kept)
+        storage.write_atomic(f"data/{name}.done", json.dumps(counts))
     except OSError as e:
-        raise OSError(f"could not write shard {name} under {out_dir}: {e.strerror or e}. "
+        raise OSError(f"could not write shard {name} under {storage.uri}: {e.strerror or e}. "
                       f"Shards already marked done are intact; rerun to resume.") from e
     return counts
 
 
-def _fault_injection_point(shard: int) -> None:
-    """Tests only: with KALE_RAY_FAULT_PAUSE_AFTER_SHARD=N the driver stalls after shard N is
-    marked done, so a test can SIGKILL the run at a known point (the kill itself is real)."""
-    pause = os.environ.get("KALE_RAY_FAULT_PAUSE_AFTER_SHARD")
-    if pause is not None and pause.strip().isdigit() and int(pause) == shard:
-        time.sleep(3600)
+def _search_batch(batch: dict[str, np.ndarray], kg_holder: list, job: ShardJob) -> dict[str, np.ndarray]:
+    """Ray Data task: shard descriptors in; for each, read its lines, link, search, write; counts out."""
+    ctx = _context(kg_holder, job.cfg)
+    outs = []
+    for i in range(len(batch["shard"])):
+        desc = {k: int(batch[k][i]) for k in ("shard", "start", "end", "first_line")}
+        outs.append(json.dumps(_search_shard(desc, ctx, job)))
+    return {"counts": np.array(outs, dtype=object)}
 
 
-def read_shard_counts(out_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out_dir / "data").glob("shard-*.done"))]
+def _search_shard(desc: dict, ctx: steps.SynthContext, job: ShardJob) -> dict:
+    cfg, storage, shard = job.cfg, job.storage, desc["shard"]
+    name = shard_name(shard)
+    qa_rej = Rejects()
+    examples = list(read_qa_jsonl(job.questions(), qa_rej, byte_range=(desc["start"], desc["end"]),
+                                  first_line=desc["first_line"]))
+    if qa_rej.total():
+        storage.write_jsonl_atomic(f"rejects/qa_lines/{name}.jsonl", qa_rej.rows)
+    kept, rejected, to_teacher = [], [], []
+    template = cfg.generation.backend == "template"
+    for ex in examples:
+        row = steps.link_and_search(dict(steps.qa_row(ex), shard=shard), ctx)
+        if row["reject_reason"]:
+            rejected.append(steps.reject_record(row))
+        elif template or (row.get("num_hops") and int(row["num_hops"]) < cfg.teacher_min_hops):
+            kept.append(_with_path_flags(steps.finish_row(row, ctx.kg, "template", False)[0], row))
+        else:
+            to_teacher.append(row)
+    extra = {"rows_in": len(examples), "qa_rejected": qa_rej.counts(), "hops_in": dict(Counter(str(ex.num_hops) for ex in examples))}
+    if not to_teacher:
+        return write_shard(storage, shard, kept, rejected, [], extra)
+    # The teacher stage picks these up; the rows already final wait beside them.
+    storage.write_jsonl_atomic(f"work/{name}/final.jsonl", [{"kept": r} for r in kept] + [{"reject": r} for r in rejected])
+    storage.write_jsonl_atomic(f"work/{name}/teacher_in.jsonl", to_teacher)
+    counts = dict(extra, shard=shard, to_teacher=len(to_teacher), final=False)
+    storage.write_atomic(f"work/{name}/searched.done", json.dumps(counts))
+    return counts
+
+
+def _with_path_flags(kept: dict, row: dict) -> dict:
+    for k in ("path_follows_question", "path_methods"):
+        if k in row:
+            kept[k] = row[k]
+    return kept
 
 
 # --------------------------------------------------------------------------- #
-# Ray Data stages
+# Teacher stage (vLLM / HTTP)
 # --------------------------------------------------------------------------- #
-_CTX_CACHE: dict[str, steps.SynthContext] = {}
-
-
-def _search_batch(batch: dict[str, np.ndarray], kg_ref_holder: list, cfg_paths) -> dict[str, list]:
-    """Ray Data map_batches fn: link + path search for a batch of QA rows (a CPU task)."""
-    import ray
-
-    key = kg_ref_holder[0].hex()
-    ctx = _CTX_CACHE.get(key)
-    if ctx is None:
-        kg, index = ray.get(kg_ref_holder[0])
-        ctx = steps.SynthContext(kg, index, cfg_paths)
-        _CTX_CACHE.clear()
-        _CTX_CACHE[key] = ctx
-    rows = _batch_to_rows(batch)
-    out = [steps.link_and_search(r, ctx) for r in rows]
-    return _rows_to_batch(out)
-
-
-def _batch_to_rows(batch: dict[str, Any]) -> list[dict]:
-    keys = list(batch)
-    n = len(batch[keys[0]]) if keys else 0
-    return [{k: _py(batch[k][i]) for k in keys} for i in range(n)]
-
-
-def _py(v):
-    if isinstance(v, np.ndarray):
-        return [_py(x) for x in v.tolist()] if v.dtype == object else v.tolist()
-    if isinstance(v, list):
-        return [_py(x) for x in v]
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating,)):
-        return float(v)
-    if isinstance(v, (np.bool_,)):
-        return bool(v)
-    return v
-
-
-def _rows_to_batch(rows: list[dict]) -> dict[str, list]:
-    """Column-major batch; nested values are JSON text so Arrow never has to unify odd shapes."""
-    cols: dict[str, list] = defaultdict(list)
-    for r in rows:
-        for k, v in r.items():
-            cols[k].append(json.dumps(v) if isinstance(v, (list, dict)) else v)
-    return {k: np.array(v, dtype=object) for k, v in cols.items()}
-
-
-_JSON_COLS = ("choices", "all_answers", "question_entities", "answer_entities", "hops", "paths", "path_methods", "facts")
-
-
-def _decode(row: dict) -> dict:
-    row = {k: _py(v) for k, v in row.items()}
-    for k in _JSON_COLS:
-        if isinstance(row.get(k), str):
-            row[k] = json.loads(row[k])
-    return row
-
-
-def _normalise_generation(row: dict) -> dict:
-    """One row shape after the teacher, whether the engine succeeded or not."""
-    err = row.pop("__inference_error__", "") or row.get("gen_error") or ""
-    gen = row.get("generation")
-    for k in ("prompt_token_ids", "batch_uuid", "sampling_params"):
-        row.pop(k, None)
-    row["generation"] = "" if gen is None else str(gen)
-    row["gen_tokens"] = int(row.get("gen_tokens") or 0)
-    row["prompt_tokens"] = int(row.get("prompt_tokens") or 0)
-    row["gen_error"] = "" if err in (None, "None") else str(err)
-    return row
-
-
 class PromptRenderer:
-    """Ray Data callable class: teacher messages -> the teacher's chat-templated prompt; flags over-long prompts."""
+    """Ray Data callable class: teacher messages -> the teacher's chat-templated prompt; flags over-long prompts.
+
+    An over-long prompt is replaced by a one-word stub so that it never reaches the engine's
+    context limit; the finish step rejects the row as ``prompt_too_long`` whatever comes back.
+    """
 
     def __init__(self, model_path: str, max_model_len: int, max_tokens: int, trust_remote_code: bool = False) -> None:
         from kale_ray.models import load_tokenizer
@@ -237,13 +253,160 @@ class PromptRenderer:
         for m in batch["teacher_messages"]:
             text = render_chat(json.loads(m), self.tok)
             n = len(self.tok(text, add_special_tokens=False)["input_ids"])
-            prompts.append(text)
+            prompts.append(text if n <= self.budget else "Hi")
             n_tokens.append(n)
             too_long.append(n > self.budget)
         batch["prompt"] = np.array(prompts, dtype=object)
         batch["prompt_too_long"] = np.array(too_long)
         batch["prompt_tokens_est"] = np.array(n_tokens)
         return batch
+
+
+def _teacher_row(row: dict) -> dict:
+    """A teacher-stage input line -> the columns the engines need (the row itself travels as JSON text)."""
+    r = json.loads(row["text"])
+    return {"shard": int(r["shard"]), "row_json": row["text"], "teacher_messages": r["teacher_messages"],
+            "messages_json": r["teacher_messages"]}
+
+
+def _finish_batch(batch: dict[str, np.ndarray], job: ShardJob) -> dict[str, np.ndarray]:
+    """Ray Data task: parse + verify each generation, write one part file per shard; counts out."""
+    cfg, storage = job.cfg, job.storage
+    kg = _context(job.kg_holder, cfg).kg  # names for the grounding check, from the same shared arrays
+    by_shard: dict[int, list[dict]] = {}
+    n = len(batch["row_json"])
+    for i in range(n):
+        row = json.loads(batch["row_json"][i])
+        gen = batch["generation"][i] if "generation" in batch else ""
+        err = batch["gen_error"][i] if "gen_error" in batch else ""
+        row["generation"] = "" if gen is None else str(gen)
+        row["gen_error"] = "" if err in (None, "None") else str(err)
+        row["gen_tokens"] = int(batch["gen_tokens"][i]) if "gen_tokens" in batch else 0
+        if "prompt_too_long" in batch and bool(batch["prompt_too_long"][i]):
+            row["reject_reason"] = "prompt_too_long"
+            row["reject_detail"] = (f"teacher prompt has {int(batch['prompt_tokens_est'][i])} tokens; budget "
+                                    f"{cfg.teacher.max_model_len} - max_tokens {cfg.generation.max_tokens}")
+            rec = {"reject": steps.reject_record(row)}
+        else:
+            kept, reject = steps.finish_row(row, kg, job.teacher_label, cfg.fallback_to_template, cfg.min_path_coverage)
+            rec = {}
+            if kept is not None:
+                rec["kept"] = _with_path_flags(kept, row)
+                if reject is not None:
+                    rec["teacher_reject"] = reject
+            else:
+                rec["reject"] = reject
+        by_shard.setdefault(int(row["shard"]), []).append(rec)
+    out_shard, out_part, out_n = [], [], []
+    for shard, recs in by_shard.items():
+        ids = sorted(_rec_id(r) for r in recs)
+        part = "part-" + hashlib.blake2b("\n".join(ids).encode(), digest_size=8).hexdigest()
+        storage.write_jsonl_atomic(f"work/{shard_name(shard)}/{part}.jsonl", recs)
+        out_shard.append(shard)
+        out_part.append(part)
+        out_n.append(len(recs))
+    return {"shard": np.array(out_shard, dtype=np.int64), "part": np.array(out_part, dtype=object),
+            "n": np.array(out_n, dtype=np.int64)}
+
+
+def _rec_id(rec: dict) -> str:
+    return str((rec.get("kept") or rec.get("reject"))["id"])
+
+
+def finalize_shard(storage: Storage, shard: int, expected: int) -> dict:
+    """Merge a shard's teacher parts (deduplicated by row id) with its final rows; write it and its marker."""
+    name = shard_name(shard)
+    seen: set[str] = set()
+    kept, rejected, teacher_rej = [], [], []
+    counts = json.loads(storage.read_text(f"work/{name}/searched.done"))
+    for rec in storage.read_jsonl(f"work/{name}/final.jsonl"):
+        (kept if "kept" in rec else rejected).append(rec.get("kept") or rec.get("reject"))
+    n = 0
+    for part in storage.list(f"work/{name}", suffix=".jsonl"):
+        if not part.startswith("part-"):
+            continue
+        for rec in storage.read_jsonl(f"work/{name}/{part}"):
+            rid = _rec_id(rec)
+            if rid in seen:  # a part written twice by a retried task: the same rows
+                continue
+            seen.add(rid)
+            n += 1
+            if "kept" in rec:
+                kept.append(rec["kept"])
+                if "teacher_reject" in rec:
+                    teacher_rej.append(rec["teacher_reject"])
+            else:
+                rejected.append(rec["reject"])
+    if n != expected:
+        raise RuntimeError(f"shard {name}: {n} teacher rows on storage, expected {expected}")
+    extra = {k: counts[k] for k in ("rows_in", "qa_rejected", "hops_in") if k in counts}
+    out = write_shard(storage, shard, kept, rejected, teacher_rej, extra)
+    for f in storage.list(f"work/{name}"):
+        storage.delete(f"work/{name}/{f}")
+    return out
+
+
+def _on_shard_done(shard: int, counts: dict) -> None:
+    """Called in the driver after each shard is marked done (tests plug in here)."""
+
+
+def _model_label(cfg: SynthConfig) -> str:
+    return cfg.teacher.name.replace("builtin:", "")
+
+
+def _pool(gen):
+    return (gen.concurrency, gen.max_concurrency) if gen.max_concurrency > gen.concurrency else gen.concurrency
+
+
+# --------------------------------------------------------------------------- #
+# Questions
+# --------------------------------------------------------------------------- #
+def prepare_questions(cfg: SynthConfig, kg, storage: Storage) -> tuple[str, dict]:
+    """The question file the shards read, and what is known about the split up front.
+
+    ``qa.source=generate``: questions are generated once into ``qa/train.jsonl`` and
+    ``qa/test.jsonl`` (the stage's settings guard them). A user's file is read in place; its
+    held-out file is copied to ``qa/test.jsonl`` line by line.
+    """
+    qa = cfg.qa
+    info: dict[str, Any] = {}
+    if qa.source == "generate":
+        if not (storage.exists("qa/train.jsonl") and storage.exists("qa/test.jsonl")):
+            questions = generate_questions(kg, qa.num_questions, qa.hops, qa.num_choices, qa.max_answers, qa.seed)
+            train, test = split_questions(questions, qa.test_fraction, qa.seed)
+            if cfg.max_rows:
+                train = train[: cfg.max_rows]
+            storage.write_jsonl_atomic("qa/test.jsonl", [q.to_dict() for q in test])
+            storage.write_jsonl_atomic("qa/train.jsonl", [q.to_dict() for q in train])
+        src = _local_copy(storage, "qa/train.jsonl")
+        info["test"] = sum(1 for _ in storage.read_jsonl("qa/test.jsonl"))
+        return src, info
+    src = str(Path(qa.source).expanduser())
+    if not Path(src).exists():
+        raise FileNotFoundError(f"QA file not found: {src}")
+    if qa.test_file and not storage.exists("qa/test.jsonl"):
+        rej = Rejects()
+        test = [q.to_dict() for q in read_qa_jsonl(qa.test_file, rej)]
+        storage.write_jsonl_atomic("qa/test.jsonl", test)
+        if rej.total():
+            storage.write_jsonl_atomic("rejects/qa_test_lines.jsonl", rej.rows)
+    info["test"] = sum(1 for _ in storage.read_jsonl("qa/test.jsonl")) if storage.exists("qa/test.jsonl") else 0
+    return src, info
+
+
+def _local_copy(storage: Storage, rel: str) -> str:
+    """A path the shard tasks can open: the file itself when local, else a cached local copy."""
+    if storage.is_local:
+        return storage.path(rel)
+    cache = Path(os.environ.get("KALE_RAY_CACHE", "~/.cache/kale_ray")).expanduser() / "qa"
+    cache.mkdir(parents=True, exist_ok=True)
+    data = storage.read_bytes(rel)
+    dest = cache / (hashlib.blake2b(data, digest_size=12).hexdigest() + ".jsonl")
+    if not dest.exists():
+        tmp = dest.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(dest)
+    return str(dest)
 
 
 # --------------------------------------------------------------------------- #
@@ -254,184 +417,206 @@ def run_synthesis(cfg: SynthConfig, progress: Callable[[str], None] = print) -> 
     import ray
 
     t_all = time.perf_counter()
-    out_dir = Path(cfg.out_dir).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out_dir / "config.yaml")
+    # A task's own error (disk full, a bug) reaches the caller as itself, not as a generic UDF failure.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
+    if cfg.shard_size < 1:
+        raise ValueError(f"shard_size: must be >= 1, got {cfg.shard_size}")
+    storage = Storage.from_uri(cfg.out_dir)
+    storage.makedirs()
+    stage = Stage(storage, "synthesis", synthesis_settings(cfg))
+    stage.claim(cfg.on_change, outputs=("qa/train.jsonl", "summary.json"), wipe=lambda: _wipe(storage))
+    text = _config_yaml(cfg)
+    if not (storage.exists("config.yaml") and storage.read_text("config.yaml") == text):
+        storage.write_atomic("config.yaml", text)
     summary = SynthSummary()
     times = summary.seconds
 
     t = time.perf_counter()
-    kg = load_kg(cfg.kg.source, cfg.kg.names, cfg.kg.on_error)
-    index = GraphIndex.from_kg(kg, undirected=cfg.kg.undirected_search)
-    kg.rejects.write_jsonl(out_dir / "rejects" / "kg_lines.jsonl")
+    kg, kg_py = load_shared_kg(cfg)
+    if not storage.exists("rejects/kg_lines.jsonl"):  # the KG's identity is part of the settings
+        storage.write_jsonl_atomic("rejects/kg_lines.jsonl", kg.rejects.rows)
     summary.kg = kg.summary()
     times["load_kg"] = time.perf_counter() - t
-    progress(f"[synth] KG {kg.source}: {kg.num_entities} entities, {kg.num_relations} relations, "
+    progress(f"[synth] KG {cfg.kg.source}: {kg.num_entities} entities, {kg.num_relations} relations, "
              f"{len(kg.triples)} triples; rejected lines: {kg.rejects.counts() or 0}")
 
     t = time.perf_counter()
-    qa_rejects = Rejects()
-    train_q, test_q = prepare_questions(cfg, kg, out_dir, qa_rejects)
-    if qa_rejects.total():
-        qa_rejects.write_jsonl(out_dir / "rejects" / "qa_lines.jsonl")
-    summary.qa = {"train": len(train_q), "test": len(test_q), "rejected_lines": qa_rejects.counts(),
-                  "train_by_hops": dict(Counter(str(q.num_hops) for q in train_q)),
-                  "test_by_hops": dict(Counter(str(q.num_hops) for q in test_q))}
+    qa_path, qa_info = prepare_questions(cfg, kg_py, storage)
+    max_lines = cfg.max_rows if cfg.qa.source != "generate" else 0
+    slices = line_offsets(qa_path, cfg.shard_size, max_lines)
     times["questions"] = time.perf_counter() - t
-    progress(f"[synth] questions: {len(train_q)} train (to synthesise), {len(test_q)} held-out test")
-
-    n_shards = (len(train_q) + cfg.shard_size - 1) // cfg.shard_size
-    summary.shards_total = n_shards
-    pending = [s for s in range(n_shards) if not shard_done(out_dir, s)]
-    summary.shards_skipped = n_shards - len(pending)
+    summary.shards_total = len(slices)
+    done = {int(n[len("shard-"):-len(".done")]) for n in storage.list("data", suffix=".done")}
+    pending = [dict(shard=i, start=s, end=e, first_line=fl) for i, (s, e, fl) in enumerate(slices) if i not in done]
+    summary.shards_skipped = len(slices) - len(pending)
+    progress(f"[synth] questions from {qa_path}: {len(slices)} shards of {cfg.shard_size} lines")
     if summary.shards_skipped:
-        progress(f"[synth] resuming: {summary.shards_skipped}/{n_shards} shards already done")
+        progress(f"[synth] resuming: {summary.shards_skipped}/{len(slices)} shards already done")
 
-    rows: list[dict] = []
-    for s in pending:
-        for ex in train_q[s * cfg.shard_size: (s + 1) * cfg.shard_size]:
-            rows.append(dict(steps.qa_row(ex), shard=s))
-    expected = Counter(r["shard"] for r in rows)
+    if pending:
+        kg_ref = ray.put(_share(kg))
+        del kg_py
+        qa_rel = "qa/train.jsonl" if (cfg.qa.source == "generate" and not storage.is_local) else ""
+        job = ShardJob(cfg, storage, qa_path, _teacher_label(cfg), [kg_ref], qa_rel)
+        _run_pending(cfg, job, pending, summary, progress)
 
-    if rows:
-        _run_pending(cfg, kg, index, rows, expected, out_dir, summary, progress)
-
-    # Totals over all shards (including ones done by an earlier run).
-    totals_rej, totals_teacher, teachers, kept, tokens = Counter(), Counter(), Counter(), 0, 0
-    for c in read_shard_counts(out_dir):
-        totals_rej.update(c["rejected"])
-        totals_teacher.update(c["teacher_rejected"])
-        teachers.update(c["teachers"])
-        kept += c["kept"]
-        tokens += c["tokens"]
-    summary.rows_in = len(train_q)
-    summary.rows_out = kept
-    summary.rejected = dict(totals_rej)
-    summary.teacher_rejected = dict(totals_teacher)
-    summary.teacher_counts = dict(teachers)
-    summary.tokens_generated = tokens
+    _totals(storage, summary, qa_info)
     times["total"] = time.perf_counter() - t_all
-    (out_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    storage.write_atomic("summary.json", json.dumps(summary.to_dict(), indent=2))
+    stage.finish(rows_in=summary.rows_in, rows_out=summary.rows_out)
     progress(f"[synth] done: {summary.rows_in} in, {summary.rows_out} out, rejected {summary.rejected or 0}; "
              f"teacher outputs replaced by template: {summary.teacher_rejected or 0}; "
-             f"{tokens} tokens generated; {times['total']:.1f}s")
+             f"{summary.tokens_generated} tokens generated; {times['total']:.1f}s")
     if summary.rows_in != summary.rows_out + sum(summary.rejected.values()):
         raise RuntimeError(f"row accounting mismatch: in={summary.rows_in} out={summary.rows_out} "
                            f"rejected={summary.rejected}")
     return summary
 
 
-def _run_pending(cfg: SynthConfig, kg: KnowledgeGraph, index: GraphIndex, rows: list[dict], expected: Counter,
-                 out_dir: Path, summary: SynthSummary, progress) -> None:
+def _teacher_label(cfg: SynthConfig) -> str:
+    b = cfg.generation.backend
+    return f"vllm:{_model_label(cfg)}" if b == "vllm" else b
+
+
+def _config_yaml(cfg: SynthConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _wipe(storage: Storage) -> None:
+    for folder in ("data", "rejects", "rejects/qa_lines", "qa", "work", "stages"):
+        for name in storage.list(folder):
+            storage.delete(f"{folder}/{name}")
+    for name in storage.list("work"):
+        for f in storage.list(f"work/{name}"):
+            storage.delete(f"work/{name}/{f}")
+    if storage.exists("summary.json"):
+        storage.delete("summary.json")
+
+
+def _run_pending(cfg: SynthConfig, job: ShardJob, pending: list[dict], summary: SynthSummary, progress) -> None:
     import ray
 
     times = summary.seconds
-    kg_ref = ray.put((kg, index))  # one copy in the object store, shared by every search task
+    storage = job.storage
+    searched = {}
+    for d in pending:  # shards whose search finished in an earlier run, waiting for the teacher
+        rel = f"work/{shard_name(d['shard'])}/searched.done"
+        if storage.exists(rel):
+            searched[d["shard"]] = json.loads(storage.read_text(rel))
+    to_search = [d for d in pending if d["shard"] not in searched]
 
-    # Stage 1: linking + path search as CPU tasks.
     t = time.perf_counter()
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(64, len(rows) // 16)))
-    searched = ds.map_batches(_search_batch, batch_size=32, batch_format="numpy",
-                              fn_kwargs={"kg_ref_holder": [kg_ref], "cfg_paths": cfg.paths}).materialize()
+    if to_search:
+        ds = ray.data.from_items(to_search, override_num_blocks=len(to_search))
+        workers = cfg.search_workers or None
+        out = ds.map_batches(_search_batch, batch_size=1, batch_format="numpy", num_cpus=1,
+                             concurrency=workers, fn_kwargs={"kg_holder": job.kg_holder, "job": job})
+        for row in out.iter_rows():
+            c = json.loads(row["counts"])
+            if c.get("final") is False:
+                searched[c["shard"]] = c
+            else:
+                progress(f"[synth] shard {c['shard']}: {c['kept']} kept, {sum(c['rejected'].values())} rejected")
+                _on_shard_done(c["shard"], c)
     times["link_and_paths"] = time.perf_counter() - t
-    progress(f"[synth] linking + path search: {searched.count()} rows in {times['link_and_paths']:.1f}s")
-
-    buffers: dict[int, dict[str, list]] = defaultdict(lambda: {"kept": [], "rejected": [], "teacher": []})
-    written: set[int] = set()
-
-    def account(shard: int) -> None:
-        b = buffers[shard]
-        if len(b["kept"]) + len(b["rejected"]) == expected[shard] and shard not in written:
-            write_shard(out_dir, shard, b["kept"], b["rejected"], b["teacher"])
-            written.add(shard)
-            progress(f"[synth] shard {shard}: {len(b['kept'])} kept, {len(b['rejected'])} rejected")
-            del buffers[shard]
-
-    backend = cfg.generation.backend
-    t = time.perf_counter()
-    ok_rows = []
-    for row in searched.iter_rows():
-        row = _decode(row)
-        if row["reject_reason"]:
-            buffers[row["shard"]]["rejected"].append(steps.reject_record(row))
-            account(row["shard"])
-        else:
-            ok_rows.append(row)
-    if backend == "template":
-        gen_rows = iter(ok_rows)
-    elif backend in ("vllm", "http"):
-        for row in [r for r in ok_rows if int(r.get("num_hops") or 0) < cfg.teacher_min_hops and r.get("num_hops")]:
-            kept, _ = steps.finish_row(row, kg, "template", False)
-            buffers[row["shard"]]["kept"].append(kept)
-            account(row["shard"])
-        ok_rows = [r for r in ok_rows if not (int(r.get("num_hops") or 0) < cfg.teacher_min_hops and r.get("num_hops"))]
-        gen_rows = _teacher_stage(cfg, ok_rows, out_dir, progress, buffers, account)
-    else:
-        raise ValueError(f"generation.backend: unknown backend {backend!r} (vllm, http, template)")
-
-    for row in gen_rows:
-        kept, reject = steps.finish_row(row, kg, backend if backend != "vllm" else f"vllm:{_model_label(cfg)}",
-                                        cfg.fallback_to_template, cfg.min_path_coverage)
-        shard = row["shard"]
-        if kept is not None:
-            buffers[shard]["kept"].append(kept)
-            if reject is not None:
-                buffers[shard]["teacher"].append(reject)
-        else:
-            buffers[shard]["rejected"].append(reject)
-        account(shard)
-    times["teacher_and_verify"] = time.perf_counter() - t
-    missing = {s: expected[s] - len(b["kept"]) - len(b["rejected"]) for s, b in buffers.items()}
-    if any(missing.values()):
-        raise RuntimeError(f"rows missing after the pipeline, by shard: {missing}")
+    progress(f"[synth] linking + path search: {len(to_search)} shards in {times['link_and_paths']:.1f}s")
+    if searched:
+        t = time.perf_counter()
+        _teacher_stage(cfg, job, searched, progress)
+        times["teacher_and_verify"] = time.perf_counter() - t
 
 
-def _model_label(cfg: SynthConfig) -> str:
-    return cfg.teacher.name.replace("builtin:", "")
-
-
-def _teacher_stage(cfg: SynthConfig, ok_rows: list[dict], out_dir: Path, progress, buffers, account):
-    """Yield rows with ``generation`` filled by the vLLM or HTTP teacher."""
+def _teacher_stage(cfg: SynthConfig, job: ShardJob, searched: dict[int, dict], progress) -> None:
+    """Stream every waiting shard's rows through the teacher; finish and write them in Ray Data tasks."""
     import ray
 
     from kale_ray.llm import HttpGenerator, build_vllm_processor
     from kale_ray.models import resolve_model
 
-    gen = cfg.generation
-    if not ok_rows:
-        return
-    # Rows leave the teacher in input order, so shards complete one after another and a
-    # crash loses at most the shards in flight.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    items = [{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()} for r in ok_rows]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(64, len(items) // max(1, gen.batch_size))))
+    gen, storage = cfg.generation, job.storage
+    if gen.backend not in ("vllm", "http"):
+        raise ValueError(f"generation.backend: unknown backend {gen.backend!r} (vllm, http, template)")
+    for shard in searched:  # parts of a killed run: redone (exactly once comes from the shard merge)
+        for f in storage.list(f"work/{shard_name(shard)}", suffix=".jsonl"):
+            if f.startswith("part-"):
+                storage.delete(f"work/{shard_name(shard)}/{f}")
+    files = [storage.path(f"work/{shard_name(s)}/teacher_in.jsonl") for s in sorted(searched)]
+    # The light stages take fractions of a CPU so that the engine actor always finds one (on a
+    # 2-CPU machine whole-CPU readers and renderers would starve it: a deadlock).
+    light = 0.25
+    ds = ray.data.read_text(files, filesystem=storage.fs, ray_remote_args={"num_cpus": light}).map(
+        _teacher_row, num_cpus=light)
     if gen.backend == "vllm":
         model_path = resolve_model(cfg.teacher.name, cfg.teacher.cache_dir)
         ds = ds.map_batches(PromptRenderer, fn_constructor_args=(model_path, cfg.teacher.max_model_len, gen.max_tokens,
                                                                  cfg.teacher.trust_remote_code),
-                            batch_size=64, concurrency=1, batch_format="numpy")
-        ds = ds.materialize()
-        too_long = ds.filter(lambda r: bool(r["prompt_too_long"]))
-        for row in too_long.iter_rows():
-            row = _decode(row)
-            row["reject_reason"] = "prompt_too_long"
-            row["reject_detail"] = (f"teacher prompt has {row['prompt_tokens_est']} tokens; budget "
-                                    f"{cfg.teacher.max_model_len} - max_tokens {gen.max_tokens}")
-            buffers[row["shard"]]["rejected"].append(steps.reject_record(row))
-            account(row["shard"])
-        fits = ds.filter(lambda r: not bool(r["prompt_too_long"]))
-        processor = build_vllm_processor(model_path, gen, cfg.teacher.max_model_len, cfg.teacher.trust_remote_code)
-        out = processor(fits)
+                            batch_size=64, concurrency=1, batch_format="numpy", num_cpus=light)
+        out = build_vllm_processor(model_path, gen, cfg.teacher.max_model_len, cfg.teacher.trust_remote_code)(ds)
     else:
-        ds = ds.map(lambda r: dict(r, messages_json=r["teacher_messages"]))
         out = ds.map_batches(HttpGenerator, fn_constructor_args=(gen, cfg.teacher.name), batch_size=gen.batch_size,
                              concurrency=_pool(gen), batch_format="numpy")
+    out = out.map_batches(_finish_batch, batch_size=gen.batch_size, batch_format="numpy", num_cpus=light,
+                          fn_kwargs={"job": job})
+    parts: dict[int, dict[str, int]] = {s: {} for s in searched}
+    finalize = ray.remote(finalize_shard)
+    running: dict[Any, int] = {}
     n = 0
     for row in out.iter_rows():
-        n += 1
-        yield _normalise_generation(_decode(row))
+        shard = int(row["shard"])
+        parts[shard][str(row["part"])] = int(row["n"])
+        n += int(row["n"])
+        if sum(parts[shard].values()) == searched[shard]["to_teacher"]:
+            running[finalize.remote(storage, shard, searched[shard]["to_teacher"])] = shard
+        running = _collect(running, progress, block=False)
+    _collect(running, progress, block=True)
+    missing = {s: searched[s]["to_teacher"] - sum(p.values()) for s, p in parts.items()
+               if sum(p.values()) != searched[s]["to_teacher"]}
+    if missing:
+        raise RuntimeError(f"teacher rows missing after the pipeline, by shard: {missing}")
     progress(f"[synth] teacher ({gen.backend}) generated for {n} rows")
 
 
-def _pool(gen):
-    return (gen.concurrency, gen.max_concurrency) if gen.max_concurrency > gen.concurrency else gen.concurrency
+def _collect(running: dict, progress, block: bool) -> dict:
+    import ray
+
+    while running:
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=None if block else 0)
+        if not ready:
+            break
+        shard = running.pop(ready[0])
+        c = ray.get(ready[0])
+        progress(f"[synth] shard {shard}: {c['kept']} kept, {sum(c['rejected'].values())} rejected")
+        _on_shard_done(shard, c)
+    return running
+
+
+def _totals(storage: Storage, summary: SynthSummary, qa_info: dict) -> None:
+    """Totals over every shard marker (this run's and earlier ones'); input-line rejects gathered."""
+    rej, teacher_rej, teachers, qa_rej, hops_in, by_hops, follows = (Counter() for _ in range(7))
+    kept = tokens = rows_in = 0
+    for name in storage.list("data", suffix=".done"):
+        c = json.loads(storage.read_text(f"data/{name}"))
+        rej.update(c["rejected"])
+        teacher_rej.update(c["teacher_rejected"])
+        teachers.update(c["teachers"])
+        qa_rej.update(c.get("qa_rejected", {}))
+        hops_in.update(c.get("hops_in", {}))
+        by_hops.update(c.get("by_hops", {}))
+        follows.update(c.get("follows_question", {}))
+        kept += c["kept"]
+        tokens += c["tokens"]
+        rows_in += c.get("rows_in", 0)
+    lines = []
+    for name in storage.list("rejects/qa_lines", suffix=".jsonl"):
+        lines += storage.read_jsonl(f"rejects/qa_lines/{name}")
+    if lines:
+        storage.write_jsonl_atomic("rejects/qa_lines.jsonl", sorted(lines, key=lambda r: r.get("line", 0)))
+    summary.rows_in, summary.rows_out = rows_in, kept
+    summary.rejected, summary.teacher_rejected, summary.teacher_counts = dict(rej), dict(teacher_rej), dict(teachers)
+    summary.tokens_generated = tokens
+    summary.qa = {"train": rows_in, "test": qa_info.get("test", 0), "rejected_lines": dict(qa_rej),
+                  "train_by_hops": dict(hops_in)}
+    summary.paths = {"kept_by_hops": dict(by_hops), "first_path_follows_question_by_hops": dict(follows),
+                     "first_path_follows_question": (sum(follows.values()) / kept) if kept else 0.0}

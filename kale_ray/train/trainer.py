@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from kale_ray.config import TrainConfig, to_dict
+from kale_ray.runtime.stages import Stage, content_identity, without
+from kale_ray.runtime.storage import Storage
 from kale_ray.models import resolve_model
 from kale_ray.train.loop import STATE_FILE, train_loop_per_worker
 from kale_ray.train.registry import get_loss
@@ -115,6 +117,20 @@ def _summary(cfg: TrainConfig, state: dict, wall: float, n_rows: int) -> dict[st
     }
 
 
+# Settings that decide how a run is kept safe or how far it goes, not what it learns: a rerun with a
+# larger max_steps continues the same run from its last checkpoint.
+_NOT_OUTPUT_SETTINGS = ("out_dir", "on_change", "max_failures", "keep_checkpoints", "checkpoint_every",
+                        "max_steps", "save_merged", "model.cache_dir")
+
+
+def training_stage(cfg: TrainConfig, run_name: str | None = None) -> Stage:
+    """The settings record of a training run: its config (minus safety knobs) and its data's content."""
+    settings = without(to_dict(cfg), _NOT_OUTPUT_SETTINGS)
+    settings["inputs"] = {"data": content_identity(cfg.data)}
+    out = Path(cfg.out_dir).expanduser().resolve()
+    return Stage(Storage.from_uri(str(out)), f"train-{run_name or 'train'}", settings)
+
+
 def run_training(cfg: TrainConfig, run_name: str | None = None) -> TrainResult:
     """Train ``cfg.loss`` on ``cfg.data``; a rerun with the same out_dir/run name resumes."""
     from ray.data import ExecutionOptions
@@ -131,6 +147,19 @@ def run_training(cfg: TrainConfig, run_name: str | None = None) -> TrainResult:
         out_dir=str(out_dir),
         model=dataclasses.replace(cfg.model, cache_dir=str(Path(cfg.model.cache_dir).expanduser().resolve())),
     )
+    stage = training_stage(cfg, run_name)
+
+    def wipe() -> None:
+        import shutil
+
+        shutil.rmtree(out_dir / "ray" / (run_name or "train"), ignore_errors=True)
+        for name in ("history.jsonl", "rejects.jsonl", "train_summary.json"):
+            (out_dir / name).unlink(missing_ok=True)
+        for name in ("adapter", "merged"):
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+
+    # A rerun resumes from checkpoints only when they were made under the same settings and data.
+    stage.claim(cfg.on_change, outputs=(f"ray/{run_name or 'train'}", "train_summary.json"), wipe=wipe)
     model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)
     if Path(model_path).exists():
         model_path = str(Path(model_path).resolve())
@@ -171,6 +200,7 @@ def run_training(cfg: TrainConfig, run_name: str | None = None) -> TrainResult:
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     adapter = out_dir / "adapter"
     merged = out_dir / "merged"
+    stage.finish(steps=summary.get("steps"), final_loss=summary.get("final_loss"))
     return TrainResult(
         out_dir=str(out_dir),
         adapter_dir=str(adapter) if cfg.lora.enabled and adapter.exists() else None,

@@ -99,7 +99,10 @@ def read_shards(out: Path, kind: str) -> list[dict]:
 
 def check_every_row_once(out: Path) -> dict:
     """Every question of qa/train.jsonl is in exactly one of kept / rejected; the summary agrees."""
-    train_ids = sorted(q.id for q in read_qa_jsonl(out / "qa" / "train.jsonl"))
+    qa_file = out / "qa" / "train.jsonl"
+    if not qa_file.exists():  # a user's question file is read in place
+        qa_file = Path(yaml.safe_load((out / "config.yaml").read_text())["qa"]["source"])
+    train_ids = sorted(q.id for q in read_qa_jsonl(qa_file))
     kept = read_shards(out, "data")
     rejected = [r for r in read_shards(out, "rejects") if not r.get("kept_with_fallback")]
     ids = [r["id"] for r in kept] + [r["id"] for r in rejected]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,12 +23,18 @@ from kale_ray.core.qa import read_qa_jsonl
 pytestmark = pytest.mark.integration
 
 RUNNER = """
-import sys, ray
+import os, sys, time, ray
 from kale_ray.config import SynthConfig, load_config
-from kale_ray.synth.pipeline import run_synthesis
+from kale_ray.synth import pipeline
 if __name__ == "__main__":
+    if os.environ.get("TEST_PAUSE_AFTER_FIRST_SHARD"):
+        # test-only plug-in: the driver stalls once a shard is marked done, so the SIGKILL lands mid-run
+        def stall(shard, counts):
+            print(f"stalling after shard {shard}", flush=True)
+            time.sleep(3600)
+        pipeline._on_shard_done = stall
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    run_synthesis(load_config(SynthConfig, None, sys.argv[1:]))
+    pipeline.run_synthesis(load_config(SynthConfig, None, sys.argv[1:]))
 """
 
 
@@ -35,7 +42,7 @@ def vllm_overrides(out: Path) -> list[str]:
     return [
         f"out_dir={out}", "teacher.name=builtin:tiny-llama", "teacher.max_model_len=512",
         "generation.backend=vllm", "generation.max_tokens=24", "generation.batch_size=4",
-        "qa.num_questions=24", "qa.seed=1", "shard_size=6", "teacher_min_hops=0",
+        "qa.num_questions=32", "qa.seed=1", "shard_size=6", "teacher_min_hops=0",
     ]
 
 
@@ -54,14 +61,13 @@ def run_driver(args: list[str], log: Path, **env: str) -> subprocess.Popen:
 def test_vllm_synthesis_killed_and_resumed(tmp_path):
     out = tmp_path / "synth"
     args = vllm_overrides(out)
-    # The driver stalls right after shard 1 is marked done (a fault-injection point), so the
+    # The driver stalls right after the first shard is marked done (a test-only hook), so the
     # SIGKILL lands mid-run whatever the machine's speed.
-    proc = run_driver(args, tmp_path / "run1.log", KALE_RAY_FAULT_PAUSE_AFTER_SHARD="1")
+    proc = run_driver(args, tmp_path / "run1.log", TEST_PAUSE_AFTER_FIRST_SHARD="1")
     deadline = time.time() + 400
     try:
         while time.time() < deadline and proc.poll() is None:
-            if (out / "data" / "shard-00001.done").exists():
-                time.sleep(0.5)
+            if "stalling after shard" in (tmp_path / "run1.log").read_text():
                 break
             time.sleep(0.2)
         assert proc.poll() is None, f"run ended before it could be killed:\n{(tmp_path / 'run1.log').read_text()[-3000:]}"
@@ -126,3 +132,70 @@ def test_template_backend_in_process(tmp_path):
     again = run_synthesis(cfg, progress=lambda m: None)  # everything done: nothing redone
     assert again.shards_skipped == again.shards_total
     assert again.rows_out == s.rows_out
+
+
+def _template_cfg(out, *extra):
+    return load_config(SynthConfig, None, [f"out_dir={out}", "generation.backend=template", *extra])
+
+
+def _all_rows(out):
+    return read_shards(out, "data") + [r for r in read_shards(out, "rejects") if not r.get("kept_with_fallback")]
+
+
+@pytest.fixture
+def ray2():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+
+
+@pytest.mark.parametrize("change", ["qa.num_questions=30", "paths.k=1", "shard_size=5"])
+def test_rerun_with_changed_settings_is_refused_never_mixed(tmp_path, ray2, change):
+    from kale_ray.runtime.stages import StaleOutputError
+    from kale_ray.synth.pipeline import run_synthesis
+
+    out = tmp_path / "synth"
+    base = ("qa.num_questions=20", "shard_size=8")
+    first = run_synthesis(_template_cfg(out, *base), progress=lambda m: None)
+    before = sorted(r["id"] for r in _all_rows(out))
+    kept_before = read_shards(out, "data")
+    key = change.split("=")[0]
+    with pytest.raises(StaleOutputError, match=re.escape(key)):
+        run_synthesis(_template_cfg(out, *base, change), progress=lambda m: None)
+    assert sorted(r["id"] for r in _all_rows(out)) == before  # nothing written by the refused run
+    # on_change=overwrite: the old outputs go, the new run is computed under the new settings only
+    s = run_synthesis(_template_cfg(out, *base, change, "on_change=overwrite"), progress=lambda m: None)
+    rows = _all_rows(out)
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == s.rows_in  # never a duplicated row
+    assert s.shards_skipped == 0
+    if key == "paths.k":
+        assert any(len(r["paths"]) > 1 for r in kept_before)
+        assert all(len(r["paths"]) == 1 for r in read_shards(out, "data"))
+    if key == "qa.num_questions":
+        assert s.rows_in != first.rows_in or sorted(ids) != before
+
+
+def test_rerun_with_a_changed_question_file_is_refused(tmp_path, ray2):
+    from kale_ray.runtime.stages import StaleOutputError
+    from kale_ray.synth.pipeline import run_synthesis
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"id": "a1", "question": "What is dorsal fin a part of?", "answer": "fish"}) + "\n")
+    out = tmp_path / "synth"
+    run_synthesis(_template_cfg(out, f"qa.source={qa}"), progress=lambda m: None)
+    qa.write_text(qa.read_text() + json.dumps({"id": "a2", "question": "x?", "answer": "y"}) + "\n")
+    with pytest.raises(StaleOutputError, match="inputs.qa"):
+        run_synthesis(_template_cfg(out, f"qa.source={qa}"), progress=lambda m: None)
+
+
+def test_unsupported_storage_scheme_is_a_clear_error_not_a_local_folder(tmp_path, monkeypatch, ray2):
+    from kale_ray.runtime.storage import StorageError
+    from kale_ray.synth.pipeline import run_synthesis
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StorageError, match="unsupported storage scheme 'nosuch'"):
+        run_synthesis(_template_cfg("nosuch://bucket/x"), progress=lambda m: None)
+    assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())

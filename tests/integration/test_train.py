@@ -122,6 +122,14 @@ def test_sft_zero2_lora_then_resume(ray_local, base_path, tmp_path):
     assert summary["rejected"] == {"completion_too_long": 2}  # counted once per row across epochs/resume
     assert len((out / "rejects.jsonl").read_text().splitlines()) == 2
 
+    # the same folder with another learning rate: refused before anything trains (never resumes
+    # checkpoints made under other settings), naming the key; on_change=overwrite starts afresh
+    from kale_ray.runtime.stages import StaleOutputError
+
+    with pytest.raises(StaleOutputError, match=r"lr: 0\.005 -> 0\.001"):
+        run_training(make_cfg(data, out, "loss=sft", "max_steps=6", "checkpoint_every=2", "lr=0.001"), run_name="resume")
+    assert [json.loads(x)["step"] for x in (out / "history.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
 
 def test_full_finetune_zero3_writes_merged_only(ray_local, base_path, tmp_path):
     from kale_ray.train.trainer import run_training
