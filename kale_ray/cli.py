@@ -23,6 +23,8 @@ import json
 import sys
 from typing import Any, Callable
 
+from kale_ray.runtime.stages import StaleOutputError
+from kale_ray.runtime.storage import StorageError
 from kale_ray.config import ConfigError, DemoConfig, EvalConfig, SynthConfig, TrainConfig, load_config, to_dict
 from kale_ray.kalm.config import KaLMJobConfig
 from kale_ray.kard.config import KARDJobConfig
@@ -192,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg, args)
     except ConfigError as e:
         print(f"kale-ray {args.cmd}: config error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except (StaleOutputError, StorageError) as e:  # an out_dir made with other settings, an unusable URI
+        print(f"kale-ray {args.cmd}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 

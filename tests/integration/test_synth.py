@@ -199,3 +199,16 @@ def test_unsupported_storage_scheme_is_a_clear_error_not_a_local_folder(tmp_path
     with pytest.raises(StorageError, match="unsupported storage scheme 'nosuch'"):
         run_synthesis(_template_cfg("nosuch://bucket/x"), progress=lambda m: None)
     assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())
+
+
+def test_cli_refuses_a_stale_out_dir_with_one_line_and_exit_2(tmp_path, ray2, capsys):
+    from kale_ray.cli import main
+
+    out = tmp_path / "synth"
+    assert main(["synthesize", f"out_dir={out}", "generation.backend=template", "qa.num_questions=12"]) == 0
+    capsys.readouterr()
+    assert main(["synthesize", f"out_dir={out}", "generation.backend=template", "qa.num_questions=13"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "qa.num_questions: 12 -> 13" in err[0] and "on_change=overwrite" in err[0], err
+    assert main(["synthesize", "out_dir=nosuch://b/x", "generation.backend=template"]) == 2
+    assert "unsupported storage scheme" in capsys.readouterr().err
