@@ -573,7 +573,7 @@ class _Prepared:
         t0 = time.perf_counter()
         self._rel: tuple | None = None  # (triples, relation id per multi entry, forward), see entry_relations
         if _arrays is not None:
-            a = _arrays
+            a = {k: np.asarray(v) for k, v in _arrays.items()}  # np.memmap -> plain views (no copy)
             self.num_nodes = int(_num_nodes)
             self.multi = _CSR(*(a[f"ps_multi_{k}"] for k in _CSR_FIELDS[:4]),
                               deg=a["ps_multi_deg"], deg2=a["ps_multi_deg2"])
@@ -1465,6 +1465,21 @@ def _check_weights(weights) -> np.ndarray:
     return w
 
 
+def _padded_weights(prep, rel: np.ndarray, w: np.ndarray) -> np.ndarray | None:
+    """``w`` zero-padded to cover every relation id of ``rel`` (so a row reads ``w[rel[lo:hi]]``
+    directly); None when ``rel`` is empty. The largest id is computed once per ``_Prepared``."""
+    top = getattr(prep, "_max_rel", None)
+    if top is None or top[0] is not rel:
+        top = prep._max_rel = (rel, int(rel.max()) + 1 if rel.size else 0)
+    if top[1] == 0:
+        return None
+    if w.size >= top[1]:
+        return w
+    out = np.zeros(top[1], dtype=w.dtype)
+    out[: w.size] = w
+    return out
+
+
 def _allowed(w: np.ndarray, rr: np.ndarray) -> np.ndarray:
     """``w[rr] > 0`` with relation ids beyond ``len(w)`` not allowed."""
     if w.size == 0:
@@ -1494,12 +1509,14 @@ def _sequence_paths(index: GraphIndex, triples: np.ndarray, source: int, target:
     budget = params.max_expansions
     rows_read = 0
     scanned = 0
+    Wp = [_padded_weights(prep, rel, W[i]) for i in range(n)]
 
     def row(u: int, i: int):
         nonlocal scanned
         lo, hi = ipl[u], ipl[u + 1]
         scanned += hi - lo
-        idx = np.flatnonzero(_allowed(W[i], rel[lo:hi]))
+        w = Wp[i]
+        idx = np.flatnonzero(w[rel[lo:hi]] > 0) if w is not None else np.flatnonzero(_allowed(W[i], rel[lo:hi]))
         return nbr[lo:hi][idx], idx + lo
 
     # backward: layer[i] = nodes from which hops i..n-1 reach the target
@@ -1607,6 +1624,7 @@ def _relation_paths(index: GraphIndex, triples: np.ndarray, source: int, target:
     if w.size == 0 or not (w > 0).any():
         return []
     nrel = w.size
+    wpad = _padded_weights(prep, rel, w)
     budget = params.max_expansions
     rows: dict[int, tuple[list[int], list[int]]] = {}
     scanned = 0
@@ -1618,10 +1636,12 @@ def _relation_paths(index: GraphIndex, triples: np.ndarray, source: int, target:
             lo, hi = ipl[u], ipl[u + 1]
             scanned += hi - lo
             rr = rel[lo:hi]
-            ww = np.where(rr < nrel, w[np.minimum(rr, nrel - 1)], 0.0)
+            ww = wpad[rr] if wpad is not None else np.where(rr < nrel, w[np.minimum(rr, nrel - 1)], 0.0)
             idx = np.flatnonzero(ww > 0)
             vs = nbr[lo:hi][idx]
-            if params.distinct_nodes and idx.size > 1:  # best weight per neighbour, first among equals
+            # rows are sorted by neighbour: parallel allowed edges are adjacent
+            if params.distinct_nodes and idx.size > 1 and (vs[1:] == vs[:-1]).any():
+                # best weight per neighbour, first among equals
                 order = np.lexsort((idx, -ww[idx], vs))
                 vs_o = vs[order]
                 keep = np.ones(vs_o.size, dtype=bool)

@@ -126,6 +126,9 @@ class SynthContext:
         self.linker = linker if linker is not None else EntityLinker(kg)
         self.follow_question_relations = bool(getattr(cfg, "follow_question_relations", False))
         self.relation_words = RelationWords(kg)
+        # a plain ndarray view (an np.memmap subclass costs per slice in the search loops)
+        self.triples = np.asarray(kg.triples)
+        self._has_triple = getattr(kg, "has_triple", None)
 
 
 def row_seed(seed: int, row_id: str) -> list[int]:
@@ -239,7 +242,7 @@ def link_and_search(row: dict[str, Any], ctx: SynthContext) -> dict[str, Any]:
         for r in rs:
             mentioned.setdefault(r, i)
     weights = ctx.relation_words.weights(chain, ctx.params.max_hops) if ctx.follow_question_relations else None
-    cand = sample_paths(ctx.index, kg.triples, src, dst, wide, rng, relation_weights=weights)
+    cand = sample_paths(ctx.index, ctx.triples, src, dst, wide, rng, relation_weights=weights)
     found = rank_paths(kg, cand, ex.question, *((mentioned, chain) if ctx.follow_question_relations else ()))
     found = [p for p in found if p.hops][: ctx.params.k]
     if not found:
@@ -247,9 +250,10 @@ def link_and_search(row: dict[str, Any], ctx: SynthContext) -> dict[str, Any]:
         out["reject_detail"] = f"no path within {ctx.params.max_hops} hops from {ex.question_entities} to {ex.answer_entities}"
         return out
     named = [path_to_named(p, kg) for p in found]
-    for path in named:  # every hop must be a real triple of the KG
-        for h, r, t in path:
-            if not kg.has_named_triple(h, r, t):
+    for p, path in zip(found, named):  # every hop must be a real triple of the KG (id lookups, no re-hashing)
+        for (hi, ri, ti), (h, r, t) in zip(p.hops, path):
+            ok = ctx._has_triple(hi, ri, ti) if ctx._has_triple is not None else kg.has_named_triple(h, r, t)
+            if not ok:
                 raise AssertionError(f"path search returned a hop that is not a KG triple: {(h, r, t)}")
     out["paths"] = named
     out["path_complete"] = bool(found[0].complete)
