@@ -16,12 +16,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
 
 from kale_ray.llm import QUIET_ENV
+from kale_ray.ray_init import init_ray
 from kale_ray.config import DemoConfig, EvalConfig, dump_config, to_dict
 from kale_ray.runtime.stages import content_identity
 from kale_ray.report import machine_info, plot, write_metrics, write_report
@@ -32,8 +32,6 @@ def _done(path: Path) -> dict | None:
 
 
 def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
-    import ray
-
     from kale_ray.eval.evaluate import evaluate
     from kale_ray.models import resolve_model
     from kale_ray.synth.format import write_training_rows
@@ -45,14 +43,9 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     dump_config(cfg, out / "config.yaml")
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
-    if not ray.is_initialized():
-        if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=cfg.ray_address, log_to_driver=True, runtime_env=QUIET_ENV)
-        else:
-            # Local: logical CPUs for the train workers (one each) plus room for Ray Data's
-            # read/split tasks; with exactly os.cpu_count() the data feed can starve.
-            ray.init(num_cpus=max(os.cpu_count() or 1, cfg.train.num_workers + 2), include_dashboard=False,
-                     log_to_driver=True, runtime_env=QUIET_ENV)
+    # Local: logical CPUs for the train workers (one each) plus room for Ray Data's read/split
+    # tasks; with exactly os.cpu_count() the data feed can starve.
+    init_ray(cfg.ray_address, train_workers=cfg.train.num_workers, log_to_driver=True, runtime_env=QUIET_ENV)
 
     t = time.perf_counter()
     model_path = resolve_model(cfg.train.model.name, cfg.train.model.cache_dir)

@@ -77,15 +77,9 @@ def read_training_data(path: str | Path):
 
 
 def _ensure_ray(cfg: TrainConfig) -> None:
-    import ray
+    from kale_ray.ray_init import init_ray
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # a cluster (also what `ray job submit` gives the driver)
-    else:
-        # Local: the train workers take one CPU each; leave room for Ray Data's read tasks.
-        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.num_workers + 2))
+    init_ray(train_workers=cfg.num_workers)  # a cluster at RAY_ADDRESS, else local Ray sized for the workers
 
 
 def _summary(cfg: TrainConfig, state: dict, wall: float, n_rows: int) -> dict[str, Any]:
