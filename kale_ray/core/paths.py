@@ -1489,6 +1489,19 @@ def _allowed(w: np.ndarray, rr: np.ndarray) -> np.ndarray:
 
 def _sequence_paths(index: GraphIndex, triples: np.ndarray, source: int, target: int, params: PathSearchParams,
                     rng: np.random.Generator, W: np.ndarray, stats: dict | None) -> list[KGPath]:
+    """The chain search from the cheaper end: its backward layers grow from the endpoint with the
+    smaller row (on a power-law graph a hub's neighbourhood is what costs); paths read source -> target."""
+    prep = _prepared(index)[0]
+    ipl = prep.multi.ipl
+    if len(W) > 1 and (ipl[target + 1] - ipl[target]) > (ipl[source + 1] - ipl[source]):
+        found = _sequence_paths_to(index, triples, target, source, params, rng, W[::-1], stats, prefer_forward=False)
+        return [KGPath(hops=p.hops[::-1], nodes=p.nodes[::-1], complete=p.complete, method=p.method) for p in found]
+    return _sequence_paths_to(index, triples, source, target, params, rng, W, stats)
+
+
+def _sequence_paths_to(index: GraphIndex, triples: np.ndarray, source: int, target: int, params: PathSearchParams,
+                       rng: np.random.Generator, W: np.ndarray, stats: dict | None,
+                       prefer_forward: bool = True) -> list[KGPath]:
     """Simple paths of exactly ``n = len(W)`` hops whose hop ``i`` uses a relation with
     ``W[i, r] > 0`` (a relation chain, e.g. the one a question spells out), in either direction.
 
@@ -1519,20 +1532,28 @@ def _sequence_paths(index: GraphIndex, triples: np.ndarray, source: int, target:
         idx = np.flatnonzero(w[rel[lo:hi]] > 0) if w is not None else np.flatnonzero(_allowed(W[i], rel[lo:hi]))
         return nbr[lo:hi][idx], idx + lo
 
-    # backward: layer[i] = nodes from which hops i..n-1 reach the target
+    # backward: layer[i] = nodes from which hops i..n-1 reach the target; one vectorised read of
+    # every row of a layer (the graph is undirected: u's allowed entries at position i reach back)
+    ipl_a = np.asarray(ipl)
     layer: list[set] = [set() for _ in range(n + 1)]
     layer[n] = {target}
+    cur_a = np.asarray([target], dtype=np.int64)
     for i in range(n - 1, -1, -1):
-        cur = layer[i + 1]
-        nxt: set = set()
-        for u in cur:
-            if rows_read >= budget:
-                break
-            rows_read += 1
-            vs, _ = row(u, i)  # the graph is undirected: u's allowed entries at position i reach back
-            nxt.update(vs.tolist())
-        layer[i] = nxt
-        if not nxt:
+        cur_a = cur_a[: max(0, budget - rows_read)]
+        rows_read += int(cur_a.size)
+        lo, hi = ipl_a[cur_a], ipl_a[cur_a + 1]
+        lens = hi - lo
+        total = int(lens.sum())
+        scanned += total
+        if total:
+            ent = np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(total)
+            w = Wp[i]
+            ok = (w[rel[ent]] > 0) if w is not None else _allowed(W[i], rel[ent])
+            cur_a = np.unique(np.asarray(nbr)[ent[ok]])
+        else:
+            cur_a = np.empty(0, dtype=np.int64)
+        layer[i] = set(cur_a.tolist())
+        if not cur_a.size:
             return []
     if source not in layer[0]:
         return []
@@ -1550,12 +1571,12 @@ def _sequence_paths(index: GraphIndex, triples: np.ndarray, source: int, target:
             return [[], [], 0]
         keep = np.asarray(keep, dtype=np.int64)
         keep = keep[rng.permutation(keep.size)] if keep.size > 1 else keep
-        keep = keep[np.argsort(~fwd[es[keep]], kind="stable")]  # forward entries first
+        keep = keep[np.argsort(~fwd[es[keep]] if prefer_forward else fwd[es[keep]], kind="stable")]  # forward first
         return [vs[keep].tolist(), es[keep].tolist(), 0]
 
     stack = [frame(source, 0)]
     seen: set = set()
-    while stack and len(found) < 4 * k and expansions < budget:
+    while stack and len(found) < k and expansions < budget:  # forward entries come first in each frame
         fr = stack[-1]
         if fr[2] >= len(fr[0]):
             stack.pop()
@@ -1581,7 +1602,8 @@ def _sequence_paths(index: GraphIndex, triples: np.ndarray, source: int, target:
         stack.append(frame(v, len(path) - 1))
     _bump(stats, "relation_expansions", expansions)
     _bump(stats, "edges_scanned", scanned)
-    found.sort(key=lambda f: -int(fwd[f[1]].sum()))  # stable: discovery order among equals
+    # more hops read forward first (walked from the other end, a forward hop is a backward entry)
+    found.sort(key=lambda f: -int(fwd[f[1]].sum()) if prefer_forward else int(fwd[f[1]].sum()))
     return _as_paths(csr, triples, found[:k])
 
 
@@ -1759,10 +1781,15 @@ def find_paths(index: GraphIndex, triples: np.ndarray, source: int, target: int,
     if relation_weights is not None:
         w = _check_weights(relation_weights)
         rel_paths: list[KGPath] = []
+        chain_found = False
         if w.ndim == 2:
             rel_paths = _sequence_paths(index, triples, source, target, params, rng, w, stats)
+            chain_found = bool(rel_paths)
             w = w.max(axis=0) if w.size else np.zeros(0)
-        if len(rel_paths) < params.k:
+        # The question's own chain was found: the shortest paths fill up the rest. The set search
+        # (any hop of any mentioned relation) is the costly one (a sparse search from the target),
+        # worth it only when the chain itself is not in the KG.
+        if len(rel_paths) < params.k and not chain_found:
             seen = {p.key(params.distinct_nodes) for p in rel_paths}
             rel_paths += [p for p in _relation_paths(index, triples, source, target, params, rng, w, stats)
                           if p.key(params.distinct_nodes) not in seen]
