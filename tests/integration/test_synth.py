@@ -76,6 +76,9 @@ def test_vllm_synthesis_killed_and_resumed(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    # A shard merge already running in a Ray worker may still land just after the kill: let the
+    # local cluster's processes go (they follow their driver), then take stock.
+    time.sleep(5)
     done_before = {p.name for p in (out / "data").glob("shard-*.done")}
     train = list(read_qa_jsonl(out / "qa" / "train.jsonl"))
     n_shards = (len(train) + 5) // 6
