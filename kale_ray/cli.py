@@ -42,11 +42,12 @@ class PrepareConfig:
     trust_remote_code: bool = False
 
 
-def _ray(address: str | None = None, workers: int = 0) -> None:
+def _ray(address: str | None = None, workers: int = 0, job: str = "") -> None:
     from kale_ray.llm import QUIET_ENV
     from kale_ray.ray_init import init_ray
 
-    init_ray(address, workers, log_to_driver=True, runtime_env=QUIET_ENV)
+    where = init_ray(address, workers, log_to_driver=True, runtime_env=QUIET_ENV)
+    print(f"[job] {job or 'kale-ray'}: {where}", flush=True)
 
 
 def _print(obj: Any) -> None:
@@ -56,7 +57,7 @@ def _print(obj: Any) -> None:
 def run_kale(cfg: DemoConfig, args: argparse.Namespace) -> None:
     from kale_ray.demo import run_demo
 
-    _ray(cfg.ray_address, cfg.train.num_workers)
+    _ray(cfg.ray_address, cfg.train.num_workers, job="kale")
     m = run_demo(cfg)
     _print({"sft": m["sft"], "kale": m["kale"], "report": f"{cfg.out}/report.md",
             "minutes": round(m["timings"]["total"] / 60, 1)})
@@ -65,7 +66,7 @@ def run_kale(cfg: DemoConfig, args: argparse.Namespace) -> None:
 def run_synthesize(cfg: SynthConfig, args: argparse.Namespace) -> None:
     from kale_ray.synth.pipeline import run_synthesis
 
-    _ray()
+    _ray(job="synthesize")
     s = run_synthesis(cfg)
     keys = ("rows_in", "rows_out", "rejected", "teacher_rejected", "teacher_counts", "shards_total", "shards_skipped")
     _print({**{k: getattr(s, k) for k in keys}, "seconds": round(s.seconds["total"], 1), "out_dir": cfg.out_dir})
@@ -75,6 +76,7 @@ def run_prepare(cfg: PrepareConfig, args: argparse.Namespace) -> None:
     from kale_ray.models import resolve_model
     from kale_ray.synth.format import write_training_rows
 
+    _ray(job="prepare")  # shards are rendered by Ray Data tasks
     _print(write_training_rows(cfg.synth, resolve_model(cfg.model), cfg.out, cfg.trust_remote_code))
 
 
@@ -91,7 +93,7 @@ def run_train(cfg: TrainConfig, args: argparse.Namespace) -> None:
 def run_evaluate(cfg: EvalConfig, args: argparse.Namespace) -> None:
     from kale_ray.eval.evaluate import evaluate
 
-    _ray()
+    _ray(job="evaluate")
     m = evaluate(cfg, label=cfg.model.name)
     keys = ("accuracy", "accuracy_ci95", "probe_accuracy", "known_and_incorrect_rate", "n_questions")
     _print({k: m.get(k) for k in keys} | {"out_dir": cfg.out_dir})

@@ -131,7 +131,7 @@ def synth_cfg(out: Path, *overrides: str) -> SynthConfig:
 
 
 # Path search heavy enough (~20 ms a row) that the stage lasts long enough to act on mid-run.
-HEAVY_SEARCH = ("paths.k=10", "paths.oversample=10", "paths.max_hops=4")
+HEAVY_SEARCH = ("paths.k=10", "paths.oversample=10", "paths.max_hops=4", "paths.follow_question_relations=false")
 
 
 @pytest.fixture(scope="module")
@@ -385,7 +385,7 @@ def test_path_search_spreads_over_nodes_and_uses_a_node_added_mid_run(ray_tmp, t
         node_a = cluster.add_node(num_cpus=1, resources={"node_a": 1})
         ray.init(address=cluster.address, log_to_driver=False)
         out = tmp_path / "synth"
-        cfg = synth_cfg(out, "qa.num_questions=300", "shard_size=64", *HEAVY_SEARCH)
+        cfg = synth_cfg(out, "qa.num_questions=300", "shard_size=8", *HEAVY_SEARCH)  # many small tasks
         result: dict = {}
 
         def run():
@@ -455,7 +455,7 @@ def test_path_search_worker_killed_mid_run_every_row_once(local_ray, tmp_path):
     out = tmp_path / "synth"
     killer = Killer("MapBatches(_search_batch)")
     killer.start()
-    summary = run_synthesis(synth_cfg(out, "qa.num_questions=200", "shard_size=32", *HEAVY_SEARCH),
+    summary = run_synthesis(synth_cfg(out, "qa.num_questions=200", "shard_size=8", *HEAVY_SEARCH),
                             progress=lambda m: None)
     killer.stop.set()
     assert killer.killed, "no path-search worker was running to kill"
