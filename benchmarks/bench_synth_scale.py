@@ -272,6 +272,8 @@ class Sampler(threading.Thread):
         self.samples = 0
         self.killed_for_rss = False
         self.procs: dict[int, Any] = {}
+        self.driver_peak_uss = 0
+        self.uss_every = 5  # USS (smaps) every 5th sample: ~1 s, it costs more than RSS
 
     def run(self) -> None:
         while not self.stop_ev.is_set():
@@ -286,6 +288,12 @@ class Sampler(threading.Thread):
         except (ps.NoSuchProcess, ps.AccessDenied):
             return
         self.driver_peak = max(self.driver_peak, drv)
+        want_uss = self.samples % self.uss_every == 0
+        if want_uss:
+            try:
+                self.driver_peak_uss = max(self.driver_peak_uss, self.root.memory_full_info().uss)
+            except (ps.NoSuchProcess, ps.AccessDenied):
+                pass
         wsum, other = 0, 0
         for p in kids:
             try:
@@ -296,8 +304,14 @@ class Sampler(threading.Thread):
             self.procs[p.pid] = p
             if name.startswith("ray::"):
                 tab = self.agents if name.startswith(AGENTS) else self.workers
-                rec = tab.setdefault(p.pid, {"peak_rss": 0, "names": []})
+                rec = tab.setdefault(p.pid, {"peak_rss": 0, "peak_uss": 0, "names": []})
                 rec["peak_rss"] = max(rec["peak_rss"], rss)
+                if want_uss or rss > rec.get("uss_at_rss", 0) * 1.05:  # and whenever RSS grew
+                    try:
+                        rec["peak_uss"] = max(rec["peak_uss"], p.memory_full_info().uss)
+                        rec["uss_at_rss"] = rss
+                    except (ps.NoSuchProcess, ps.AccessDenied, ps.ZombieProcess):
+                        pass
                 nm = name.split()[0]
                 if nm not in rec["names"]:
                     rec["names"].append(nm)
@@ -319,14 +333,19 @@ class Sampler(threading.Thread):
         self.join(timeout=5)
         busy = {pid: w for pid, w in self.workers.items() if any(n != "ray::IDLE" for n in w["names"])}
         peaks = [w["peak_rss"] for w in self.workers.values()]
+        usss = [w["peak_uss"] for w in self.workers.values()]
         return {
             "driver_peak_rss_mib": self.driver_peak / MiB,
+            "driver_peak_uss_mib": self.driver_peak_uss / MiB,
+            "worker_peak_uss_mib_max": (max(usss) / MiB) if usss else None,
+            "worker_peak_uss_mib_sum_of_maxima": sum(usss) / MiB,
             "worker_peak_rss_mib_max": (max(peaks) / MiB) if peaks else None,
             "worker_peak_rss_mib_sum_of_maxima": sum(peaks) / MiB,
             "workers_rss_mib_max_instantaneous_sum": self.sum_workers_peak / MiB,
             "driver_plus_workers_peak_rss_mib": self.total_peak / MiB,
             "ray_system_processes_peak_rss_mib": self.others_peak / MiB,
-            "workers": {str(pid): {"peak_rss_mib": w["peak_rss"] / MiB, "names": w["names"]}
+            "workers": {str(pid): {"peak_rss_mib": w["peak_rss"] / MiB, "peak_uss_mib": w["peak_uss"] / MiB,
+                                   "names": w["names"]}
                         for pid, w in sorted(self.workers.items())},
             "workers_that_ran_tasks": len(busy),
             "peak_rss_mib_by_task": _by_task(self.workers),
@@ -334,7 +353,8 @@ class Sampler(threading.Thread):
                        for pid, w in sorted(self.agents.items())},
             "samples": self.samples, "killed_rss_limit": self.killed_for_rss,
             "note": "RSS (psutil memory_info().rss) sampled every 0.2 s; object-store pages a worker maps "
-                    "count in its RSS (shared between workers, so the sum over-counts them)",
+                    "count in its RSS (shared between workers, so the sum over-counts them); USS "
+                    "(memory_full_info().uss: pages private to the process) about every 1 s and whenever RSS grew",
         }
 
 
@@ -346,6 +366,14 @@ def _by_task(workers: dict[int, dict]) -> dict[str, float]:
             if n != "ray::IDLE":
                 out[n] = max(out.get(n, 0.0), w["peak_rss"] / MiB)
     return dict(sorted(out.items()))
+
+
+def cache_env(work: Path) -> dict:
+    """Subprocess env: PYTHONPATH=<this checkout>, KALE_RAY_CACHE=<work>/cache (the KG artifact under kg/)."""
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
+    env["KALE_RAY_CACHE"] = str(work / "cache")
+    return env
 
 
 def run_monitored(cmd: list[str], log: Path, timeout: float, rss_limit_gb: float, env: dict | None = None) -> dict[str, Any]:
@@ -462,11 +490,18 @@ def child_search(a) -> None:
     t0 = time.perf_counter()
     params = list(inspect.signature(steps.SynthContext).parameters)
     lc = columnar_loader()
-    if lc is not None and "index" not in params:  # a SynthContext over the columnar KG
+    if lc is not None and not a.force_load_kg:  # what a pipeline worker builds over the shared columnar KG
+        from kale_ray.core import kgstore
+
         kg = lc(source=a.kg, names=a.names, on_error="error", cache_dir=a.cache_dir, undirected=cfg.kg.undirected_search)
         t1 = time.perf_counter()
-        ctx = steps.SynthContext(kg, cfg.paths)
-        how = "load_columnar_kg + SynthContext(kg, cfg.paths)"
+        if "index" in params:
+            ctx = steps.SynthContext(kg, kg.index(cfg.kg.undirected_search), cfg.paths,
+                                     linker=kgstore.ColumnarLinker(kg))
+            how = "load_columnar_kg + SynthContext(kg, kg.index(), cfg.paths, linker=ColumnarLinker(kg))"
+        else:
+            ctx = steps.SynthContext(kg, cfg.paths)
+            how = "load_columnar_kg + SynthContext(kg, cfg.paths)"
     else:
         from kale_ray.core.kg import GraphIndex, load_kg
 
@@ -555,7 +590,7 @@ def cpu_override_key() -> str | None:
 
 def measure_load(args, n: int, info: dict, work: Path) -> dict[str, Any]:
     p = data_paths(info)
-    cache = work / "kgcache"
+    cache = work / "cache" / "kg"  # = $KALE_RAY_CACHE/kg of the pipeline runs (cache_env), kept for them
     shutil.rmtree(cache, ignore_errors=True)
     out: dict[str, Any] = {}
     for which in ("cold", "cached"):
@@ -571,14 +606,13 @@ def measure_load(args, n: int, info: dict, work: Path) -> dict[str, Any]:
     out["cached_means"] = ("an on-disk columnar cache (same cache_dir, second process)"
                            if res.get("loader", "").startswith("kale_ray.core.kgstore")
                            else "no on-disk cache exists: the same load again (warm OS file cache only)")
-    shutil.rmtree(cache, ignore_errors=True)
     return out
 
 
 def measure_search(args, n: int, info: dict, q: int, work: Path) -> dict[str, Any]:
     p = data_paths(info, q)
     cmd = _child_cmd("search", "--kg", p["kg"], "--names", p["names"], "--qa", p["qa"], "--cache-dir",
-                     str(work / "kgcache_search"), "--sample", str(args.search_sample),
+                     str(work / "cache" / "kg"), "--sample", str(args.search_sample),
                      "--max-seconds", str(args.search_max_seconds), "--", *args.overrides)
     r = run_monitored(cmd, work / "search.log", args.timeout, args.rss_limit_gb)
     res = r["result"] or {}
@@ -587,7 +621,6 @@ def measure_search(args, n: int, info: dict, q: int, work: Path) -> dict[str, An
           f"warm-up {_fmt(res.get('warmup_s'), '.2f')} s; outcomes {res.get('outcomes')}) "
           f"{'' if r['result'] else 'FAILED: ' + _why(r)}, peak RSS {r['memory']['driver_peak_rss_mib']:.0f} MiB, "
           f"load {r['loadavg_before']}->{r['loadavg_after']}", flush=True)
-    shutil.rmtree(work / "kgcache_search", ignore_errors=True)
     return r
 
 
@@ -620,6 +653,8 @@ def _pipeline_record(r: dict, out_dir: Path, cores: int) -> dict[str, Any]:
         rec["total_s"] = secs.get("total")
         rec["end_to_end_qps"] = rows / secs["total"] if secs.get("total") else None
         rec["stage_seconds"] = secs
+        rec["wall_qps"] = rows / r["wall_s"] if r.get("wall_s") else None  # the CLI process, Ray start included
+        rec["path_stage_share_of_wall"] = secs["link_and_paths"] / r["wall_s"] if r.get("wall_s") else None
     return rec
 
 
@@ -629,7 +664,7 @@ def measure_pipeline(args, n: int, info: dict, q: int, work: Path) -> dict[str, 
     shutil.rmtree(out_dir, ignore_errors=True)
     rows = args.pipeline_rows if args.pipeline_rows and args.pipeline_rows < q else 0
     cmd = [kale_ray_cli(), "synthesize", *_pipeline_overrides(args, p, out_dir, rows)]
-    r = run_monitored(cmd, work / f"pipeline_q{label(q)}.log", args.timeout, args.rss_limit_gb)
+    r = run_monitored(cmd, work / f"pipeline_q{label(q)}.log", args.timeout, args.rss_limit_gb, env=cache_env(work))
     rec = _pipeline_record(r, out_dir, os.cpu_count() or 1)
     rec["questions_in_file"] = q
     m = r["memory"]
@@ -638,6 +673,7 @@ def measure_pipeline(args, n: int, info: dict, q: int, work: Path) -> dict[str, 
              f"{rec['path_stage_qps_per_core']:.1f} q/s per core; total {_fmt(rec['total_s'], '.1f')} s"
              if "path_stage_s" in rec else "FAILED: " + _why(r))
           + f"; driver peak {m['driver_peak_rss_mib']:.0f} MiB, worker peak max {_fmt(m['worker_peak_rss_mib_max'], '.0f')} MiB "
+            f"RSS / {_fmt(m['worker_peak_uss_mib_max'], '.0f')} MiB USS "
             f"(sum of maxima {m['worker_peak_rss_mib_sum_of_maxima']:.0f}), wall {r['wall_s']:.1f} s, "
             f"load {r['loadavg_before']}->{r['loadavg_after']}", flush=True)
     if not args.keep_outputs:
@@ -661,7 +697,7 @@ def measure_scaling(args, n: int, info: dict, q: int, work: Path) -> dict[str, A
             ov = _pipeline_overrides(args, p, out_dir, rows)
             cmd = ([kale_ray_cli(), "synthesize", *ov, f"{key}={w}"] if key
                    else _child_cmd("pipeline", "--num-cpus", str(w), "--", *ov))
-            r = run_monitored(cmd, work / f"scale_w{w}_r{rnd}.log", args.timeout, args.rss_limit_gb)
+            r = run_monitored(cmd, work / f"scale_w{w}_r{rnd}.log", args.timeout, args.rss_limit_gb, env=cache_env(work))
             rec = _pipeline_record(r, out_dir, w)
             rec["round"] = rnd
             res["workers"].setdefault(str(w), []).append(rec)
@@ -745,6 +781,11 @@ def targets(sizes: dict[str, dict]) -> list[dict[str, Any]]:
                     f"{qk} questions; baseline: the limit ({shared / MiB:.0f} MiB shared arrays, loader "
                     f"{cold.get('loader')}); sum over workers of their peaks {m['worker_peak_rss_mib_sum_of_maxima']:.0f} MiB{at}",
                     "MiB")
+                u = m.get("worker_peak_uss_mib_max")
+                if u is not None:
+                    add(n, "peak worker USS (private) <= 1.5x shared-array bytes + 300 MiB", u, limit, u / limit,
+                        u <= limit if n == 1_000_000 else None,
+                        f"{qk} questions; USS leaves out the shared KG pages RSS counts{at}", "MiB")
             d = m["driver_peak_rss_mib"]
             add(n, "driver peak RSS <= 500 MiB", d, 500, d / 500, d <= 500 if n == 1_000_000 else None,
                 f"{qk} questions{at}", "MiB")
