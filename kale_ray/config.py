@@ -20,6 +20,64 @@ class ConfigError(ValueError):
     """A config value or key is wrong; the message names the key."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric setting: ``ge``/``gt`` below, ``le``/``lt`` above (None: open).
+
+    Declared once per field with :func:`num` (``k: int = num(3, ge=1)``) and checked by
+    :func:`load_config` for every section it builds, with the dotted key in the message
+    (``paths.k: must be >= 1, got 0``). A list field's range applies to each item.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, x: Any) -> bool:
+        return ((self.ge is None or x >= self.ge) and (self.gt is None or x > self.gt)
+                and (self.le is None or x <= self.le) and (self.lt is None or x < self.lt))
+
+    def __str__(self) -> str:
+        lo, hi = (self.ge if self.gt is None else self.gt), (self.le if self.lt is None else self.lt)
+        if lo is not None and hi is not None:
+            return f"in {'[' if self.gt is None else '('}{lo:g}, {hi:g}{']' if self.lt is None else ')'}"
+        if lo is not None:
+            return f"{'>=' if self.gt is None else '>'} {lo:g}"
+        return f"{'<=' if self.lt is None else '<'} {hi:g}"
+
+    def check(self, key: str, value: Any) -> None:
+        items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+        for i, x in items:
+            if x is not None and x not in self:
+                raise ConfigError(f"{key}{'' if i is None else f'[{i}]'}: must be {self}, got {x}")
+
+
+def num(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+        le: float | None = None, lt: float | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A numeric dataclass field with its valid :class:`Range`: ``num_questions: int = num(600, ge=1)``."""
+    if ge is None and gt is None and le is None and lt is None:
+        raise TypeError("num(): give at least one bound (ge, gt, le, lt)")
+    return dataclasses.field(default=default, default_factory=default_factory,
+                             metadata={"range": Range(ge=ge, gt=gt, le=le, lt=lt)})
+
+
+def range_of(f: dataclasses.Field) -> Range | None:
+    """The declared :class:`Range` of a dataclass field (None if it has none)."""
+    return f.metadata.get("range")
+
+
+def check_ranges(obj: Any, prefix: str = "") -> None:
+    """ConfigError naming ``prefix.field`` for the first field of ``obj`` outside its declared range.
+
+    Only ``obj``'s own fields: nested sections are checked where they are built (:func:`_build`).
+    """
+    for f in dataclasses.fields(obj):
+        r = range_of(f)
+        if r is not None:
+            r.check(f"{prefix}.{f.name}" if prefix else f.name, getattr(obj, f.name))
+
+
 # --------------------------------------------------------------------------- #
 # Config sections
 # --------------------------------------------------------------------------- #
@@ -45,36 +103,36 @@ class QAConfig:
     # with {question, answer, choices?, id?}.
     source: str = "generate"
     test_file: str | None = None  # users' held-out QA file (JSONL) when source is a file
-    hops: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3])
-    num_questions: int = 600  # total generated multi-hop questions (before the split)
-    test_fraction: float = 0.25
-    num_choices: int = 4
-    max_answers: int = 3  # keep a generated question only if at most this many entities answer it
-    seed: int = 0
+    hops: list[int] = num(default_factory=lambda: [1, 2, 3], ge=1)
+    num_questions: int = num(600, ge=1)  # total generated multi-hop questions (before the split)
+    test_fraction: float = num(0.25, ge=0, lt=1)
+    num_choices: int = num(4, ge=2)
+    max_answers: int = num(3, ge=1)  # keep a generated question only if at most this many entities answer it
+    seed: int = num(0, ge=0)
 
 
 @dataclasses.dataclass
 class PathConfig:
     """Knowledge-induced (KI) path search between question and answer entities."""
 
-    max_hops: int = 3
-    k: int = 3  # paths per (question entity, answer entity) pair
-    num_anchors: int = 4  # landmarks sampled from the m-hop neighbourhood of the answer
-    anchor_hops: int = 2  # m
+    max_hops: int = num(3, ge=1)
+    k: int = num(3, ge=1)  # paths per (question entity, answer entity) pair
+    num_anchors: int = num(4, ge=0)  # landmarks sampled from the m-hop neighbourhood of the answer
+    anchor_hops: int = num(2, ge=1)  # m
     bfs_fallback: bool = True
     partial_paths: bool = True
-    max_expansions: int = 20000  # per A* search; then BFS fallback
+    max_expansions: int = num(20000, ge=0)  # per A* search; then BFS fallback
     # "landmark": the paper's anchor heuristic (ALT lower bound from anchors near the answer);
     # "target": exact distances to the answer from a short BFS (faster on large KGs, same path lengths).
     # "bidirectional": meet-in-the-middle exact search (same path lengths; the fastest, and its cost per
     # question does not grow with the graph: sparse walk sets, per-worker reusable work arrays). Default.
     heuristic: Literal["landmark", "target", "bidirectional"] = "bidirectional"
     # Search oversample*k candidate paths, keep the k whose relations the question mentions most.
-    oversample: int = 4
+    oversample: int = num(4, ge=1)
     # Let the relations the question mentions steer the search: first paths whose every hop uses a
     # mentioned relation (ranked first), then the shortest paths. Off: shortest paths, re-ranked only.
     follow_question_relations: bool = True
-    seed: int = 0
+    seed: int = num(0, ge=0)
 
 
 @dataclasses.dataclass
@@ -84,7 +142,7 @@ class ModelConfig:
     name: str = "builtin:smollm2-135m"
     cache_dir: str = "~/.cache/kale_ray"
     trust_remote_code: bool = False
-    max_model_len: int = 1024
+    max_model_len: int = num(1024, ge=1)
 
 
 @dataclasses.dataclass
@@ -92,39 +150,27 @@ class GenerationConfig:
     """Teacher / evaluation generation settings."""
 
     backend: Literal["vllm", "http", "template"] = "vllm"
-    max_tokens: int = 96
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
+    max_tokens: int = num(96, ge=1)
+    temperature: float = num(0.0, ge=0)
+    top_p: float = num(1.0, gt=0, le=1)
+    seed: int = num(0, ge=0)
     ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
-    batch_size: int = 16
-    concurrency: int = 1  # vLLM replicas (an int, or autoscale via min/max in the cluster config)
-    max_concurrency: int = 0  # >0 makes the vLLM stage an autoscaling pool (concurrency..max_concurrency)
-    gpu_memory_utilization: float = 0.3  # on CPU: share of RAM for the KV cache
+    batch_size: int = num(16, ge=1)
+    concurrency: int = num(1, ge=1)  # vLLM replicas (an int, or autoscale via min/max in the cluster config)
+    max_concurrency: int = num(0, ge=0)  # >0 makes the vLLM stage an autoscaling pool (concurrency..max_concurrency)
+    gpu_memory_utilization: float = num(0.3, gt=0, le=1)  # on CPU: share of RAM for the KV cache
     dtype: str = "auto"  # "auto" = float32 on CPU (6x faster than bf16 on AVX2), bfloat16 on GPU
-    num_gpus_per_replica: float = 0.0
+    num_gpus_per_replica: float = num(0.0, ge=0)
     # http backend (any OpenAI-compatible endpoint); the key is read from this env var, never stored.
     http_base_url: str = "http://127.0.0.1:8000/v1"
     http_model: str = ""
     http_api_key_env: str = "OPENAI_API_KEY"
-    http_timeout_s: float = 60.0
-    max_retries: int = 2
+    http_timeout_s: float = num(60.0, gt=0)
+    max_retries: int = num(2, ge=0)
     # vLLM parallelism of one replica (a teacher bigger than one GPU): GPUs per replica =
     # tensor_parallel_size * pipeline_parallel_size. > 1 needs num_gpus_per_replica > 0.
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-
-    def __post_init__(self) -> None:
-        for key, lo in (("tensor_parallel_size", 1), ("pipeline_parallel_size", 1), ("concurrency", 1),
-                        ("max_concurrency", 0), ("batch_size", 1), ("max_tokens", 1)):
-            if getattr(self, key) < lo:
-                raise ConfigError(f"generation.{key}: must be >= {lo}, got {getattr(self, key)}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError(f"generation.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.temperature < 0:
-            raise ConfigError(f"generation.temperature: must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"generation.top_p: must be in (0, 1], got {self.top_p}")
+    tensor_parallel_size: int = num(1, ge=1)
+    pipeline_parallel_size: int = num(1, ge=1)
 
 
 @dataclasses.dataclass
@@ -140,31 +186,31 @@ class SynthConfig:
     out_dir: str = "runs/synth"
     # Question lines per shard (the unit of work, output files and resume); a finished shard is
     # never redone. Part of the settings: a changed shard_size on a rerun is refused, never mixed.
-    shard_size: int = 256
+    shard_size: int = num(256, ge=1)
     # A rerun whose settings differ from those behind out_dir's outputs: "error" stops and names
     # the changed keys; "overwrite" deletes the old outputs and starts again. Never mixes them.
     on_change: Literal["error", "overwrite"] = "error"
     # Path-search tasks in flight (0 = one per CPU of the cluster); each shares the KG zero-copy.
-    search_workers: int = 0
+    search_workers: int = num(0, ge=0)
     # If the teacher's rationale fails verification, keep the example with the template
     # rationale (teacher='template-fallback') instead of only rejecting it. The rejected
     # teacher output is still written aside with its reason.
     fallback_to_template: bool = True
     # A teacher rationale must name at least this share of its path's non-answer entities
     # (question + intermediate entities), and at least one, to count as grounded.
-    min_path_coverage: float = 0.5
-    max_rows: int = 0  # 0 = all
+    min_path_coverage: float = num(0.5, ge=0, le=1)
+    max_rows: int = num(0, ge=0)  # 0 = all
     # Rows with fewer hops get the exact template rationale instead of a teacher call: a
     # one-fact question's rationale is the fact itself. 0 = send every row to the teacher.
-    teacher_min_hops: int = 0
+    teacher_min_hops: int = num(0, ge=0)
 
 
 @dataclasses.dataclass
 class LoRAConfig:
     enabled: bool = True
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    r: int = num(16, ge=1)
+    alpha: int = num(32, ge=1)
+    dropout: float = num(0.0, ge=0, lt=1)
     target_modules: list[str] = dataclasses.field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
     )
@@ -174,13 +220,13 @@ class LoRAConfig:
 class KAConfig:
     """KALE's knowledge-aware loss: CE(answer | no rationale) + lam * KL over the answer tokens."""
 
-    lam: float = 1.0
-    temperature: float = 1.0
+    lam: float = num(1.0, ge=0)
+    temperature: float = num(1.0, gt=0)
     # "forward": KL(teacher || student) (the paper's choice); "reverse": KL(student || teacher).
     direction: Literal["forward", "reverse"] = "forward"
     stop_gradient_teacher: bool = True
     # Also train the teacher view (question + rationale -> answer) with CE; off by default.
-    teacher_ce_weight: float = 0.0
+    teacher_ce_weight: float = num(0.0, ge=0)
 
 
 @dataclasses.dataclass
@@ -194,24 +240,16 @@ class KaLMConfig:
     cross-entropy on the tail tokens. Defaults are the official run's (PursuitYP/KaLM).
     """
 
-    tau: float = 0.05  # fixed temperature (the official code's learnable 1/tau is never optimised)
-    margin: float = 0.02  # additive margin subtracted from the positive pair's cosine
-    lm_weight: float = 0.01  # lambda; 0 skips the LM forward pass entirely
+    tau: float = num(0.05, gt=0)  # fixed temperature (the official code's learnable 1/tau is never optimised)
+    margin: float = num(0.02, ge=0)  # additive margin subtracted from the positive pair's cosine
+    lm_weight: float = num(0.01, ge=0)  # lambda; 0 skips the LM forward pass entirely
     symmetric: bool = True  # (CE over rows + CE over columns) / 2; false = rows (hr -> t) only
     mask_false_negatives: bool = True
     # All-gather the embeddings of every worker's micro-batch so each (h, r) sees
     # world_size x micro_batch_size - 1 negatives instead of micro_batch_size - 1. Costs one
     # all_gather of 2 x (B, H) embeddings (+ ids) per micro-batch and a (G, G) score matrix, G = B x world.
     gather_negatives: bool = False
-    max_embed_len: int = 64  # tokens per embedded view; longer views are cut on the right (counted)
-
-    def __post_init__(self) -> None:
-        if not self.tau > 0:
-            raise ConfigError(f"kalm.tau: must be > 0, got {self.tau}")
-        if self.lm_weight < 0:
-            raise ConfigError(f"kalm.lm_weight: must be >= 0, got {self.lm_weight}")
-        if self.max_embed_len < 2:
-            raise ConfigError(f"kalm.max_embed_len: must be >= 2, got {self.max_embed_len}")
+    max_embed_len: int = num(64, ge=2)  # tokens per embedded view; longer views are cut on the right (counted)
 
 
 @dataclasses.dataclass
@@ -222,23 +260,17 @@ class DPOConfig:
     (the official run's LLaMA-Factory ``dpo_ftx 0.2``); averaged over pairs.
     """
 
-    beta: float = 0.1
-    gamma: float = 0.2  # weight of the SFT term on the chosen (better) answer; 0 = pure DPO
+    beta: float = num(0.1, gt=0)
+    gamma: float = num(0.2, ge=0)  # weight of the SFT term on the chosen (better) answer; 0 = pure DPO
     # "sigmoid": DPO (Rafailov et al.); "ipo": (margin - 1/(2 beta))^2 on length-averaged log-probs (Azar et al.).
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    label_smoothing: float = 0.0  # conservative DPO (sigmoid only)
+    label_smoothing: float = num(0.0, ge=0, lt=0.5)  # conservative DPO (sigmoid only)
     # "adapter_disabled": a no-grad forward of the same LoRA model with the adapter off, every step;
     # "precomputed": rows carry ref_chosen_logp / ref_rejected_logp from one batch pass before
     # training (kale_ray.knowtuning.dpo.add_reference_logps); rows without them are rejected.
     reference: Literal["adapter_disabled", "precomputed"] = "adapter_disabled"
 
-    def __post_init__(self) -> None:
-        if not self.beta > 0:
-            raise ConfigError(f"dpo.beta: must be > 0, got {self.beta}")
-        if self.gamma < 0:
-            raise ConfigError(f"dpo.gamma: must be >= 0, got {self.gamma}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+    def __post_init__(self) -> None:  # ranges: num(...) above, checked on load
         if self.loss_type == "ipo" and self.label_smoothing != 0.0:
             raise ConfigError("dpo.label_smoothing: applies to loss_type 'sigmoid' only")
 
@@ -251,32 +283,32 @@ class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: str = "runs/rows"  # prepared training rows (`kale-ray prepare --out`): prompt, teacher_prompt, completion
     out_dir: str = "runs/train"
-    num_workers: int = 2
+    num_workers: int = num(2, ge=1)
     use_gpu: bool = False
     zero_stage: Literal[0, 1, 2, 3] = 2
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     ka: KAConfig = dataclasses.field(default_factory=KAConfig)
     kalm: KaLMConfig = dataclasses.field(default_factory=KaLMConfig)
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 5
+    lr: float = num(2e-4, gt=0)
+    weight_decay: float = num(0.0, ge=0)
+    warmup_steps: int = num(5, ge=0)
     # After the linear warmup: "cosine" or "linear" decay to 0 at the last step, or "constant".
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float = 1.0  # DeepSpeed gradient clipping; 0 = off
-    epochs: int = 1
-    max_steps: int = 0  # 0 = epochs decide
-    micro_batch_size: int = 4  # per worker
-    grad_accum: int = 1
-    max_seq_len: int = 384
-    checkpoint_every: int = 0  # steps; 0 = only at the end
-    keep_checkpoints: int = 2
-    max_failures: int = 0
+    max_grad_norm: float = num(1.0, ge=0)  # DeepSpeed gradient clipping; 0 = off
+    epochs: int = num(1, ge=1)
+    max_steps: int = num(0, ge=0)  # 0 = epochs decide
+    micro_batch_size: int = num(4, ge=1)  # per worker
+    grad_accum: int = num(1, ge=1)
+    max_seq_len: int = num(384, ge=1)
+    checkpoint_every: int = num(0, ge=0)  # steps; 0 = only at the end
+    keep_checkpoints: int = num(2, ge=0)
+    max_failures: int = num(0, ge=-1)
     # A rerun into an out_dir trained with other settings (or data): "error" stops and names the
     # changed keys; "overwrite" deletes the old run (checkpoints included) and trains again.
     on_change: Literal["error", "overwrite"] = "error"
-    seed: int = 0
-    torch_threads: int = 0  # 0 = cores / workers
+    seed: int = num(0, ge=0)
+    torch_threads: int = num(0, ge=0)  # 0 = cores / workers
     save_merged: bool = True
 
 
@@ -295,27 +327,22 @@ class EvalConfig:
 class KaLMEvalConfig:
     """KaLM evaluation: embedding-based KG completion and multiple-choice KGQA by generation."""
 
-    max_test_triples: int = 0  # 0 = every test triple; else a seeded sample of this many
-    embed_batch_size: int = 64  # texts per forward pass when embedding entities / queries
+    max_test_triples: int = num(0, ge=0)  # 0 = every test triple; else a seeded sample of this many
+    embed_batch_size: int = num(64, ge=1)  # texts per forward pass when embedding entities / queries
     # "ray": a Ray Data map_batches actor; "local": a batched torch pass in this process;
     # "auto": ray when Ray is initialised.
     embed_with: Literal["auto", "ray", "local"] = "auto"
-    embed_threads: int = 0  # torch threads of the embedding pass; 0 = all cores
+    embed_threads: int = num(0, ge=0)  # torch threads of the embedding pass; 0 = all cores
     # Ranking is done in blocks of query_chunk x entity_chunk scores: never a full N x N matrix.
-    query_chunk: int = 256
-    entity_chunk: int = 4096
+    query_chunk: int = num(256, ge=1)
+    entity_chunk: int = num(4096, ge=1)
     kgqa: bool = True
-    kgqa_per_task: int = 50  # questions per KGQA task (tail, head, relation, triple classification)
-    num_choices: int = 4
+    kgqa_per_task: int = num(50, ge=1)  # questions per KGQA task (tail, head, relation, triple classification)
+    num_choices: int = num(4, ge=2)
     generation: GenerationConfig = dataclasses.field(
         default_factory=lambda: GenerationConfig(max_tokens=24, temperature=0.0)
     )
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for key in ("embed_batch_size", "query_chunk", "entity_chunk", "num_choices"):
-            if getattr(self, key) < (2 if key == "num_choices" else 1):
-                raise ConfigError(f"eval.{key}: must be >= {2 if key == 'num_choices' else 1}, got {getattr(self, key)}")
+    seed: int = num(0, ge=0)
 
 
 @dataclasses.dataclass
@@ -429,6 +456,7 @@ def _build(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
                 continue
         kwargs[k] = _coerce(v, hints[k], key)
     obj = dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    check_ranges(obj, prefix)  # every numeric field's declared Range (num(...)), named by its dotted key
     return obj
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from kale_ray.config import ConfigError, KaLMEvalConfig, KGConfig, LoRAConfig, TrainConfig
+from kale_ray.config import ConfigError, KaLMEvalConfig, KGConfig, LoRAConfig, TrainConfig, num
 
 
 def _kalm_train_defaults() -> TrainConfig:
@@ -25,18 +25,12 @@ class KaLMDataConfig:
     # "official": the builtin KG's own train/valid/test files (pykeen's UMLS/Nations split);
     # "random": a seeded split of all triples with test_fraction (users' KGs).
     split: Literal["official", "random"] = "official"
-    test_fraction: float = 0.1
-    max_train_triples: int = 0  # 0 = all; else a seeded sample (before the inverse triples are added)
+    test_fraction: float = num(0.1, gt=0, lt=1)
+    max_train_triples: int = num(0, ge=0)  # 0 = all; else a seeded sample (before the inverse triples are added)
     add_inverse: bool = True  # train on (t, inverse r, h) too (the official recipe does)
     # Text of an inverse relation: "prefix" -> "inverse of <rel>", "suffix" -> "<rel> (reverse)".
     inverse_text: Literal["prefix", "suffix"] = "prefix"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ConfigError(f"data.test_fraction: must be in (0, 1), got {self.test_fraction}")
-        if self.max_train_triples < 0:
-            raise ConfigError(f"data.max_train_triples: must be >= 0, got {self.max_train_triples}")
+    seed: int = num(0, ge=0)
 
 
 @dataclasses.dataclass

