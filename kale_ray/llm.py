@@ -3,19 +3,20 @@
 * ``vllm``: ``ray.data.llm`` vLLM processor (one engine per actor; ``concurrency=(min, max)``
   makes an autoscaling actor pool). Prompts arrive pre-rendered (``prompt`` column) so the
   model sees exactly the string training used; the chat-template stage is off.
-* ``http``: any OpenAI-compatible ``/chat/completions`` endpoint (a vLLM server, GPT-4o, ...).
+* ``http``: any OpenAI-compatible ``/chat/completions`` endpoint (a vLLM server, GPT-4o, ...) on the
+  official ``openai`` client (async, bounded concurrency per actor, retry rules below).
 * ``template``: no LLM (handled by the caller).
 
 Every row comes back: a row whose request failed has ``gen_error`` set, never vanishes.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import random
+import threading
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -171,53 +172,219 @@ def build_vllm_processor(model_path: str, gen: GenerationConfig, max_model_len: 
 # --------------------------------------------------------------------------- #
 # OpenAI-compatible HTTP teacher
 # --------------------------------------------------------------------------- #
-class HttpGenerator:
-    """Ray Data callable class: rows with ``messages`` -> ``generation`` via /chat/completions.
+# Retry rules: 429 and 5xx (and connection errors / timeouts) are retried up to
+# generation.max_retries times; the wait is the server's Retry-After (seconds or an HTTP date;
+# capped at RETRY_AFTER_CAP_S) or else exponential backoff (BACKOFF_BASE_S * 2**attempt, capped
+# at BACKOFF_CAP_S, with jitter). Every other 4xx fails its row at once: ``http_<status>: <message>``.
+RETRYABLE_STATUS = frozenset({429})  # and every status >= 500
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 8.0
+RETRY_AFTER_CAP_S = 60.0
 
-    The API key is read from the environment variable named in the config, never stored
-    in configs or logs. Bounded retries with backoff; a row that still fails gets
-    ``gen_error`` (the pipeline rejects it with that reason).
+
+def _retry_after_s(headers) -> float | None:
+    """Seconds the server asked us to wait (``retry-after-ms``, ``Retry-After`` seconds or date), or None."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    ra = headers.get("retry-after")
+    if not ra:
+        return None
+    try:
+        return max(0.0, float(ra))
+    except ValueError:
+        pass
+    try:
+        from email.utils import parsedate_to_datetime
+
+        when = parsedate_to_datetime(ra)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _backoff_s(attempt: int, retry_after: float | None) -> float:
+    if retry_after is not None:
+        return min(RETRY_AFTER_CAP_S, retry_after)
+    return min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt) * random.uniform(0.8, 1.0)
+
+
+def _status_message(e) -> str:
+    """The server's own message of an ``openai.APIStatusError`` (``{"error": {"message": ...}}`` or the body)."""
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        msg = body.get("message") or body.get("detail") or body.get("error") or json.dumps(body)
+    elif body:
+        msg = str(body)
+    else:
+        try:
+            msg = e.response.text
+        except Exception:  # pragma: no cover - a response without a readable body
+            msg = ""
+        msg = msg or getattr(e.response, "reason_phrase", "") or str(e)
+    return " ".join(str(msg).split())[:300]
+
+
+class HttpGenerator:
+    """Ray Data callable class: rows with ``messages_json`` -> ``generation`` via an OpenAI-compatible
+    ``/chat/completions`` endpoint, on the official ``openai`` client (``AsyncOpenAI``).
+
+    Per actor, up to ``generation.batch_size`` requests are in flight at once (an
+    ``asyncio.Semaphore`` on the actor's own event loop); ``generation.concurrency`` actors run.
+    The client's own retries are off (``max_retries=0``): the rules above apply (see
+    :data:`RETRYABLE_STATUS`). Output columns: ``generation``, ``gen_tokens`` and
+    ``prompt_tokens`` (from the response's ``usage``) and ``gen_error`` ("" when fine); a row that
+    fails keeps its place with its error, it never vanishes.
+
+    The API key is read from the environment variable named by ``generation.http_api_key_env``
+    (on the actor), sent only as the ``Authorization`` header, never stored in configs, logged,
+    or put in an error message. ``json_schema``: structured output
+    (``response_format={"type": "json_schema", ...}``), honoured by vLLM serve and OpenAI.
     """
 
-    def __init__(self, gen: GenerationConfig, model: str) -> None:
+    def __init__(self, gen: GenerationConfig, model: str, json_schema: dict | None = None) -> None:
         self.gen = gen
         self.model = gen.http_model or model
-        self.url = gen.http_base_url.rstrip("/") + "/chat/completions"
-        self.key = os.environ.get(gen.http_api_key_env, "")
-        self.pool = ThreadPoolExecutor(max_workers=max(1, min(16, gen.batch_size)))
+        self.base_url = gen.http_base_url.rstrip("/")
+        self.json_schema = json_schema
+        self.concurrency = max(1, int(gen.batch_size))
+        self.retries = {"attempts": 0, "retried": 0}  # counters over this actor's life
+        self._key = os.environ.get(gen.http_api_key_env, "") if gen.http_api_key_env else ""
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._client = None
 
-    def _one(self, messages) -> tuple[str, int, str]:
-        payload = {
+    def __repr__(self) -> str:  # never the key
+        return f"HttpGenerator(model={self.model!r}, base_url={self.base_url!r})"
+
+    def __getstate__(self):  # a copy of this object carries no key, loop or client
+        return {k: v for k, v in self.__dict__.items() if k not in ("_key", "_lock", "_loop", "_thread", "_client")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._key = os.environ.get(self.gen.http_api_key_env, "") if self.gen.http_api_key_env else ""
+        self._lock = threading.Lock()
+        self._loop = self._thread = self._client = None
+
+    # -- the actor's event loop, on its own thread (whatever loop the caller's thread runs) --
+    def _run(self, coro):
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._loop.run_forever, name="kale-http-teacher", daemon=True)
+                self._thread.start()
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _get_client(self):
+        if self._client is None:
+            from openai import AsyncOpenAI
+
+            t = float(self.gen.http_timeout_s)
+            self._client = AsyncOpenAI(
+                base_url=self.base_url,
+                # no key: a placeholder the client wants, and no Authorization header is sent
+                # (_request_kwargs omits it; a local vLLM server without --api-key)
+                api_key=self._key or "no-key",
+                max_retries=0,  # our retry rules, not the client's
+                timeout=t,
+            )
+        return self._client
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+    def _request_kwargs(self, messages) -> dict[str, Any]:
+        kw: dict[str, Any] = {
             "model": self.model,
             "messages": [dict(m) for m in messages],
-            "max_tokens": self.gen.max_tokens,
-            "temperature": self.gen.temperature,
-            "top_p": self.gen.top_p,
-            "seed": self.gen.seed,
+            "max_tokens": int(self.gen.max_tokens),
+            "temperature": float(self.gen.temperature),
+            "top_p": float(self.gen.top_p),
+            "seed": int(self.gen.seed),
         }
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        last = ""
-        for attempt in range(self.gen.max_retries + 1):
-            try:
-                req = urllib.request.Request(self.url, data=json.dumps(payload).encode(), headers=headers)
-                with urllib.request.urlopen(req, timeout=self.gen.http_timeout_s) as resp:
-                    body = json.loads(resp.read().decode())
-                text = body["choices"][0]["message"]["content"] or ""
-                toks = int((body.get("usage") or {}).get("completion_tokens") or 0)
-                return text, toks, ""
-            except (urllib.error.URLError, TimeoutError, KeyError, IndexError, ValueError, OSError) as e:
-                last = f"{type(e).__name__}: {e}"
-                if attempt < self.gen.max_retries:
-                    time.sleep(min(8.0, 0.5 * 2 ** attempt))
-        return "", 0, f"http_error: {last}"
+        if not self._key:
+            import openai
+
+            kw["extra_headers"] = {"Authorization": openai.Omit()}
+        if self.json_schema is not None:
+            kw["response_format"] = {"type": "json_schema",
+                                     "json_schema": {"name": "output", "schema": self.json_schema, "strict": False}}
+        return kw
+
+    async def _one(self, sem: asyncio.Semaphore, messages) -> tuple[str, int, int, str]:
+        import openai
+
+        client = self._get_client()
+        kw = self._request_kwargs(messages)
+        err = ""
+        for attempt in range(int(self.gen.max_retries) + 1):
+            retry_after = None
+            async with sem:
+                self.retries["attempts"] += 1
+                try:
+                    resp = await client.chat.completions.create(**kw)
+                except openai.APIStatusError as e:
+                    status = int(e.status_code)
+                    err = f"http_{status}: {_status_message(e)}"
+                    if status not in RETRYABLE_STATUS and status < 500:
+                        return "", 0, 0, self._scrub(err)  # bad request, auth, not found...: never retried
+                    retry_after = _retry_after_s(e.response.headers)
+                except openai.APITimeoutError:
+                    err = f"http_timeout: no response within {self.gen.http_timeout_s:g}s"
+                except openai.APIConnectionError as e:
+                    cause = e.__cause__ or e
+                    err = f"http_connection_error: {type(cause).__name__}: {cause}"
+                except openai.OpenAIError as e:  # e.g. a body that is not a chat completion
+                    return "", 0, 0, self._scrub(f"http_bad_response: {type(e).__name__}: {e}"[:400])
+                else:
+                    try:
+                        text = resp.choices[0].message.content or ""
+                    except (AttributeError, IndexError, TypeError):
+                        return "", 0, 0, "http_bad_response: no choices[0].message in the response"
+                    usage = getattr(resp, "usage", None)
+                    return (text, int(getattr(usage, "completion_tokens", 0) or 0),
+                            int(getattr(usage, "prompt_tokens", 0) or 0), "")
+            if attempt < self.gen.max_retries:
+                self.retries["retried"] += 1
+                await asyncio.sleep(_backoff_s(attempt, retry_after))  # outside the semaphore
+        return "", 0, 0, self._scrub(err)
+
+    async def _all(self, msgs: list) -> list[tuple[str, int, int, str]]:
+        sem = asyncio.Semaphore(self.concurrency)
+        return await asyncio.gather(*(self._one(sem, m) for m in msgs))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         msgs = [json.loads(m) for m in batch["messages_json"]]
-        results = list(self.pool.map(self._one, msgs))
+        results = self._run(self._all(msgs)) if msgs else []
         batch["generation"] = np.array([r[0] for r in results], dtype=object)
         batch["gen_tokens"] = np.array([r[1] for r in results], dtype=np.int64)
-        batch["prompt_tokens"] = np.zeros(len(results), dtype=np.int64)
-        batch["gen_error"] = np.array([r[2] for r in results], dtype=object)
+        batch["prompt_tokens"] = np.array([r[2] for r in results], dtype=np.int64)
+        batch["gen_error"] = np.array([r[3] for r in results], dtype=object)
         return batch
+
+    def close(self) -> None:
+        """Close the client and stop the actor's loop (also at garbage collection)."""
+        loop, client = self._loop, self._client
+        self._loop = self._client = None
+        if loop is None:
+            return
+        if client is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(client.close(), loop).result(timeout=5)
+            except Exception:  # pragma: no cover - best effort at shutdown
+                pass
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # pragma: no cover
+            pass
