@@ -655,6 +655,9 @@ def _pipeline_record(r: dict, out_dir: Path, cores: int) -> dict[str, Any]:
         rec["stage_seconds"] = secs
         rec["wall_qps"] = rows / r["wall_s"] if r.get("wall_s") else None  # the CLI process, Ray start included
         rec["path_stage_share_of_wall"] = secs["link_and_paths"] / r["wall_s"] if r.get("wall_s") else None
+        if secs.get("search_tasks_cpu"):  # inside the Ray Data tasks: the search's own CPU cost per question
+            rec["search_tasks_qps_per_cpu_s"] = rows / secs["search_tasks_cpu"]
+            rec["search_tasks_wall_s"] = secs.get("search_tasks_wall")
     return rec
 
 
@@ -760,7 +763,7 @@ def targets(sizes: dict[str, dict]) -> list[dict[str, Any]]:
         pipes = s.get("pipeline") or {}
         ok_pipes = {qk: pr for qk, pr in pipes.items() if "path_stage_qps_per_core" in pr}
         if ok_pipes:
-            qk = min(ok_pipes, key=int)
+            qk = max(ok_pipes, key=int)  # the longest run: start-up amortised the most
             pr = ok_pipes[qk]
             v = pr["path_stage_qps_per_core"]
             add(n, "pipeline path stage >= 1,500 questions/s per core", v, bare, v / bare if bare else None,
@@ -768,6 +771,12 @@ def targets(sizes: dict[str, dict]) -> list[dict[str, Any]]:
             if bare:
                 add(n, "pipeline >= 0.8x bare search per core", v / bare, 0.8, (v / bare) / 0.8,
                     v / bare >= 0.8 if n == 1_000_000 else None, f"bare search {bare:.1f} q/s per core{at}", "x")
+            bare_cpu = ((s.get("bare_search") or {}).get("result") or {}).get("qps_per_cpu_s")
+            tq = pr.get("search_tasks_qps_per_cpu_s")
+            if bare_cpu and tq:
+                add(n, "  (pipeline tasks per CPU-s >= 0.8x bare search per CPU-s)", tq / bare_cpu, 0.8,
+                    (tq / bare_cpu) / 0.8, tq / bare_cpu >= 0.8 if n == 1_000_000 else None,
+                    f"{tq:.1f} vs {bare_cpu:.1f} q/CPU-s: the tasks' own cost, independent of other load{at}", "x")
         elif pipes:
             add(n, "pipeline path stage >= 1,500 questions/s per core", None, bare, None, False if n == 1_000_000 else None,
                 "pipeline did not finish: " + "; ".join(_why(pr) for pr in pipes.values()))

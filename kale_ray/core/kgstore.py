@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -39,14 +41,19 @@ import numpy as np
 
 from kale_ray.core.kg import (
     MAX_LINE_BYTES,
+    SKIPPED_FILE,
     GraphIndex,
     KGFormatError,
     KnowledgeGraph,
     _format_of,
     builtin_kg_files,
+    is_header,
+    kg_source_files,
     load_kg,
+    note_header,
+    read_bytes,
+    read_kg_file,
     read_names,
-    read_triples,
 )
 from kale_ray.core.paths import REQUIRED_SEARCH_ARRAYS, SEARCH_ARRAY_NAMES, attach_search_arrays, search_arrays
 from kale_ray.core.qa import _ARTICLES as _QA_ARTICLES
@@ -58,8 +65,12 @@ FORMAT_VERSION = 2  # 2: the path-search arrays (ps_*, kale_ray.core.paths.searc
 KEEP_DUPLICATE_RECORDS = 100  # duplicate triples: counted, only the first few kept as records
 KEEP_REJECT_ROWS_IN_META = 1000
 
-_TRIPLE_SUFFIXES = (".tsv", ".txt", ".csv", ".jsonl", ".json")
-_CSV_HEADERS = ("head,relation,tail", "h,r,t", "subject,predicate,object")
+PARSER_VERSION = 2  # 2: BOM, control characters, TSV headers, strict JSONL fields, compressed files (issue 13)
+# bytes the line reader must judge: C0 controls but TAB/LF/CR, DEL, C1 controls (UTF-8 \xc2\x80-\x9f), a BOM
+_CONTROL_BYTES = {
+    "tsv": re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\xc2[\x80-\x9f]|\xef\xbb\xbf"),
+    "csv": re.compile(rb"[\x00-\x0c\x0e-\x1f\x7f]|\xc2[\x80-\x9f]|\xef\xbb\xbf"),
+}
 
 
 # --------------------------------------------------------------------------- #
@@ -310,6 +321,7 @@ class ColumnarKG:
         self._spo_key = a["spo_key"]
         self._sf_col = StringColumn(a["sf_buf"], a["sf_off"])
         self._indexes: dict[bool, GraphIndex] = {}
+        self.path: str | None = None  # the cache folder this KG is memory-mapped from (``open``), if any
 
     # ----- text ------------------------------------------------------------
     def entity_name(self, e: int | str) -> str:
@@ -426,7 +438,12 @@ class ColumnarKG:
         meta = json.loads((d / "meta.json").read_text())
         names = _ARRAY_NAMES + tuple(k for k in _OPTIONAL_ARRAY_NAMES if (d / f"{k}.npy").exists())
         arrays = {k: np.load(d / f"{k}.npy", mmap_mode="r" if mmap else None, allow_pickle=False) for k in names}
-        return cls(meta, arrays)
+        # Plain ndarray views of the maps: same pages, without np.memmap's per-slice Python overhead
+        # (a third of the search's time went to memmap.__getitem__/__array_finalize__).
+        arrays = {k: (v.view(np.ndarray) if isinstance(v, np.memmap) else v) for k, v in arrays.items()}
+        kg = cls(meta, arrays)
+        kg.path = str(d) if mmap else None
+        return kg
 
     # ----- construction ----------------------------------------------------
     @classmethod
@@ -594,12 +611,14 @@ class ColumnarLinker:
 # --------------------------------------------------------------------------- #
 # Loading from files (fast pyarrow path with a line-reader fallback)
 # --------------------------------------------------------------------------- #
-def _fast_read(path: Path):
+def _fast_read(path: Path, rejects: Rejects | None = None):
     """(h, r, t) pyarrow string arrays of a clean TSV/CSV file, or None when the line reader must decide.
 
     The fast path is taken only when pyarrow's parse cannot differ from ``read_triples``: no
-    comment lines, no bare carriage returns, no BOM, no line over MAX_LINE_BYTES, (CSV) no quotes,
-    every row 3 non-empty columns with no surrounding whitespace, valid UTF-8.
+    comment lines, no bare carriage returns, no control characters or inner BOM, no line over
+    MAX_LINE_BYTES, (CSV) no quotes, every row 3 non-empty columns with no surrounding whitespace,
+    valid UTF-8. A leading BOM is dropped and a header on line 1 skipped (noted in ``rejects``)
+    as the line reader does; compressed files are decompressed first.
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -607,28 +626,33 @@ def _fast_read(path: Path):
     fmt = _format_of(path)
     if fmt not in ("tsv", "csv"):
         return None
-    data = path.read_bytes()
-    if not data:
+    try:
+        data = read_bytes(path)
+    except KGFormatError:  # a corrupt compressed file: the line reader reports it
         return None
-    if data.startswith(b"\xef\xbb\xbf") or data.startswith(b"#") or b"\n#" in data:
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if not data or data[:1] in (b"\n", b"\r"):
+        return None
+    if data.startswith(b"#") or b"\n#" in data:
         return None
     if b"\r" in data and data.count(b"\r") != data.count(b"\r\n"):
         return None
     if fmt == "csv" and b'"' in data:
+        return None
+    if _CONTROL_BYTES[fmt].search(data):
         return None
     buf = np.frombuffer(data, dtype=np.uint8)
     nl = np.flatnonzero(buf == 10)
     bounds = np.concatenate(([-1], nl, [len(buf)] if (len(nl) == 0 or nl[-1] != len(buf) - 1) else []))
     if len(bounds) > 1 and int(np.max(np.diff(bounds))) > MAX_LINE_BYTES:  # line incl. newline
         return None
-    skip_header = False
-    if fmt == "csv":
-        first = data[: int(nl[0]) if len(nl) else len(data)]
-        try:
-            first_text = first.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError:
-            return None
-        skip_header = first_text.lower().replace(" ", "") in _CSV_HEADERS
+    first = data[: int(nl[0]) if len(nl) else len(data)]
+    try:
+        first_text = first.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        return None
+    skip_header = is_header(first_text, fmt)
     invalid = []
 
     def handler(row):
@@ -664,19 +688,21 @@ def _fast_read(path: Path):
         for s in pc.unique(col).to_pylist():
             if s != s.strip():
                 return None
+    if skip_header and rejects is not None:
+        note_header(path, 1, first_text, rejects)
     return cols
 
 
-def _read_file(path: Path, on_error: str, rejects: Rejects):
+def _read_file(path: Path, on_error: str, rejects: Rejects, jsonl_numbers: bool = False):
     import pyarrow as pa
 
     if not path.exists():
         raise FileNotFoundError(f"KG file not found: {path}")
-    fast = _fast_read(path)
+    fast = _fast_read(path, rejects)
     if fast is not None:
         return fast
     hs, rs, ts = [], [], []
-    for h, r, t in read_triples(path, on_error=on_error, rejects=rejects):
+    for h, r, t in read_kg_file(path, on_error=on_error, rejects=rejects, jsonl_numbers=jsonl_numbers):
         hs.append(h); rs.append(r); ts.append(t)
     return [pa.array(hs, type=pa.string()), pa.array(rs, type=pa.string()), pa.array(ts, type=pa.string())]
 
@@ -726,7 +752,7 @@ def _encode_triples(parts: list[list], rejects: Rejects):
     return ents, rels.to_pylist(), triples
 
 
-def _source_files(source: str) -> list[Path]:
+def _source_files(source: str, rejects: Rejects | None = None, warn: bool = True) -> list[Path]:
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1].lower()
         if name == "hpo":
@@ -735,29 +761,28 @@ def _source_files(source: str) -> list[Path]:
             d = hpo_data_dir()
             return [d / "hp.obo", d / "phenotype.hpoa"]
         return builtin_kg_files(name)
-    p = Path(source).expanduser()
-    if p.is_dir():
-        files = sorted(x for x in p.iterdir() if x.suffix.lower() in _TRIPLE_SUFFIXES)
-        if not files:
-            raise FileNotFoundError(f"no triple files (.tsv/.txt/.csv/.jsonl) in {p}")
-        return files
-    if not p.exists():
-        raise FileNotFoundError(f"KG file not found: {p}")
-    return [p]
+    return kg_source_files(Path(source), rejects, warn=warn)
 
 
 def build_columnar_kg(source: str, names: str | None = None, on_error: str = "error",
-                      undirected: bool = True) -> ColumnarKG:
-    """Build (no cache) from ``builtin:umls|nations|hpo`` or a user's file/folder, like ``load_kg``."""
+                      undirected: bool = True, *, jsonl_numbers: bool = False) -> ColumnarKG:
+    """Build (no cache) from ``builtin:umls|nations|hpo`` or a user's file/folder, like ``load_kg``.
+
+    The same line rules and rejects as ``load_kg`` (BOM, headers, control characters, compressed
+    files, skipped folder entries); a bad line falls back from pyarrow to the line reader.
+    """
+    if on_error not in ("error", "skip"):
+        raise ValueError(f"on_error must be 'error' or 'skip', not {on_error!r}")
     if source.startswith("builtin:"):
-        return ColumnarKG.from_kg(load_kg(source, names=names, on_error=on_error), undirected=undirected)
+        return ColumnarKG.from_kg(load_kg(source, names=names, on_error=on_error, jsonl_numbers=jsonl_numbers),
+                                  undirected=undirected)
     rejects = Rejects()
-    files = _source_files(source)
-    parts = [_read_file(f, on_error, rejects) for f in files]
+    files = _source_files(source, rejects)
+    parts = [_read_file(f, on_error, rejects, jsonl_numbers) for f in files]
     name_map: dict[str, str] = {}
     alias_map: dict[str, list[str]] = {}
     if names:
-        name_map, alias_map = read_names(names, on_error=on_error, rejects=rejects)
+        name_map, alias_map = read_names(names, on_error=on_error, rejects=rejects, jsonl_numbers=jsonl_numbers)
     ents, rels, triples = _encode_triples(parts, rejects)
     if len(triples) == 0:
         raise KGFormatError(f"{source}: no valid triples (rejected: {rejects.counts()})")
@@ -775,30 +800,42 @@ def _stat_entry(p: Path) -> list:
     return [str(rp), st.st_size, st.st_mtime_ns]
 
 
-def cache_key(source: str, names: str | None = None, on_error: str = "error", undirected: bool = True) -> str:
-    """Hash of format version, every source file's resolved path/size/mtime_ns, names file, options."""
+def cache_key(source: str, names: str | None = None, on_error: str = "error", undirected: bool = True,
+              *, jsonl_numbers: bool = False) -> str:
+    """Hash of format/parser version, every source file's resolved path/size/mtime_ns, names file, options."""
+    skipped = Rejects()
+    files = _source_files(source, skipped, warn=False)
     parts: dict[str, Any] = {
-        "version": FORMAT_VERSION, "source": source, "on_error": on_error, "undirected": bool(undirected),
-        "files": [_stat_entry(f) for f in _source_files(source)],
+        "version": FORMAT_VERSION, "parser": PARSER_VERSION, "source": source, "on_error": on_error,
+        "undirected": bool(undirected), "jsonl_numbers": bool(jsonl_numbers),
+        "files": [_stat_entry(f) for f in files],
+        "skipped": sorted(r["file"] for r in skipped.rows),
         "names": _stat_entry(Path(names)) if names else None,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def load_columnar_kg(source: str, names: str | None = None, on_error: str = "error",
-                     cache_dir: str | Path | None = None, undirected: bool = True) -> ColumnarKG:
+                     cache_dir: str | Path | None = None, undirected: bool = True, *,
+                     jsonl_numbers: bool = False) -> ColumnarKG:
     """Open the cached artifact of ``source`` (mmap) or build it once and cache it atomically."""
     if on_error not in ("error", "skip"):
         raise ValueError(f"on_error must be 'error' or 'skip', not {on_error!r}")
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    key = cache_key(source, names, on_error, undirected)
+    key = cache_key(source, names, on_error, undirected, jsonl_numbers=jsonl_numbers)
     target = root / key
     if (target / "meta.json").exists():
         try:
-            return ColumnarKG.open(target)
+            cached = ColumnarKG.open(target)
         except (OSError, ValueError, json.JSONDecodeError):
             shutil.rmtree(target, ignore_errors=True)  # a broken cache entry: rebuild
-    kg = build_columnar_kg(source, names=names, on_error=on_error, undirected=undirected)
+        else:
+            skipped = [Path(r["file"]).name for r in cached.rejects.rows if r.get("reason") == SKIPPED_FILE]
+            if skipped:  # said again on every load, as a fresh build would
+                logging.getLogger(__name__).warning("KG folder %s: skipped %d not read as triples: %s",
+                                                    source, len(skipped), ", ".join(skipped))
+            return cached
+    kg = build_columnar_kg(source, names=names, on_error=on_error, undirected=undirected, jsonl_numbers=jsonl_numbers)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
     try:

@@ -104,9 +104,29 @@ def load_shared_kg(cfg: SynthConfig):
     return ckg, None
 
 
-def _share(kg) -> Any:
-    """What goes to the object store: the arrays (zero-copy on every worker of a node)."""
+def _share(kg, cfg: SynthConfig) -> Any:
+    """What goes to the object store.
+
+    A KG memory-mapped from its on-disk cache travels as its folder (a few hundred bytes): every
+    worker maps the same files, so the node's page cache holds one copy and the driver never reads
+    the arrays. A worker on a node without that folder builds (once per node) from the source files
+    into its own cache. Any other KG travels as its arrays (zero-copy on every worker of a node).
+    """
+    if getattr(kg, "path", None):
+        return {"path": kg.path, "source": cfg.kg.source, "names": cfg.kg.names, "on_error": cfg.kg.on_error,
+                "undirected": cfg.kg.undirected_search}
     return kg.to_arrays() if hasattr(kg, "to_arrays") else (kg, GraphIndex.from_kg(kg))
+
+
+def _open_shared(handle: dict):
+    kgstore = _columnar()
+    if Path(handle["path"], "meta.json").exists():
+        try:
+            return kgstore.ColumnarKG.open(handle["path"])
+        except (OSError, ValueError):
+            pass  # replaced or removed under us: rebuild below
+    return kgstore.load_columnar_kg(handle["source"], handle["names"], handle["on_error"],
+                                    undirected=handle["undirected"])
 
 
 _CTX: dict[str, steps.SynthContext] = {}
@@ -121,7 +141,10 @@ def _context(kg_holder: list, cfg: SynthConfig) -> steps.SynthContext:
     if ctx is None:
         shared = ray.get(kg_holder[0])
         kgstore = _columnar()
-        if isinstance(shared, tuple) and len(shared) == 2 and isinstance(shared[0], dict):
+        if isinstance(shared, dict) and "path" in shared:
+            kg = _open_shared(shared)
+            ctx = steps.SynthContext(kg, kg.index(cfg.kg.undirected_search), cfg.paths, linker=kgstore.ColumnarLinker(kg))
+        elif isinstance(shared, tuple) and len(shared) == 2 and isinstance(shared[0], dict):
             kg = kgstore.ColumnarKG.from_arrays(*shared)
             ctx = steps.SynthContext(kg, kg.index(cfg.kg.undirected_search), cfg.paths, linker=kgstore.ColumnarLinker(kg))
         else:
@@ -188,11 +211,19 @@ def write_shard(storage: Storage, shard: int, kept: list[dict], rejected: list[d
 
 def _search_batch(batch: dict[str, np.ndarray], kg_holder: list, job: ShardJob) -> dict[str, np.ndarray]:
     """Ray Data task: shard descriptors in; for each, read its lines, link, search, write; counts out."""
+    t0 = time.perf_counter()
     ctx = _context(kg_holder, job.cfg)
+    setup = time.perf_counter() - t0
     outs = []
     for i in range(len(batch["shard"])):
         desc = {k: int(batch[k][i]) for k in ("shard", "start", "end", "first_line")}
-        outs.append(json.dumps(_search_shard(desc, ctx, job)))
+        t, c = time.perf_counter(), time.process_time()
+        counts = _search_shard(desc, ctx, job)
+        # Where a task's time goes (summary.json "seconds": search_tasks_*): the pipeline's overhead
+        # is its wall time minus these.
+        counts["task_seconds"] = {"wall": time.perf_counter() - t, "cpu": time.process_time() - c,
+                                  "setup": setup if i == 0 else 0.0}
+        outs.append(json.dumps(counts))
     return {"counts": np.array(outs, dtype=object)}
 
 
@@ -454,7 +485,7 @@ def run_synthesis(cfg: SynthConfig, progress: Callable[[str], None] = print) -> 
         progress(f"[synth] resuming: {summary.shards_skipped}/{len(slices)} shards already done")
 
     if pending:
-        kg_ref = ray.put(_share(kg))
+        kg_ref = ray.put(_share(kg, cfg))
         del kg_py
         qa_rel = "qa/train.jsonl" if (cfg.qa.source == "generate" and not storage.is_local) else ""
         job = ShardJob(cfg, storage, qa_path, _teacher_label(cfg), [kg_ref], qa_rel)
@@ -513,13 +544,17 @@ def _run_pending(cfg: SynthConfig, job: ShardJob, pending: list[dict], summary: 
         workers = cfg.search_workers or None
         out = ds.map_batches(_search_batch, batch_size=1, batch_format="numpy", num_cpus=1,
                              concurrency=workers, fn_kwargs={"kg_holder": job.kg_holder, "job": job})
+        task_s: Counter = Counter()
         for row in out.iter_rows():
             c = json.loads(row["counts"])
+            task_s.update(c.pop("task_seconds", {}))
             if c.get("final") is False:
                 searched[c["shard"]] = c
             else:
                 progress(f"[synth] shard {c['shard']}: {c['kept']} kept, {sum(c['rejected'].values())} rejected")
                 _on_shard_done(c["shard"], c)
+        for k, v in task_s.items():
+            times[f"search_tasks_{k}"] = round(v, 3)
     times["link_and_paths"] = time.perf_counter() - t
     progress(f"[synth] linking + path search: {len(to_search)} shards in {times['link_and_paths']:.1f}s")
     if searched:

@@ -10,7 +10,6 @@ import hashlib
 import json
 import re
 import unicodedata
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -343,6 +342,9 @@ def reject_record(row: dict[str, Any]) -> dict[str, Any]:
 
 def qa_row(ex: QAExample) -> dict[str, Any]:
     """A QA example as a flat row for Ray Data (probes travel as JSON text)."""
-    d = asdict(ex)
-    d.pop("probes", None)
+    # A shallow copy (asdict's recursive deep copy was ~7% of a question's search time at 1M entities).
+    d = {k: getattr(ex, k) for k in ex.__dataclass_fields__ if k != "probes"}
+    for k, v in d.items():
+        if isinstance(v, list):
+            d[k] = [list(x) if isinstance(x, list) else x for x in v]
     return d

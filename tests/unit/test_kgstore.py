@@ -169,7 +169,9 @@ def test_to_arrays_from_arrays_no_copy(umls_c):
 def test_save_open_round_trip(tmp_path, umls, umls_c):
     umls_c.save(tmp_path / "art")
     c = ColumnarKG.open(tmp_path / "art")
-    assert isinstance(c.arrays["triples"], np.memmap)
+    t = c.arrays["triples"]  # a plain ndarray view of the file map (not np.memmap: its slicing is slow)
+    assert type(t) is np.ndarray and isinstance(t.base, np.memmap) and not t.flags.writeable
+    assert c.path == str(tmp_path / "art")
     _same(c, umls)
     ref = GraphIndex.from_kg(umls)
     idx = c.index(undirected=True)
@@ -190,7 +192,7 @@ def test_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     real = kgstore.build_columnar_kg
     monkeypatch.setattr(kgstore, "build_columnar_kg", lambda *a, **k: calls.append(1) or real(*a, **k))
     c2 = load_columnar_kg(str(kgf), cache_dir=cache)
-    assert calls == [] and isinstance(c2.arrays["triples"], np.memmap)
+    assert calls == [] and isinstance(c2.arrays["triples"].base, np.memmap) and c2.path == str(entries[0])
     assert c2.rejects.counts() == c1.rejects.counts() == {"duplicate_triple": 1}
     assert list(c2.entities) == list(c1.entities)
     # options are part of the key

@@ -1,0 +1,42 @@
+"""How synthesis hands the KG to its workers: a cached KG travels as its folder, not its arrays."""
+from __future__ import annotations
+
+import pickle
+import shutil
+
+import numpy as np
+
+from kale_ray.config import KGConfig, QAConfig, SynthConfig
+from kale_ray.core import kgstore
+from kale_ray.synth import pipeline
+
+ROWS = [("alga", "isa", "plant"), ("plant", "isa", "organism"), ("fish", "lives_in", "sea_water")]
+
+
+def _cfg(kg_path) -> SynthConfig:
+    return SynthConfig(kg=KGConfig(source=str(kg_path)), qa=QAConfig(source=str(kg_path.parent / "qa.jsonl")))
+
+
+def test_cached_kg_travels_as_its_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("KALE_RAY_CACHE", str(tmp_path / "cache"))
+    kgf = tmp_path / "kg.tsv"
+    kgf.write_text("".join("\t".join(r) + "\n" for r in ROWS))
+    cfg = _cfg(kgf)
+    kg, _ = pipeline.load_shared_kg(cfg)
+    handle = pipeline._share(kg, cfg)
+    assert handle["path"] == kg.path and len(pickle.dumps(handle)) < 2000  # no arrays in the object store
+    opened = pipeline._open_shared(handle)
+    assert list(opened.entities) == list(kg.entities)
+    assert isinstance(opened.triples.base, np.memmap)
+    # A node without the folder (another machine, a cleaned cache) builds its own copy once.
+    shutil.rmtree(kg.path)
+    rebuilt = pipeline._open_shared(handle)
+    assert list(rebuilt.entities) == list(kg.entities) and rebuilt.path and rebuilt.path != ""
+
+
+def test_in_memory_kg_travels_as_arrays(tmp_path):
+    kgf = tmp_path / "kg.tsv"
+    kgf.write_text("".join("\t".join(r) + "\n" for r in ROWS))
+    kg = kgstore.build_columnar_kg(str(kgf))  # not from the cache: no folder to map
+    meta, arrays = pipeline._share(kg, _cfg(kgf))
+    assert kg.path is None and set(arrays) >= {"triples", "ent_buf"}
