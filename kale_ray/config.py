@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from kale_ray.runtime.tracking import TrackingConfig  # noqa: F401  (a section of the job configs)
+
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message names the key."""
@@ -203,6 +205,7 @@ class SynthConfig:
     # Rows with fewer hops get the exact template rationale instead of a teacher call: a
     # one-fact question's rationale is the fact itself. 0 = send every row to the teacher.
     teacher_min_hops: int = num(0, ge=0)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)  # not part of the settings
 
 
 @dataclasses.dataclass
@@ -310,6 +313,7 @@ class TrainConfig:
     seed: int = num(0, ge=0)
     torch_threads: int = num(0, ge=0)  # 0 = cores / workers
     save_merged: bool = True
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)  # not part of the settings
 
 
 @dataclasses.dataclass
@@ -355,6 +359,8 @@ class DemoConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     eval_base: bool = True  # also evaluate the untrained model (one more vLLM pass)
     ray_address: str | None = None  # None: start local Ray
+    # One tracker for the whole demo (it replaces synth.tracking and train.tracking).
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
 
 # --------------------------------------------------------------------------- #
