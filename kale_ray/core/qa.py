@@ -23,10 +23,11 @@ from typing import Iterator
 
 import numpy as np
 
-from kale_ray.core.kg import KnowledgeGraph
+from kale_ray.core.kg import MAX_LINE_BYTES, KnowledgeGraph
 from kale_ray.core.rejects import Rejects
 
 VARS = ["A", "B", "C", "D", "E"]
+_BOM = b"\xef\xbb\xbf"
 
 
 class QAFormatError(ValueError):
@@ -331,20 +332,35 @@ def read_qa_jsonl(path: str | Path, rejects: Rejects | None = None, on_error: st
     yield from _read_qa_lines(path, _byte_range_lines(path, byte_range, first_line), rejects, on_error)
 
 
-def _byte_range_lines(path: Path, byte_range: tuple[int, int] | None, first_line: int) -> Iterator[tuple[int, bytes]]:
-    with path.open("rb") as f:
-        if byte_range is None:
-            yield from enumerate(f, start=first_line)
+def _bounded_lines(f) -> Iterator[tuple[bytes, int]]:
+    """(line, its full length in bytes) of a binary file; a line over MAX_LINE_BYTES is cut there
+    (its rest read and dropped, so memory stays bounded), and then ``len(line) > MAX_LINE_BYTES``."""
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
             return
-        start, end = byte_range
-        f.seek(start)
+        size = len(raw)
+        rest = raw
+        while len(raw) > MAX_LINE_BYTES and rest and not rest.endswith(b"\n"):
+            rest = f.readline(MAX_LINE_BYTES)
+            size += len(rest)
+        yield raw, size
+
+
+def _byte_range_lines(path: Path, byte_range: tuple[int, int] | None, first_line: int) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of the file or of the lines starting in ``byte_range``; a leading BOM is dropped."""
+    with path.open("rb") as f:
+        start, end = byte_range if byte_range is not None else (0, None)
+        if start:
+            f.seek(start)
         pos, lineno = start, first_line
-        while pos < end:
-            raw = f.readline()
-            if not raw:
+        for raw, size in _bounded_lines(f):
+            if end is not None and pos >= end:
                 break
+            if pos == 0 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
             yield lineno, raw
-            pos += len(raw)
+            pos += size
             lineno += 1
 
 
@@ -391,22 +407,33 @@ def _slices(cuts: list[int], end: int, every: int) -> list[tuple[int, int, int]]
 
 def _read_qa_lines(path: Path, lines: Iterator[tuple[int, bytes]], rejects: Rejects, on_error: str) -> Iterator[QAExample]:
     def bad(lineno: int, msg: str, text: str, reason: str) -> None:
-        if on_error == "error":
-            raise QAFormatError(f"{path}:{lineno}: {msg}")
+        if on_error == "error":  # one line, no chained traceback: the CLI prints it as it is
+            raise QAFormatError(f"{path}:{lineno}: {msg}") from None
         rejects.add(reason, file=str(path), line=lineno, message=msg, text=text[:200])
 
     for lineno, raw in lines:
+        if len(raw) > MAX_LINE_BYTES:
+            bad(lineno, f"line longer than {MAX_LINE_BYTES} bytes", repr(raw[:80]), "line_too_long")
+            continue
         try:
-            text = raw.decode("utf-8").strip()
+            text, failed = raw.decode("utf-8").strip(), None
         except UnicodeDecodeError as e:
-            bad(lineno, f"not valid UTF-8 ({e.reason})", repr(raw[:80]), "bad_encoding")
+            text, failed = None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+            if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                failed = "UTF-16 text (byte-order mark); save the file as UTF-8"
+        if text is None:
+            bad(lineno, failed, repr(raw[:80]), "bad_encoding")
             continue
         if not text:
             continue
         try:
-            obj = json.loads(text)
+            obj, failed = json.loads(text), None
         except json.JSONDecodeError as e:
-            bad(lineno, f"not valid JSON ({e.msg})", text, "malformed_qa")
+            failed = f"not valid JSON ({e.msg})"
+        except (ValueError, RecursionError) as e:  # an integer over the digit limit, deep nesting
+            failed = f"not valid JSON ({type(e).__name__})"
+        if failed is not None:
+            bad(lineno, failed, text, "malformed_qa")
             continue
         if not isinstance(obj, dict):
             bad(lineno, "expected a JSON object", text, "malformed_qa")

@@ -354,11 +354,23 @@ def _skipped(text: str) -> bool:
     return not text.strip() or text.lstrip().startswith("#")
 
 
+_CONTROL = set(chr(c) for c in [*range(0x20), *range(0x7F, 0xA0), 0xFEFF])
+_HEADERS = {("head", "relation", "tail"), ("h", "r", "t"), ("subject", "predicate", "object")}
+
+
 def _expected_tsv(text: str):
-    parts = [p.strip() for p in text.split("\t")]
-    if len(parts) == 3 and all(parts):
+    parts = [p.strip() for p in text.split("\t")]  # a control character left inside a field: rejected
+    if len(parts) == 3 and all(parts) and not any(set(p) & _CONTROL for p in parts):
         return tuple(parts)
     return None
+
+
+def _tsv_header(lines: list[str]) -> int:
+    """Line number of a header row on the first data line (0 if none): skipped, kept as a header_row reject."""
+    for i, l in enumerate(lines):
+        if not _skipped(l.rstrip("\r")):
+            return i + 1 if tuple(p.strip().lower() for p in l.rstrip("\r").split("\t")) in _HEADERS else 0
+    return 0
 
 
 def _check_accounting(path: Path, lines: list[str], on_error="skip"):
@@ -379,10 +391,12 @@ def test_property_tsv_never_loses_a_line(tmp_path, lines):
     p.write_bytes(("".join(l + "\n" for l in lines)).encode("utf-8"))
     got, rejected, skipped = _check_accounting(p, lines)
     assert len(got) + len(rejected) + len(skipped) == len(lines)
-    # exactly the well-formed 3-column rows are yielded, in order
-    expected = [_expected_tsv(l.rstrip("\r")) for i, l in enumerate(lines) if i + 1 not in skipped]
+    # exactly the well-formed 3-column rows are yielded, in order (a first-line header is a reject)
+    header = _tsv_header(lines)
+    expected = [_expected_tsv(l.rstrip("\r")) for i, l in enumerate(lines) if i + 1 not in skipped and i + 1 != header]
     assert got == [e for e in expected if e is not None]
-    bad_lines = [i + 1 for i, l in enumerate(lines) if i + 1 not in skipped and _expected_tsv(l.rstrip("\r")) is None]
+    bad_lines = [i + 1 for i, l in enumerate(lines)
+                 if i + 1 not in skipped and (i + 1 == header or _expected_tsv(l.rstrip("\r")) is None)]
     assert sorted(rejected) == bad_lines
 
 
@@ -394,9 +408,8 @@ def test_property_csv_never_loses_a_line(tmp_path, lines):
     p = tmp_path / "prop.csv"
     p.write_bytes(("".join(l + "\n" for l in lines)).encode("utf-8"))
     got, rejected, skipped = _check_accounting(p, lines)
-    header = 1 if lines and lines[0].lower().replace(" ", "") in ("head,relation,tail", "h,r,t", "subject,predicate,object") else 0
-    assert len(got) + len(rejected) + len(skipped) + header == len(lines)
-    assert all(len(t) == 3 and all(x and x == x.strip() for x in t) for t in got)
+    assert len(got) + len(rejected) + len(skipped) == len(lines)  # a header row is a header_row reject
+    assert all(len(t) == 3 and all(x and x == x.strip() and not set(x) & _CONTROL for x in t) for t in got)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -413,14 +426,15 @@ def test_property_csv_written_rows_roundtrip(tmp_path, rows):
     lines = text.split("\n")[:-1] if text else []
     assert len(lines) == len(rows)
     got, rejected, skipped = _check_accounting(p, lines)
-    header = 1 if rows and lines[0].lower().replace(" ", "") in ("head,relation,tail", "h,r,t", "subject,predicate,object") else 0
-    assert len(got) + len(rejected) + len(skipped) + header == len(lines)
+    assert len(got) + len(rejected) + len(skipped) == len(lines)  # a header row is a header_row reject
+    first = next((i for i in range(len(rows)) if i + 1 not in skipped), None)
     expected = []
     for i, r in enumerate(rows):
-        if i + 1 in skipped or (i == 0 and header):
-            continue
         stripped = tuple(x.strip() for x in r)
-        if all(stripped):
+        if i + 1 in skipped or (i == first and tuple(x.lower() for x in stripped) in _HEADERS):
+            assert i + 1 in skipped or i + 1 in rejected
+            continue
+        if all(stripped) and not any(set(x) & _CONTROL for x in stripped):
             expected.append(stripped)
         else:
             assert i + 1 in rejected
@@ -453,9 +467,11 @@ def test_property_jsonl_never_loses_a_line(tmp_path, lines):
 def test_property_error_mode_names_first_bad_line(tmp_path, lines):
     p = tmp_path / "err.tsv"
     p.write_bytes(("".join(l + "\n" for l in lines)).encode("utf-8"))
-    bad = [i + 1 for i, l in enumerate(lines) if not _skipped(l.rstrip("\r")) and _expected_tsv(l.rstrip("\r")) is None]
+    header = _tsv_header(lines)
+    bad = [i + 1 for i, l in enumerate(lines)
+           if not _skipped(l.rstrip("\r")) and i + 1 != header and _expected_tsv(l.rstrip("\r")) is None]
     if not bad:
-        assert len(list(read_triples(p))) == sum(not _skipped(l.rstrip("\r")) for l in lines)
+        assert len(list(read_triples(p))) == sum(not _skipped(l.rstrip("\r")) for l in lines) - bool(header)
         return
     with pytest.raises(KGFormatError) as ei:
         list(read_triples(p))
