@@ -815,6 +815,15 @@ def cache_key(source: str, names: str | None = None, on_error: str = "error", un
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def cached_path(source: str, names: str | None = None, on_error: str = "error",
+                cache_dir: str | Path | None = None, undirected: bool = True, *,
+                jsonl_numbers: bool = False) -> Path | None:
+    """The cache folder of ``source`` with these options when it is already built, else ``None``."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = root / cache_key(source, names, on_error, undirected, jsonl_numbers=jsonl_numbers)
+    return target if (target / "meta.json").exists() else None
+
+
 def load_columnar_kg(source: str, names: str | None = None, on_error: str = "error",
                      cache_dir: str | Path | None = None, undirected: bool = True, *,
                      jsonl_numbers: bool = False) -> ColumnarKG:

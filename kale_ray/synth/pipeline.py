@@ -49,7 +49,7 @@ SHARD_FMT = "shard-{:05d}"
 _NOT_OUTPUT_SETTINGS = ("out_dir", "on_change", "search_workers", "generation.batch_size", "generation.concurrency",
                         "generation.max_concurrency", "generation.http_timeout_s", "generation.num_gpus_per_replica",
                         "generation.gpu_memory_utilization", "generation.tensor_parallel_size",
-                        "generation.pipeline_parallel_size", "teacher.cache_dir")
+                        "generation.pipeline_parallel_size", "teacher.cache_dir", "tracking")
 
 
 @dataclass
@@ -100,8 +100,39 @@ def load_shared_kg(cfg: SynthConfig):
         kg = load_kg(cfg.kg.source, cfg.kg.names, cfg.kg.on_error)
         ckg = kgstore.ColumnarKG.from_kg(kg, undirected=cfg.kg.undirected_search) if kgstore else kg
         return ckg, kg
-    ckg = kgstore.load_columnar_kg(cfg.kg.source, cfg.kg.names, cfg.kg.on_error, undirected=cfg.kg.undirected_search)
+    args = (cfg.kg.source, cfg.kg.names, cfg.kg.on_error)
+    if kgstore.cached_path(*args, undirected=cfg.kg.undirected_search) is None and _ray_up():
+        # First run on this KG: build the cache in a task on this node, so the driver's own memory
+        # stays that of a coordinator (the build peaks at several times the arrays' size).
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        build = ray.remote(num_cpus=1, max_retries=0, scheduling_strategy=here)(_build_cache)
+        try:
+            ray.get(build.remote(*args, cfg.kg.undirected_search, os.environ.get("KALE_RAY_CACHE")))
+        except ray.exceptions.RayTaskError as e:  # a bad line, a missing file: the error itself, in one line
+            if isinstance(getattr(e, "cause", None), Exception):
+                raise e.cause from None
+            raise
+    ckg = kgstore.load_columnar_kg(*args, undirected=cfg.kg.undirected_search)
     return ckg, None
+
+
+def _ray_up() -> bool:
+    try:
+        import ray
+    except ImportError:  # pragma: no cover
+        return False
+    return ray.is_initialized()
+
+
+def _build_cache(source, names, on_error, undirected, cache_root) -> str:
+    if cache_root:  # the driver's cache, whatever the worker's environment says
+        os.environ["KALE_RAY_CACHE"] = cache_root
+    from kale_ray.core import kgstore
+
+    return kgstore.load_columnar_kg(source, names, on_error, undirected=undirected).path
 
 
 def _share(kg, cfg: SynthConfig) -> Any:
@@ -494,6 +525,8 @@ def run_synthesis(cfg: SynthConfig, progress: Callable[[str], None] = print) -> 
     _totals(storage, summary, qa_info)
     times["total"] = time.perf_counter() - t_all
     storage.write_atomic("summary.json", json.dumps(summary.to_dict(), indent=2))
+    from kale_ray.runtime.tracking import log_summary  # cfg.tracking: the summary as metrics, summary.json
+    log_summary(cfg.tracking, summary.to_dict(), cfg.out_dir, params=to_dict(cfg))
     stage.finish(rows_in=summary.rows_in, rows_out=summary.rows_out)
     progress(f"[synth] done: {summary.rows_in} in, {summary.rows_out} out, rejected {summary.rejected or 0}; "
              f"teacher outputs replaced by template: {summary.teacher_rejected or 0}; "
