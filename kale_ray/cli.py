@@ -10,10 +10,14 @@
     kale-ray knowtuning --config configs/knowtuning_hpo.yaml   # KnowTuning: Stage I + II, fact-level eval, report
     kale-ray knowtuning-dpo --config configs/knowtuning_dpo.yaml   # KnowTuning Stage II alone: pairs + DPO
     kale-ray show-config train                          # print a job's config with its defaults
+    kale-ray synthesize kg.source=my_kg.tsv --print-config   # the resolved config, as the job would run it
 
 ``JOBS`` is the one table of jobs: ``{job: (config class, run function)}``; every ``jobs/*.py`` is a
-shim that calls :func:`main` with its job name. A bad key or value exits with status 2 and one line
-on stderr (``kale-ray <job>: config error: ...``), before anything is started.
+shim that calls :func:`main` with its job name, so both share one error handling: a bad key or value,
+a missing or malformed input file, an unwritable ``out_dir`` or a stale one exits with status 2 and
+one line on stderr (``kale-ray <job>: config error: ...``, ``kale-ray <job>: kg.tsv:11: ...``), no
+traceback (``--debug`` shows it); a bug keeps its traceback (status 1). Config and inputs are
+checked (:func:`kale_ray.runtime.preflight.preflight`) before Ray or any engine starts.
 """
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ import argparse
 import dataclasses
 import json
 import sys
+import traceback
+import types
+import typing
 from typing import Any, Callable
 
 from kale_ray.runtime.stages import StaleOutputError
@@ -29,6 +36,7 @@ from kale_ray.config import ConfigError, DemoConfig, EvalConfig, SynthConfig, Tr
 from kale_ray.kalm.config import KaLMJobConfig
 from kale_ray.kard.config import KARDJobConfig
 from kale_ray.knowtuning.config import KnowTuningDPOJobConfig, KnowTuningJobConfig
+from kale_ray.runtime.preflight import PreflightError, preflight
 
 
 @dataclasses.dataclass
@@ -151,17 +159,52 @@ def _summary(cls: type) -> str:
     return (cls.__doc__ or cls.__name__).strip().splitlines()[0]
 
 
+def _keys(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
+    """(dotted key, annotation) of every leaf setting of ``cls``, depth first."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), tp)
+        if dataclasses.is_dataclass(tp):
+            yield from _keys(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", tp
+
+
+def _example_overrides(cls: type) -> str:
+    """This job's own spelling of common overrides (``kg.source=`` in synthesize, ``synth.kg.source=`` in the demo)."""
+    keys = [k for k, _ in _keys(cls)]
+    kg = next((k for k in keys if k.endswith("kg.source")), None)
+    out = next((k for k in ("out_dir", "out") if k in keys), None)
+    num = next((k for k in ("qa.num_questions", "synth.qa.num_questions", "pairs.num_questions", "lr", "train.lr")
+                if k in keys), None)
+    picks = ([f"{kg}=my_kg.tsv"] if kg else []) + [f"{k}={getattr(cls(), k)}" for k in ("synth", "data") if k in keys]
+    picks += ([f"{num}=100" if "num" in num else f"{num}=1e-4"] if num else []) + ([f"{out}=runs/x"] if out else [])
+    return " ".join(picks)
+
+
+def _epilog(name: str, cls: type) -> str:
+    return (f"Settings: key.sub=value overrides after the options, on top of --config FILE, e.g.\n"
+            f"    kale-ray {name} {_example_overrides(cls)}\n"
+            f"List every key with its default:  kale-ray show-config {name}\n"
+            f"Print the resolved config and exit:  kale-ray {name} [--config FILE] [key.sub=value ...] --print-config\n"
+            f"A bad key or value, a missing or malformed input, or an unwritable output exits with status 2\n"
+            f"and one line on stderr, before Ray starts (--debug: with the traceback).")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kale-ray", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name, (cls, _) in JOBS.items():
         alias = f" (alias of {ALIASES[name]})" if name in ALIASES else ""
-        p = sub.add_parser(
-            name, help=_summary(cls) + alias, description=_summary(cls) + alias,
-            epilog=f"Overrides are key.sub=value (e.g. out_dir=runs/x, train.lr=1e-4); `kale-ray show-config {name}` "
-                   f"lists every key with its default. A bad key or value exits with status 2.")
+        p = sub.add_parser(name, help=_summary(cls) + alias, description=_summary(cls) + alias,
+                           epilog=_epilog(name, cls), formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", "-c", default=None, help=f"YAML file with {cls.__name__} fields (see configs/)")
+        p.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (defaults + --config + overrides) as YAML and exit")
+        p.add_argument("--debug", action="store_true", help="show the traceback of an input or config error too")
         for flag in _FLAGS.get(name, ()):
             p.add_argument(f"--{flag}", default=None, help=f"same as {flag}=...")
         if name == "train":
@@ -171,8 +214,40 @@ def _parser() -> argparse.ArgumentParser:
                        epilog="Overrides are key.sub=value, as for the job itself.")
     p.add_argument("job", choices=list(JOBS))
     p.add_argument("--config", "-c", default=None)
+    p.add_argument("--debug", action="store_true", help="show the traceback of a config error too")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return parser
+
+
+def _input_error_types() -> tuple[type, ...]:
+    """The errors that mean bad input or config, not a bug: one line and exit 2 (the readers raise them)."""
+    from kale_ray.core.kg import KGFormatError
+    from kale_ray.core.qa import QAFormatError
+    from kale_ray.kard.kb import CorpusFormatError
+
+    return (ConfigError, PreflightError, StaleOutputError, StorageError, KGFormatError, QAFormatError, CorpusFormatError)
+
+
+def input_error(e: BaseException) -> BaseException | None:
+    """The input / config error behind ``e``: itself, or the exception a Ray task or actor error carries
+    (``RayTaskError.cause``; Ray Data's user-code wrapper's ``__cause__``); None for anything else (a bug)."""
+    kinds = _input_error_types()
+    for _ in range(8):
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException) and cause is not e:  # a Ray error: its str() holds the remote traceback
+            e = cause
+        elif isinstance(e, kinds):
+            return e
+        elif type(e).__module__.startswith("ray.") and e.__cause__ is not None:
+            e = e.__cause__
+        else:
+            return None
+    return None
+
+
+def one_line(job: str, e: BaseException) -> str:
+    """``kale-ray <job>: <message>`` on one line (``config error:`` before a config key's message)."""
+    return f"kale-ray {job}: {'config error: ' if isinstance(e, ConfigError) else ''}{' '.join(str(e).split())}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,17 +263,20 @@ def main(argv: list[str] | None = None) -> int:
                   if getattr(args, flag, None) is not None]
     try:
         cfg = load_config(cls, args.config, overrides)
-        if args.cmd == "show-config":
+        if args.cmd == "show-config" or args.print_config:
             import yaml
 
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
+        preflight(job, cfg)  # inputs readable (small KGs parsed), out_dir writable: before Ray or any engine
         run(cfg, args)
-    except ConfigError as e:
-        print(f"kale-ray {args.cmd}: config error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except (StaleOutputError, StorageError) as e:  # an out_dir made with other settings, an unusable URI
-        print(f"kale-ray {args.cmd}: {' '.join(str(e).split())}", file=sys.stderr)
+    except Exception as e:  # input and config errors: one line, exit 2; anything else is a bug: its traceback
+        err = input_error(e)
+        if err is None:
+            raise
+        if args.debug:
+            traceback.print_exception(e)
+        print(one_line(args.cmd, err), file=sys.stderr, flush=True)
         return 2
     return 0
 
