@@ -2,7 +2,10 @@
 
 Every job reads one dataclass. Loading validates the whole tree and names the
 offending key (``train.lr: expected float, got 'fast'``; ``unknown key
-'train.lrr' (did you mean 'train.lr'?)``). Pure Python: imports no Ray/vLLM.
+'train.lrr' (did you mean 'train.lr'?)``). Every numeric field declares its valid range
+next to its default (``k: int = num(3, ge=1)``, a :class:`Range` in the field's metadata),
+checked for every section built on load (``paths.k: must be >= 1, got 0``);
+``tests/unit/test_config_ranges.py`` refuses a numeric field without one. Pure Python: imports no Ray/vLLM.
 """
 from __future__ import annotations
 
