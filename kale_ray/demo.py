@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,6 +25,7 @@ from kale_ray.llm import QUIET_ENV
 from kale_ray.ray_init import init_ray
 from kale_ray.config import DemoConfig, EvalConfig, dump_config, to_dict
 from kale_ray.runtime.stages import content_identity
+from kale_ray.runtime.tracking import TrackingConfig, numeric, start_run
 from kale_ray.report import machine_info, plot, write_metrics, write_report
 
 
@@ -31,7 +33,35 @@ def _done(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _job_tracking(cfg: DemoConfig, out: Path, job: str) -> TrackingConfig:
+    """The demo's tracker for one of its jobs: same backend and place, run ``<demo run>/<job>``."""
+    t = cfg.tracking
+    uri = t.uri
+    if uri is None and t.backend == "tensorboard":
+        uri = str(out / "tensorboard")  # every run of the demo under one TensorBoard log folder
+    elif uri is None and t.backend == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = (out / "mlruns").as_uri()
+    return dataclasses.replace(t, uri=uri, run_name=f"{t.run_name or 'demo'}/{job}" if job else (t.run_name or "demo"))
+
+
 def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
+    """Run the demo; its tracker (``cfg.tracking``) is opened first, so that a bad one stops it before any work."""
+    out = Path(cfg.out).expanduser().resolve()
+    tracker = start_run(_job_tracking(cfg, out, ""), out, "demo", params=to_dict(cfg))
+    try:
+        metrics = _run_demo(cfg, progress)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    # Every metric of metrics.json, and the demo's outputs as artifacts.
+    tracker.log_metrics(numeric(metrics))
+    for name in ("report.md", "plot.png", "metrics.json", "config.yaml"):
+        tracker.log_artifact(out / name)
+    tracker.end()
+    return metrics
+
+
+def _run_demo(cfg: DemoConfig, progress: Callable[[str], None]) -> dict:
     from kale_ray.eval.evaluate import evaluate
     from kale_ray.models import resolve_model
     from kale_ray.synth.format import write_training_rows
@@ -55,6 +85,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     t = time.perf_counter()
     synth_cfg = copy.deepcopy(cfg.synth)
     synth_cfg.out_dir = str(out / "synth")
+    synth_cfg.tracking = _job_tracking(cfg, out, "synthesis")
     summary = run_synthesis(synth_cfg, progress).to_dict()
     timings["synthesis"] = time.perf_counter() - t
     for k, v in summary["seconds"].items():
@@ -74,6 +105,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
         tcfg.loss = loss
         tcfg.data = str(out / "train_rows")
         tcfg.out_dir = str(out / loss)
+        tcfg.tracking = _job_tracking(cfg, out, loss)
         from kale_ray.train.trainer import training_stage
 
         # Reused only when trained under these very settings and rows; other settings: refused or redone.

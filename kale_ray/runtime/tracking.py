@@ -22,9 +22,11 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -149,8 +151,15 @@ class Tracker:
             self._guard("log_artifact", self._log_artifact, str(path))
 
     def end(self, status: str = "FINISHED") -> None:
+        """Mark the run finished (or FAILED) and release the client."""
         if self.active:
             self._guard("end", self._end, status)
+            self.active = False
+
+    def close(self) -> None:
+        """Release this process's client, leaving the run open (a worker, when the driver ends the run)."""
+        if self.active:
+            self._guard("close", self._close)
             self.active = False
 
     def handle(self) -> dict:
@@ -191,6 +200,9 @@ class Tracker:
     def _end(self, status: str) -> None:
         pass
 
+    def _close(self) -> None:
+        self._end("FINISHED")
+
 
 class TensorBoardTracker(Tracker):
     backend = "tensorboard"
@@ -214,24 +226,33 @@ class TensorBoardTracker(Tracker):
         Path(self.log_dir).mkdir(parents=True, exist_ok=True)
         return SummaryWriter(log_dir=self.log_dir, purge_step=purge_step)
 
+    writer = None
+
     def _start(self, params: dict) -> None:
-        self.writer = self._writer()
         self.run_id = self.log_dir
         if params:
             self._log_params(params)
-        self.writer.flush()
+        # Each process writes its own event file; the driver's is closed while the workers write
+        # theirs (a restarted worker's purge_step must not drop what the driver logs at the end).
+        self._end("FINISHED")
 
     def _reopen(self, purge_step: int | None = None) -> None:
         self.writer = self._writer(purge_step)
 
+    def _open(self):
+        if self.writer is None:
+            self.writer = self._writer()
+        return self.writer
+
     def _log_params(self, params: dict) -> None:
         rows = "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in params.items())
-        self.writer.add_text("params", "| key | value |\n|---|---|\n" + rows, global_step=0)
+        self._open().add_text("params", "| key | value |\n|---|---|\n" + rows, global_step=0)
 
     def _log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
+        w = self._open()
         for k, v in metrics.items():
-            self.writer.add_scalar(k, v, global_step=step)
-        self.writer.flush()
+            w.add_scalar(k, v, global_step=step)
+        w.flush()
 
     def _log_artifact(self, path: str) -> None:
         p = Path(path)
@@ -241,20 +262,23 @@ class TensorBoardTracker(Tracker):
             shutil.copytree(p, dest / p.name, dirs_exist_ok=True)
             return
         shutil.copy2(p, dest / p.name)
+        w = self._open()
         if p.suffix in (".md", ".txt"):
-            self.writer.add_text(p.name, p.read_text(errors="replace")[:200_000], global_step=0)
+            w.add_text(p.name, p.read_text(errors="replace")[:200_000], global_step=0)
         elif p.suffix == ".json":
-            self.writer.add_text(p.name, "```\n" + p.read_text(errors="replace")[:200_000] + "\n```", global_step=0)
+            w.add_text(p.name, "```\n" + p.read_text(errors="replace")[:200_000] + "\n```", global_step=0)
         elif p.suffix == ".png":
             import matplotlib.image
 
             img = matplotlib.image.imread(str(p))
-            self.writer.add_image(p.name, img[..., :3] if img.ndim == 3 else img,
+            w.add_image(p.name, img[..., :3] if img.ndim == 3 else img,
                                   global_step=0, dataformats="HWC" if img.ndim == 3 else "HW")
-        self.writer.flush()
+        w.flush()
 
     def _end(self, status: str) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 @contextlib.contextmanager
@@ -271,6 +295,11 @@ def _mlflow_http(retries: int, timeout: int) -> Iterator[None]:
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
+
+
+def _mlflow_key(key: str) -> str:
+    """MLflow names: letters, digits, ``_ - . / :`` and spaces; anything else becomes ``_``."""
+    return re.sub(r"[^\w\-./: ]", "_", key)[:250]
 
 
 class MLflowTracker(Tracker):
@@ -320,14 +349,15 @@ class MLflowTracker(Tracker):
 
         # MLflow keeps a param's first value; values are text of at most 6000 characters.
         with _mlflow_http(retries=2, timeout=30):
-            self.client.log_batch(self.run_id, params=[Param(k[:250], str(v)[:6000]) for k, v in params.items()])
+            self.client.log_batch(self.run_id, params=[Param(_mlflow_key(k), str(v)[:6000]) for k, v in params.items()])
 
     def _log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         with _mlflow_http(retries=2, timeout=30):
-            self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step or 0) for k, v in metrics.items()])
+            self.client.log_batch(self.run_id, metrics=[Metric(_mlflow_key(k), v, ts, step or 0)
+                                                        for k, v in metrics.items()])
 
     def _log_artifact(self, path: str) -> None:
         with _mlflow_http(retries=2, timeout=60):
@@ -339,6 +369,9 @@ class MLflowTracker(Tracker):
     def _end(self, status: str) -> None:
         with _mlflow_http(retries=2, timeout=30):
             self.client.set_terminated(self.run_id, status=status)
+
+    def _close(self) -> None:
+        pass
 
 
 class WandbTracker(Tracker):
@@ -360,6 +393,8 @@ class WandbTracker(Tracker):
         d.mkdir(parents=True, exist_ok=True)
         return str(d)
 
+    run = None
+
     def _init(self, config: dict | None):
         wandb = self._wandb()
         settings = wandb.Settings(base_url=self.cfg.uri) if self.cfg.uri else None
@@ -378,16 +413,26 @@ class WandbTracker(Tracker):
                                     "WANDB_API_KEY, or WANDB_MODE=offline to write the run locally") from e
             if not ok:
                 raise _config_error("tracking.backend=wandb: no W&B login; set WANDB_API_KEY, or WANDB_MODE=offline")
-        self.run_id = wandb.util.generate_id()
+        self.run_id = uuid.uuid4().hex[:12]  # a W&B run id, shared with the processes that attach
         self._init(params)
+        # One process writes a W&B run at a time: the driver lets go until it logs again
+        # (rank 0 of the training workers reopens the same id meanwhile).
+        self.run.finish()
+        self.run = None
 
     def _reopen(self, purge_step: int | None = None) -> None:
         self._init(None)
 
+    def _open(self):
+        if self.run is None:
+            self._init(None)
+        return self.run
+
     def _log_params(self, params: dict) -> None:
-        self.run.config.update(params, allow_val_change=True)
+        self._open().config.update(params, allow_val_change=True)
 
     def _log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
+        self._open()
         if step is None:
             self.run.log(metrics)
         else:
@@ -401,10 +446,12 @@ class WandbTracker(Tracker):
             art.add_dir(path)
         else:
             art.add_file(path)
-        self.run.log_artifact(art)
+        self._open().log_artifact(art)
 
     def _end(self, status: str) -> None:
-        self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+        if self.run is not None:
+            self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+            self.run = None
 
 
 _CLASSES: dict[str, type[Tracker]] = {"none": Tracker, "tensorboard": TensorBoardTracker,

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as tdist
 
 from kale_ray.config import TrainConfig, _build
+from kale_ray.runtime.tracking import attach, step_metrics
 from kale_ray.train.heads import AnswerLogits
 from kale_ray.train.registry import StepContext, get_loss
 
@@ -356,6 +357,8 @@ def train_loop_per_worker(config: dict) -> None:
     state["attempts"] = list(state["attempts"]) + [
         {"start_step": step, "world_size": world, "setup_seconds": round(time.perf_counter() - t_start, 2)}
     ]
+    # Rank 0 logs every step into the run the driver opened (cfg.tracking); others log nothing.
+    tracker = attach(config.get("tracking") if rank == 0 else None, purge_step=step + 1)
     if rank == 0:
         print(f"[kale_ray.train] loss={cfg.loss} steps={steps} world={world} start_step={step} "
               f"setup_s={state['attempts'][-1]['setup_seconds']}", flush=True)
@@ -400,12 +403,14 @@ def train_loop_per_worker(config: dict) -> None:
                             "seconds": round(time.perf_counter() - t0, 4)})
             if rank == 0:
                 print("[kale_ray.train] " + json.dumps(history[-1]), flush=True)
+                tracker.log_metrics(step_metrics(history[-1]), step=step)
             if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and step < steps:
                 save({"step": step, "loss": totals["loss"]})
                 last_saved = step
         else:
             break  # reached `steps` inside the epoch: the epoch is not finished
         epoch += 1
+    tracker.close()
     if step != last_saved:
         save({"step": step, "loss": history[-1]["loss"] if history else float("nan"), "final": True})
 

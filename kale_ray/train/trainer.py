@@ -31,6 +31,7 @@ from typing import Any
 from kale_ray.config import TrainConfig, to_dict
 from kale_ray.runtime.stages import Stage, content_identity, without
 from kale_ray.runtime.storage import Storage
+from kale_ray.runtime.tracking import numeric, start_run
 from kale_ray.models import resolve_model
 from kale_ray.train.loop import STATE_FILE, train_loop_per_worker
 from kale_ray.train.registry import get_loss
@@ -113,7 +114,7 @@ def _summary(cfg: TrainConfig, state: dict, wall: float, n_rows: int) -> dict[st
 # Settings that decide how a run is kept safe or how far it goes, not what it learns: a rerun with a
 # larger max_steps continues the same run from its last checkpoint.
 _NOT_OUTPUT_SETTINGS = ("out_dir", "on_change", "max_failures", "keep_checkpoints", "checkpoint_every",
-                        "max_steps", "save_merged", "model.cache_dir")
+                        "max_steps", "save_merged", "model.cache_dir", "tracking")
 
 
 def training_stage(cfg: TrainConfig, run_name: str | None = None) -> Stage:
@@ -126,10 +127,6 @@ def training_stage(cfg: TrainConfig, run_name: str | None = None) -> Stage:
 
 def run_training(cfg: TrainConfig, run_name: str | None = None) -> TrainResult:
     """Train ``cfg.loss`` on ``cfg.data``; a rerun with the same out_dir/run name resumes."""
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     get_loss(cfg.loss)  # fail fast on an unknown name, listing the known ones
     t0 = time.time()
     out_dir = Path(cfg.out_dir).expanduser().resolve()
@@ -153,6 +150,20 @@ def run_training(cfg: TrainConfig, run_name: str | None = None) -> TrainResult:
 
     # A rerun resumes from checkpoints only when they were made under the same settings and data.
     stage.claim(cfg.on_change, outputs=(f"ray/{run_name or 'train'}", "train_summary.json"), wipe=wipe)
+    # The run's tracker (cfg.tracking): opened here, so that a bad one stops the job before any work.
+    tracker = start_run(cfg.tracking, out_dir, run_name or "train", params=to_dict(cfg))
+    try:
+        return _run(cfg, run_name, stage, out_dir, t0, tracker)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+
+
+def _run(cfg: TrainConfig, run_name: str | None, stage: Stage, out_dir: Path, t0: float, tracker) -> TrainResult:
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)
     if Path(model_path).exists():
         model_path = str(Path(model_path).resolve())
@@ -164,7 +175,8 @@ def run_training(cfg: TrainConfig, run_name: str | None = None) -> TrainResult:
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "model_path": model_path, "out_dir": str(out_dir), "n_rows": n_rows},
+        train_loop_config={"cfg": to_dict(cfg), "model_path": model_path, "out_dir": str(out_dir), "n_rows": n_rows,
+                           "tracking": tracker.handle()},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(
             storage_path=str(out_dir / "ray"),
@@ -194,6 +206,10 @@ def run_training(cfg: TrainConfig, run_name: str | None = None) -> TrainResult:
     adapter = out_dir / "adapter"
     merged = out_dir / "merged"
     stage.finish(steps=summary.get("steps"), final_loss=summary.get("final_loss"))
+    tracker.log_metrics(numeric(without(summary, ("config",)), "train_summary"), step=summary.get("steps"))
+    for name in ("train_summary.json", "history.jsonl"):
+        tracker.log_artifact(out_dir / name)
+    tracker.end()
     return TrainResult(
         out_dir=str(out_dir),
         adapter_dir=str(adapter) if cfg.lora.enabled and adapter.exists() else None,
