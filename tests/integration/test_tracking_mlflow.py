@@ -31,6 +31,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Server:
+    def __init__(self, proc: subprocess.Popen, uri: str, root: Path) -> None:
+        self.proc, self.uri, self.root = proc, uri, root
+
+    def ready(self) -> tuple[str, Path]:
+        """Wait for ``/health`` (the server boots while Ray starts); the tracking URI and the server's folder."""
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self.uri, self.root
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.25)
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
@@ -44,18 +63,7 @@ def mlflow_server(tmp_path_factory):
          "--artifacts-destination", str(root / "artifacts")],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield uri, root
+        yield _Server(proc, uri, root)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker (its own session)
         try:
@@ -75,7 +83,7 @@ def _run(client: MlflowClient, experiment: str, name: str):
 def test_training_logs_metrics_params_and_artifacts_to_a_real_server(mlflow_server, ray_local, tmp_path):
     from kale_ray.train.trainer import run_training
 
-    uri, root = mlflow_server
+    uri, root = mlflow_server.ready()
     data = write_rows(tmp_path / "data", fact_rows(8))
     cfg = make_cfg(data, tmp_path / "out", "loss=kale", "max_steps=3", "tracking.backend=mlflow",
                    f"tracking.uri={uri}", "tracking.experiment=kale-test", "tracking.run_name=kale-3-steps")
@@ -106,7 +114,7 @@ def test_training_logs_metrics_params_and_artifacts_to_a_real_server(mlflow_serv
 def test_synthesis_summary_is_one_run(mlflow_server, ray_local, tmp_path):
     from kale_ray.synth.pipeline import run_synthesis
 
-    uri, _ = mlflow_server
+    uri, _ = mlflow_server.ready()
     cfg = load_config(SynthConfig, None, [f"out_dir={tmp_path}", "generation.backend=template", "qa.num_questions=12",
                                           "tracking.backend=mlflow", f"tracking.uri={uri}",
                                           "tracking.experiment=kale-test"])
@@ -121,3 +129,38 @@ def test_synthesis_summary_is_one_run(mlflow_server, ray_local, tmp_path):
         assert m[f"synth/rejected/{reason}"] == n
     assert run.data.params["qa.num_questions"] == "12"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"summary.json"}
+
+
+def test_demo_run_gets_every_metric_and_its_outputs_as_artifacts(mlflow_server, tmp_path, monkeypatch):
+    """The demo's own tracking (its jobs are covered above): stages replaced by their outputs, to stay short."""
+    import json
+
+    from kale_ray import demo
+    from kale_ray.config import DemoConfig
+
+    uri, _ = mlflow_server.ready()
+    out = tmp_path / "demo"
+    metrics = {"sft": {"accuracy": 0.25}, "kale": {"accuracy": 0.5, "known_and_incorrect_rate": 0.1},
+               "eval": {"kale": {"accuracy": 0.5, "n_questions": 40}}, "timings": {"total": 12.0}, "model": "m"}
+
+    def fake_stages(cfg, progress):
+        for name, text in (("report.md", "# KALE\n"), ("metrics.json", json.dumps(metrics)), ("config.yaml", "a: 1\n")):
+            (out / name).write_text(text)
+        (out / "plot.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+        return metrics
+
+    monkeypatch.setattr(demo, "_run_demo", fake_stages)
+    out.mkdir()
+    cfg = load_config(DemoConfig, None, [f"out={out}", "tracking.backend=mlflow", f"tracking.uri={uri}",
+                                         "tracking.experiment=kale-test", "tracking.run_name=demo-x"])
+    demo.run_demo(cfg, progress=lambda m: None)
+    client = MlflowClient(uri)
+    run = _run(client, "kale-test", "demo-x")
+    assert run.data.metrics == {"sft/accuracy": 0.25, "kale/accuracy": 0.5, "kale/known_and_incorrect_rate": 0.1,
+                                "eval/kale/accuracy": 0.5, "eval/kale/n_questions": 40, "timings/total": 12.0}
+    assert run.data.params["train.loss"] == "kale" and run.data.params["tracking.backend"] == "mlflow"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"report.md", "plot.png", "metrics.json",
+                                                                         "config.yaml"}
+    # Its jobs would log as <run>/<job> into the same server and experiment.
+    assert demo._job_tracking(cfg, out, "sft").run_name == "demo-x/sft"
+    assert demo._job_tracking(cfg, out, "sft").uri == uri
