@@ -40,7 +40,7 @@ def _job_tracking(cfg: DemoConfig, out: Path, job: str) -> TrackingConfig:
     if uri is None and t.backend == "tensorboard":
         uri = str(out / "tensorboard")  # every run of the demo under one TensorBoard log folder
     elif uri is None and t.backend == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
-        uri = (out / "mlruns").as_uri()
+        uri = f"sqlite:///{out / 'mlflow.db'}"  # every run of the demo in one MLflow store
     return dataclasses.replace(t, uri=uri, run_name=f"{t.run_name or 'demo'}/{job}" if job else (t.run_name or "demo"))
 
 

@@ -2,7 +2,7 @@
 
     tracking.backend=tensorboard     event files under <out_dir>/tensorboard/<run_name> (no server, no extra package:
                                      torch.utils.tensorboard when `tensorboard` is installed, else tensorboardX)
-    tracking.backend=mlflow          mlflow.MlflowClient against tracking.uri (http://host:port, sqlite:///..., a folder)
+    tracking.backend=mlflow          mlflow.MlflowClient against tracking.uri (http://host:port, sqlite:///..., ...)
     tracking.backend=wandb           wandb.init; WANDB_MODE=offline writes <out_dir>/wandb/offline-run-* (`wandb sync`)
     tracking.backend=none            nothing
 
@@ -38,7 +38,7 @@ class TrackingConfig:
     """Where a job's metrics, params (its config) and artifacts go."""
 
     backend: Literal["none", "tensorboard", "mlflow", "wandb"] = "tensorboard"
-    # mlflow: the tracking URI (default: MLFLOW_TRACKING_URI, else file <out_dir>/mlruns);
+    # mlflow: the tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<out_dir>/mlflow.db);
     # tensorboard: the log folder (default <out_dir>/tensorboard); wandb: the server URL (default W&B's own).
     uri: str | None = None
     experiment: str = "kale_ray"  # MLflow experiment / W&B project
@@ -302,6 +302,13 @@ def _mlflow_key(key: str) -> str:
     return re.sub(r"[^\w\-./: ]", "_", key)[:250]
 
 
+def _artifact_location(uri: str) -> str | None:
+    """A SQLite store keeps its artifacts beside the database (MLflow's default is ./mlruns of the cwd)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None  # a server decides (--default-artifact-root / --artifacts-destination)
+
+
 class MLflowTracker(Tracker):
     backend = "mlflow"
 
@@ -310,7 +317,8 @@ class MLflowTracker(Tracker):
         if not uri:
             if self.out_dir is None or "://" in self.out_dir and not self.out_dir.startswith("file://"):
                 raise _config_error("tracking.uri: set an MLflow tracking URI (out_dir is not a local folder)")
-            uri = (Path(self.out_dir.removeprefix("file://")).expanduser().resolve() / "mlruns").as_uri()
+            # MLflow's file store is in maintenance mode (3.x refuses it): a SQLite file, as `mlflow ui` expects.
+            uri = f"sqlite:///{Path(self.out_dir.removeprefix('file://')).expanduser().resolve() / 'mlflow.db'}"
         return uri
 
     def _client(self):
@@ -331,7 +339,8 @@ class MLflowTracker(Tracker):
         with _mlflow_http(retries=0, timeout=10):
             try:
                 exp = self.client.get_experiment_by_name(self.cfg.experiment)
-                exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(self.cfg.experiment)
+                exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
+                    self.cfg.experiment, artifact_location=_artifact_location(self.uri))
                 run = self.client.create_run(exp_id, run_name=self.run_name, tags={"kale_ray.job": self.run_name})
             except Exception as e:
                 raise _config_error(f"tracking.uri: cannot reach the MLflow tracking server at {self.uri}: "

@@ -236,3 +236,26 @@ def test_tracking_is_not_part_of_a_stage_settings(tmp_path):
     assert training_stage(a).hash == training_stage(b).hash
     s = load_config(SynthConfig, None, ["tracking.backend=none"])
     assert "tracking" not in synthesis_settings(s)
+
+
+def test_mlflow_default_store_is_a_sqlite_file_in_out_dir(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    out = tmp_path / "out"
+    t = start_run(TrackingConfig(backend="mlflow"), out, "train", params={"lora": {"r": 8}})
+    t.log_metrics({"train/loss": 2.0}, step=1)
+    t.log_metrics({"train/loss": 1.0}, step=2)
+    (tmp_path / "report.md").write_text("# r\n")
+    t.log_artifact(tmp_path / "report.md")
+    t.end()
+    assert t.uri == f"sqlite:///{out.resolve() / 'mlflow.db'}"
+    client = MlflowClient(t.uri)
+    run = client.get_run(t.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"lora.r": "8"}
+    assert [m.value for m in client.get_metric_history(t.run_id, "train/loss")] == [2.0, 1.0]
+    assert list((out / "mlartifacts").rglob("report.md")) and not list((tmp_path / "cwd").iterdir())
