@@ -132,6 +132,9 @@ class PathConfig:
     # "bidirectional": meet-in-the-middle exact search (same path lengths; the fastest, and its cost per
     # question does not grow with the graph: sparse walk sets, per-worker reusable work arrays). Default.
     heuristic: Literal["landmark", "target", "bidirectional"] = "bidirectional"
+    # heuristic=landmark: "table" = ALT over 16 landmarks precomputed once per graph (no BFS per question);
+    # "sampled" = the paper's anchors drawn near each answer (a BFS from each per question: O(|V|), small KGs).
+    landmarks: Literal["table", "sampled"] = "table"
     # Search oversample*k candidate paths, keep the k whose relations the question mentions most.
     oversample: int = num(4, ge=1)
     # Let the relations the question mentions steer the search: first paths whose every hop uses a

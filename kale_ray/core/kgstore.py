@@ -55,7 +55,14 @@ from kale_ray.core.kg import (
     read_kg_file,
     read_names,
 )
-from kale_ray.core.paths import REQUIRED_SEARCH_ARRAYS, SEARCH_ARRAY_NAMES, attach_search_arrays, search_arrays
+from kale_ray.core.paths import (
+    REQUIRED_SEARCH_ARRAYS,
+    SEARCH_ARRAY_NAMES,
+    attach_landmark_table,
+    attach_search_arrays,
+    build_landmark_table,
+    search_arrays,
+)
 from kale_ray.core.qa import _ARTICLES as _QA_ARTICLES
 from kale_ray.core.qa import _NONWORD as _QA_NONWORD
 from kale_ray.core.qa import normalize
@@ -275,7 +282,8 @@ _ARRAY_NAMES = (
     "gi_indptr", "gi_nbr", "gi_rel", "gi_tid", "gi_inv",
     "sf_hash", "sf_ent", "sf_buf", "sf_off",
 ) + REQUIRED_SEARCH_ARRAYS
-_OPTIONAL_ARRAY_NAMES = tuple(k for k in SEARCH_ARRAY_NAMES if k not in REQUIRED_SEARCH_ARRAYS)
+_LANDMARK_ARRAY_NAMES = ("lm_nodes", "lm_dist")  # added to a cache folder on first use (ensure_landmarks)
+_OPTIONAL_ARRAY_NAMES = tuple(k for k in SEARCH_ARRAY_NAMES if k not in REQUIRED_SEARCH_ARRAYS) + _LANDMARK_ARRAY_NAMES
 
 
 def _rejects_to_meta(rejects: Rejects) -> dict:
@@ -397,6 +405,8 @@ class ColumnarKG:
                     num_nodes=self.num_entities,
                 )
                 attach_search_arrays(gi, {k: a[k] for k in SEARCH_ARRAY_NAMES if k in a})
+                if all(k in a for k in _LANDMARK_ARRAY_NAMES):  # shared landmark distances (ALT)
+                    attach_landmark_table(gi, {k: a[k] for k in _LANDMARK_ARRAY_NAMES})
             else:
                 self._indexes[undirected] = GraphIndex.build(self.triples, self.num_entities, undirected=undirected)
         return self._indexes[undirected]
@@ -813,6 +823,24 @@ def cache_key(source: str, names: str | None = None, on_error: str = "error", un
         "names": _stat_entry(Path(names)) if names else None,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def ensure_landmarks(kg: "ColumnarKG") -> "ColumnarKG":
+    """The KG with its landmark table (``heuristic=landmark``): built once per graph and stored in
+    its cache folder, so every worker maps the same pages. A KG without a folder builds it in memory."""
+    if all(k in kg.arrays for k in _LANDMARK_ARRAY_NAMES):
+        return kg
+    table = build_landmark_table(kg.index(kg.undirected))
+    if not kg.path:
+        kg.arrays.update(table.arrays())
+        attach_landmark_table(kg.index(kg.undirected), table)
+        return kg
+    d = Path(kg.path)
+    for k, v in table.arrays().items():
+        tmp = d / f".{k}.{os.getpid()}.npy"
+        np.save(tmp, v, allow_pickle=False)
+        os.replace(tmp, d / f"{k}.npy")  # atomic: a concurrent reader sees the whole file or none
+    return ColumnarKG.open(d)
 
 
 def cached_path(source: str, names: str | None = None, on_error: str = "error",

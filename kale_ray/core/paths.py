@@ -54,9 +54,13 @@ a meet-in-the-middle enumeration, below):
   hops all use relevant relations are searched first (``_sequence_paths`` for a chain,
   ``_relation_paths`` for a set; sparse dict/set searches bounded by ``max_expansions`` rows)
   and ranked first (method ``"relation"``); the ordinary search fills up to ``k``.
-* ``"landmark"`` and ``"target"`` still build a |V|-sized ``h`` per target (``landmark_heuristic``;
-  ``"landmark"`` BFS from its anchors over most of a small-world graph): use them for the
-  paper's algorithm or cross-checks, not at scale.
+* ``"landmark"`` by default takes its landmarks from a table built once per graph
+  (``landmarks="table"``: 16 farthest-point landmarks, a BFS from each, ``N x 16`` bytes, stored
+  in the KG's cache folder and memory-mapped by every worker; ``h`` is evaluated only for the
+  nodes the A* reads, so nothing |V|-sized is allocated per question). ``landmarks="sampled"``
+  is the paper's per-target anchors above, and ``"target"`` still builds a |V|-sized ``h`` per
+  target (``landmark_heuristic``; BFS from the anchors over most of a small-world graph): use
+  them for the paper's algorithm or cross-checks, not at scale.
 * States are paths (tree search), so after the first goal we keep popping the frontier to
   collect up to ``k`` paths; a node may be reached again through a different parent path.
   A child is kept only if ``g + 1 + h(child) <= max_hops`` and it is not already on its
@@ -152,10 +156,16 @@ class PathSearchParams:
     # "landmark" (paper: sampled anchors) | "target" (the target as its only landmark) |
     # "bidirectional" (meet in the middle, no A*; the fastest)
     heuristic: str = "landmark"
+    # "landmark" only: "table" (ALT over landmarks precomputed once per graph, ``landmark_table``;
+    # nothing |V|-sized per question) | "sampled" (the paper: anchors drawn near each target, a
+    # BFS from each per target -- O(|V|) per question)
+    landmarks: str = "table"
 
     def __post_init__(self) -> None:
         if self.heuristic not in HEURISTICS:
             raise ValueError(f"PathSearchParams.heuristic must be one of {HEURISTICS}, got {self.heuristic!r}")
+        if self.landmarks not in ("table", "sampled"):
+            raise ValueError(f"PathSearchParams.landmarks must be 'table' or 'sampled', got {self.landmarks!r}")
         for name, lo in (("max_hops", 0), ("k", 1), ("num_anchors", 0), ("anchor_hops", 1), ("max_expansions", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
@@ -369,6 +379,141 @@ def landmark_heuristic(index: GraphIndex, target: int, params: PathSearchParams,
     return LandmarkHeuristic(target=target, anchors=anchors, anchor_target_dist=adist, h=h,
                              two_sided=params.two_sided, bfs_edges=int(local.get("bfs_edges", 0)),
                              exact_depth=exact_depth)
+
+
+# --------------------------------------------------------------------------- #
+# Landmark distances, precomputed once per graph (ALT)
+# --------------------------------------------------------------------------- #
+NUM_LANDMARKS = 16  # per graph: 16 BFS at build time, N x 16 bytes, shared by every question
+
+
+@dataclass
+class LandmarkTable:
+    """Hop distances from a few landmarks to every node: ``dist[v, l] = d(landmarks[l], v)``.
+
+    Built once per graph (``landmark_table``); ``sentinel`` marks an unreachable node. Row
+    layout (N, L), so the bound for a node's neighbours reads contiguous rows.
+    """
+
+    landmarks: np.ndarray  # (L,) int64
+    dist: np.ndarray  # (N, L) uint8 or uint16
+    sentinel: int
+    bfs_edges: int = 0
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"lm_nodes": self.landmarks, "lm_dist": self.dist}
+
+
+def build_landmark_table(index: GraphIndex, num: int = NUM_LANDMARKS) -> LandmarkTable:
+    """Farthest-point landmarks (the first is the highest-degree node; each next one is the node
+    farthest from those chosen, so other components get one too), a full BFS from each."""
+    n = int(index.num_nodes)
+    deg = np.diff(index.indptr)
+    stats: dict = {}
+    cols, chosen = [], []
+    mind = np.full(n, np.iinfo(np.int32).max, dtype=np.int64)
+    nxt = int(np.argmax(deg)) if n else 0
+    for _ in range(min(num, int((deg > 0).sum()))):
+        chosen.append(nxt)
+        d = bfs_distances(index, nxt, stats=stats)
+        cols.append(d)
+        far = np.where(d < 0, np.iinfo(np.int32).max - 1, d).astype(np.int64)
+        np.minimum(mind, far, out=mind)
+        cand = np.where((deg > 0) & (mind > 0), mind, -1)
+        if cand.max(initial=-1) <= 0:
+            break
+        nxt = int(np.argmax(cand))
+    top = max((int(c.max(initial=0)) for c in cols), default=0)
+    dtype = np.uint8 if top < 255 else np.uint16
+    sentinel = int(np.iinfo(dtype).max)
+    dist = np.full((n, len(cols)), sentinel, dtype=dtype)
+    for j, c in enumerate(cols):
+        ok = c >= 0
+        dist[ok, j] = c[ok]
+    return LandmarkTable(np.array(chosen, dtype=np.int64), dist, sentinel, int(stats.get("bfs_edges", 0)))
+
+
+_LANDMARKS: dict[int, tuple] = {}  # id(index) -> (weakref, LandmarkTable)
+
+
+def landmark_table(index: GraphIndex, *, build: bool = True) -> LandmarkTable | None:
+    """The index's landmark table: attached (``attach_landmark_table``), else built once per
+    process and kept for the index's lifetime."""
+    cur = _LANDMARKS.get(id(index))
+    if cur is not None and cur[0]() is index:
+        return cur[1]
+    if not build:
+        return None
+    table = build_landmark_table(index)
+    attach_landmark_table(index, table)
+    return table
+
+
+def attach_landmark_table(index: GraphIndex, table: LandmarkTable | Mapping[str, np.ndarray]) -> None:
+    """Use a shared table (e.g. memory-mapped from the KG cache) for every search on ``index``."""
+    if not isinstance(table, LandmarkTable):
+        dist = table["lm_dist"]
+        table = LandmarkTable(np.asarray(table["lm_nodes"]), dist, int(np.iinfo(dist.dtype).max))
+    if table.dist.shape[0] != int(index.num_nodes):
+        raise ValueError("landmark table was built for another graph (row count differs)")
+    key = id(index)
+
+    def _drop(ref, key=key):
+        cur = _LANDMARKS.get(key)
+        if cur is not None and cur[0] is ref:
+            del _LANDMARKS[key]
+
+    _LANDMARKS[key] = (weakref.ref(index, _drop), table)
+
+
+class _TableBound:
+    """``h[v]`` for any node or node array, from a ``LandmarkTable``: two-sided ALT,
+    ``max_l |d(l, t) - d(l, v)|`` (at least 1 off the target; ``big`` when one of ``v`` and ``t``
+    is reachable from a landmark and the other is not: another component). Computed for the
+    nodes asked only: nothing |V|-sized per question."""
+
+    def __init__(self, table: LandmarkTable, target: int, big: int) -> None:
+        self.D = table.dist
+        self.sent = table.sentinel
+        self.target = target
+        self.big = big
+        self.dt = self.D[target].astype(np.int32)
+        self.t_un = self.dt == self.sent
+
+    def __getitem__(self, idx):
+        dv = self.D[idx].astype(np.int32)
+        un = dv == self.sent
+        diff = np.abs(dv - self.dt)
+        diff[un & self.t_un] = 0
+        diff[un ^ self.t_un] = self.big
+        h = diff.max(axis=-1, initial=0)
+        h = np.maximum(h, 1)
+        if np.ndim(idx) == 0:
+            return np.int32(0 if int(idx) == self.target else h)
+        h = h.astype(np.int32)
+        h[np.asarray(idx) == self.target] = 0
+        return h
+
+    def __len__(self) -> int:
+        return int(self.D.shape[0])
+
+
+def table_heuristic(index: GraphIndex, target: int, params: PathSearchParams, *,
+                    stats: dict | None = None) -> LandmarkHeuristic:
+    """The ``"landmark"`` heuristic from the graph's precomputed landmarks (no BFS per target)."""
+    target = _check_node(index, target, "target")
+    table = landmark_table(index)
+    _bump(stats, "heuristics")
+    return LandmarkHeuristic(target=target, anchors=table.landmarks,
+                             anchor_target_dist=table.dist[target].astype(np.int32),
+                             h=_TableBound(table, target, params.max_hops + 1), two_sided=True, bfs_edges=0)
+
+
+def _target_heuristic(index: GraphIndex, target: int, params: PathSearchParams, rng: np.random.Generator,
+                      stats: dict | None) -> LandmarkHeuristic:
+    if params.heuristic == "landmark" and params.landmarks == "table":
+        return table_heuristic(index, target, params, stats=stats)
+    return landmark_heuristic(index, target, params, rng, stats=stats)
 
 
 # --------------------------------------------------------------------------- #
@@ -1810,7 +1955,7 @@ def find_paths(index: GraphIndex, triples: np.ndarray, source: int, target: int,
         paths, exhausted = _bidirectional(index, triples, source, target, params, rng, stats, cache)
     else:
         if heuristic is None:
-            heuristic = landmark_heuristic(index, target, params, rng, stats=stats)
+            heuristic = _target_heuristic(index, target, params, rng, stats)
         elif heuristic.target != target or len(heuristic.h) != index.num_nodes:
             raise ValueError(f"heuristic was built for target {heuristic.target}, not {target}")
         paths, exhausted = _best_first(index, triples, source, target, heuristic.h, params, rng, "astar", stats,
@@ -1867,7 +2012,7 @@ def find_paths_many(index: GraphIndex, triples: np.ndarray, pairs, params: PathS
         if not bidir and s != t and indptr[t + 1] > indptr[t] and indptr[s + 1] > indptr[s]:
             heur = heur_cache.get(t)
             if heur is None:
-                heur = heur_cache[t] = landmark_heuristic(index, t, params, rng, stats=stats)
+                heur = heur_cache[t] = _target_heuristic(index, t, params, rng, stats)
         out.append(find_paths(index, triples, s, t, params, rng, heuristic=heur, stats=stats,
                               cache=cache if bidir else None, relation_weights=relation_weights))
     return out

@@ -116,6 +116,8 @@ def load_shared_kg(cfg: SynthConfig):
                 raise e.cause from None
             raise
     ckg = kgstore.load_columnar_kg(*args, undirected=cfg.kg.undirected_search)
+    if cfg.paths.heuristic == "landmark" and cfg.paths.landmarks == "table":
+        ckg = kgstore.ensure_landmarks(ckg)  # once per graph, into its cache folder (shared by the workers)
     return ckg, None
 
 

@@ -653,3 +653,83 @@ def test_attach_search_arrays_wraps_without_copy():
     import pytest
     with pytest.raises(ValueError):
         P.attach_search_arrays(GraphIndex.build(tr[:5], 10), arrays)
+
+
+# --------------------------------------------------------------------------- #
+# Landmark table (ALT, precomputed once per graph)
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("seed", range(6))
+def test_landmark_table_bound_is_admissible_and_exact_at_the_target(seed):
+    """h[v] <= d(v, t) for every node (other components included), h[t] == 0, h >= 1 elsewhere."""
+    from kale_ray.core.paths import attach_landmark_table, build_landmark_table, table_heuristic
+
+    tr, index, g = random_graph(seed, 40, 200)  # sparse random graphs: often several components
+    table = build_landmark_table(index, num=5)
+    attach_landmark_table(index, table)
+    assert table.dist.shape == (index.num_nodes, len(table.landmarks)) and len(table.landmarks) >= 1
+    params = PathSearchParams(max_hops=3, heuristic="landmark")
+    rng = np.random.default_rng(seed)
+    for t in rng.choice(index.num_nodes, 8, replace=False).tolist():
+        h = table_heuristic(index, t, params).h
+        exact = bfs_distances(index, t)
+        hv = h[np.arange(index.num_nodes)]
+        reach = exact >= 0
+        assert (hv[reach] <= exact[reach]).all()
+        assert int(h[t]) == 0 and (hv[np.arange(index.num_nodes) != t] >= 1).all()
+        # a node the target cannot reach is pruned at once (or at least never over-promised)
+        assert all(int(h[v]) >= 1 for v in np.flatnonzero(~reach)[:5].tolist())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_landmark_table_and_sampled_anchors_give_the_same_path_lengths(seed):
+    tr, index, g = random_graph(seed + 20, 60, 250)
+    rng = np.random.default_rng(seed)
+    for s, t in _pairs(index, rng, 12):
+        got = {}
+        for mode in ("table", "sampled"):
+            params = PathSearchParams(max_hops=3, k=3, heuristic="landmark", landmarks=mode, bfs_fallback=True)
+            got[mode] = [p.length for p in find_paths(index, tr, s, t, params, np.random.default_rng(0)) if p.complete]
+        assert got["table"] == got["sampled"], (s, t, got)
+
+
+def test_landmark_table_search_allocates_far_below_num_nodes_per_question():
+    """The paper's landmark A*, with its landmarks precomputed once per graph: no BFS and no
+    |V|-sized array per question (10^6 nodes, after the one-off table)."""
+    import tracemalloc
+
+    from kale_ray.core.paths import landmark_table
+
+    n, m = 1_000_000, 3_000_000
+    r = np.random.default_rng(0)
+    tr = np.stack([r.integers(0, n, m), r.integers(0, 8, m), r.integers(0, n, m)], axis=1).astype(np.int64)
+    index = GraphIndex.build(tr, n)
+    params = PathSearchParams(max_hops=2, k=2, heuristic="landmark", bfs_fallback=False, partial_paths=False)
+    ip, nb = index.indptr, index.nbr
+    pairs = []
+    while len(pairs) < 25:
+        s = u = int(r.integers(n))
+        for _ in range(int(r.integers(1, 3))):
+            if ip[u + 1] == ip[u]:
+                break
+            u = int(nb[r.integers(ip[u], ip[u + 1])])
+        if u != s:
+            pairs.append((s, u))
+    table = landmark_table(index)  # the one-off: N x 16 bytes
+    assert table.dist.nbytes == n * len(table.landmarks)
+    rng = np.random.default_rng(1)
+    for s, t in pairs[:3]:
+        find_paths(index, tr, s, t, params, rng)
+    stats: dict = {}
+    tracemalloc.start()
+    try:
+        peaks = []
+        for s, t in pairs[3:]:
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            ps = find_paths(index, tr, s, t, params, rng, stats=stats)
+            peaks.append(tracemalloc.get_traced_memory()[1] - base)
+            assert ps and ps[0].complete
+    finally:
+        tracemalloc.stop()
+    assert stats.get("bfs_edges", 0) == 0  # no BFS per question
+    assert max(peaks) < n // 8, f"peak allocation per question {max(peaks)} bytes vs |V| = {n}"

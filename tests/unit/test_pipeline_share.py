@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 import shutil
 
 import numpy as np
@@ -40,3 +41,22 @@ def test_in_memory_kg_travels_as_arrays(tmp_path):
     kg = kgstore.build_columnar_kg(str(kgf))  # not from the cache: no folder to map
     meta, arrays = pipeline._share(kg, _cfg(kgf))
     assert kg.path is None and set(arrays) >= {"triples", "ent_buf"}
+
+
+def test_landmark_table_is_built_once_into_the_cache_folder(tmp_path, monkeypatch):
+    """heuristic=landmark: the landmark distances live beside the KG's arrays; a worker's open maps them."""
+    from kale_ray.core import paths
+
+    monkeypatch.setenv("KALE_RAY_CACHE", str(tmp_path / "cache"))
+    kgf = tmp_path / "kg.tsv"
+    kgf.write_text("".join("\t".join(r) + "\n" for r in ROWS))
+    cfg = _cfg(kgf)
+    cfg.paths.heuristic = "landmark"
+    kg, _ = pipeline.load_shared_kg(cfg)
+    assert (Path(kg.path) / "lm_dist.npy").exists()
+    built = []
+    monkeypatch.setattr(paths, "build_landmark_table", lambda *a, **k: built.append(1))
+    worker = pipeline._open_shared(pipeline._share(kg, cfg))
+    table = paths.landmark_table(worker.index(True), build=False)
+    assert table is not None and isinstance(table.dist.base, np.memmap) and built == []
+    assert table.dist.shape[0] == worker.num_entities
