@@ -224,8 +224,10 @@ def _input_error_types() -> tuple[type, ...]:
     from kale_ray.core.kg import KGFormatError
     from kale_ray.core.qa import QAFormatError
     from kale_ray.kard.kb import CorpusFormatError
+    from kale_ray.synth.pipeline import TeacherFailureError
 
-    return (ConfigError, PreflightError, StaleOutputError, StorageError, KGFormatError, QAFormatError, CorpusFormatError)
+    return (ConfigError, PreflightError, StaleOutputError, StorageError, KGFormatError, QAFormatError, CorpusFormatError,
+            TeacherFailureError)
 
 
 def input_error(e: BaseException) -> BaseException | None:

@@ -211,6 +211,11 @@ class SynthConfig:
     # Rows with fewer hops get the exact template rationale instead of a teacher call: a
     # one-fact question's rationale is the fact itself. 0 = send every row to the teacher.
     teacher_min_hops: int = num(0, ge=0)
+    # Stop the run when more than this share of the teacher rows failed (a generation error, or an
+    # output rejected and replaced by the template), checked once teacher_failure_min_rows rows were
+    # tried. 1 = never stop. Neither is part of the settings: a rerun with another value resumes.
+    max_teacher_failure_rate: float = num(0.5, ge=0, le=1)
+    teacher_failure_min_rows: int = num(20, ge=1)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)  # not part of the settings
 
 

@@ -2,7 +2,9 @@
 
 The student sees exactly the prompt string training used (``student_messages`` rendered
 with the model's chat template), greedy decoding; answers are scored by choice matching
-(multiple choice) or normalised match (open questions).
+(multiple choice) or normalised match (open questions). A test file written by synthesis marks
+the rows whose answer does not link to the KG (``"answer_linked": false``); the metrics then also
+hold ``linked``: the same metrics over the linked rows only.
 """
 from __future__ import annotations
 
@@ -39,6 +41,32 @@ def score(item: dict[str, Any], generation: str, error: str = "") -> dict[str, A
         return dict(item, generation="", prediction=None, correct=False, parsed=False, skipped=_skip_reason(error))
     ok, pred = is_correct(generation, item["all_answers"], item["choices"])
     return dict(item, generation=generation, prediction=pred, correct=bool(ok), parsed=pred is not None, skipped="")
+
+
+def unlinked_ids(path: str | Path) -> set[str]:
+    """Ids of the rows of a QA file marked ``"answer_linked": false`` (synthesis's qa/test.jsonl)."""
+    out: set[str] = set()
+    with Path(path).expanduser().open("rb") as f:
+        for raw in f:
+            if b'"answer_linked"' not in raw:
+                continue
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                continue  # the reader rejects it with its reason
+            if isinstance(obj, dict) and obj.get("answer_linked") is False and obj.get("id"):
+                out.add(str(obj["id"]))
+    return out
+
+
+def with_linked(metrics: dict[str, Any], scored: list[dict[str, Any]], unlinked: set[str]) -> dict[str, Any]:
+    """``metrics`` plus ``n_answer_unlinked`` and, when some questions' answers do not link to the KG,
+    ``linked``: the metrics over the other questions (and their probes) only."""
+    qids = {r["qid"] for r in scored if r.get("kind") == "question"}
+    metrics["n_answer_unlinked"] = len(qids & unlinked)
+    if metrics["n_answer_unlinked"]:
+        metrics["linked"] = summarize([r for r in scored if r["qid"] not in unlinked])
+    return metrics
 
 
 def _skip_reason(error: str) -> str:
@@ -94,10 +122,14 @@ def evaluate(cfg: EvalConfig, label: str = "model", progress: Callable[[str], No
     with (out_dir / "predictions.jsonl").open("w") as f:
         for r in scored:
             f.write(json.dumps(r) + "\n")
-    metrics = summarize(scored)
+    metrics = with_linked(summarize(scored), scored, unlinked_ids(cfg.data))
     metrics.update(label=label, model=cfg.model.name, data=cfg.data, seconds=time.perf_counter() - t0)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     progress(f"[eval:{label}] accuracy {metrics['accuracy']:.3f} (n={metrics['n_questions']}), "
              f"probe accuracy {metrics['probe_accuracy']:.3f}, known&incorrect {metrics['known_and_incorrect_rate']:.3f} "
              f"({metrics['seconds']:.0f}s)")
+    if "linked" in metrics:
+        lk = metrics["linked"]
+        progress(f"[eval:{label}] {metrics['n_answer_unlinked']} questions' answers do not link to the KG; "
+                 f"accuracy without them {lk['accuracy']:.3f} (n={lk['n_questions']})")
     return metrics

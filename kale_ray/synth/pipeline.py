@@ -12,10 +12,12 @@ Layout of ``out_dir`` (a local folder or a storage URI, see kale_ray.runtime.sto
     data/shard-00000.jsonl             kept rows (id, question, answer, question_entities, answer_entities,
                                        paths, rationale, teacher, ...)
     data/shard-00000.done              completion marker with the shard's counts
-    rejects/shard-00000.jsonl          rows aside, each with a ``reason``
+    rejects/shard-00000.jsonl          rows aside, each with a ``reason`` (``duplicate_id``: file, line, first_line)
     rejects/qa_lines.jsonl, kg_lines.jsonl   malformed input lines (file, line, reason)
     work/                              teacher stage in flight (per-shard inputs and parts); gone when done
-    summary.json                       rows in/out, rejected by reason, tokens, time per stage
+    qa/questions.json                  what qa.source=generate asked for and got, by hop count and split
+    summary.json                       rows in/out, rejected by reason, tokens, time per stage, teacher_share,
+                                       warnings (a small test split, fewer questions than asked, ...)
 
 Exactly once: a shard's files are written atomically, then its marker; a rerun skips marked
 shards and redoes the rest. Teacher outputs are written in parts named by a hash of their row
@@ -23,10 +25,13 @@ ids (a retried task rewrites the same part) and merged into the shard by id.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
+import re
 import time
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kale_ray.config import SynthConfig, to_dict
-from kale_ray.core.kg import GraphIndex, load_kg
+from kale_ray.core.kg import MAX_LINE_BYTES, GraphIndex, load_kg
 from kale_ray.core.prompts import render_chat
 from kale_ray.core.qa import generate_questions, line_offsets, read_qa_jsonl, split_questions
 from kale_ray.core.rejects import Rejects
@@ -49,7 +54,19 @@ SHARD_FMT = "shard-{:05d}"
 _NOT_OUTPUT_SETTINGS = ("out_dir", "on_change", "search_workers", "generation.batch_size", "generation.concurrency",
                         "generation.max_concurrency", "generation.http_timeout_s", "generation.num_gpus_per_replica",
                         "generation.gpu_memory_utilization", "generation.tensor_parallel_size",
-                        "generation.pipeline_parallel_size", "teacher.cache_dir", "tracking")
+                        "generation.pipeline_parallel_size", "teacher.cache_dir", "tracking",
+                        "max_teacher_failure_rate", "teacher_failure_min_rows")
+
+# A test split smaller than this gives accuracies too noisy to compare (a warning, not an error).
+MIN_TEST_QUESTIONS = 30
+
+
+class TeacherFailureError(RuntimeError):
+    """More than ``max_teacher_failure_rate`` of the teacher rows failed: the run stopped early.
+
+    Shards already finished stay valid (a rerun resumes); the message has the count, the most
+    common reasons, a sample error and how to continue. The CLI prints it as one line (exit 2).
+    """
 
 
 @dataclass
@@ -66,6 +83,9 @@ class SynthSummary:
     qa: dict[str, Any] = field(default_factory=dict)
     kg: dict[str, Any] = field(default_factory=dict)
     paths: dict[str, Any] = field(default_factory=dict)
+    teacher_share: float = 0.0  # kept rows whose rationale the teacher wrote (not the template, not its fallback)
+    teacher_failures: dict[str, int] = field(default_factory=dict)  # teacher rows tried / failed, all shards
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -250,6 +270,8 @@ def _search_batch(batch: dict[str, np.ndarray], kg_holder: list, job: ShardJob) 
     outs = []
     for i in range(len(batch["shard"])):
         desc = {k: int(batch[k][i]) for k in ("shard", "start", "end", "first_line")}
+        if "dups" in batch:
+            desc["dups"] = str(batch["dups"][i])
         t, c = time.perf_counter(), time.process_time()
         counts = _search_shard(desc, ctx, job)
         # Where a task's time goes (summary.json "seconds": search_tasks_*): the pipeline's overhead
@@ -270,7 +292,12 @@ def _search_shard(desc: dict, ctx: steps.SynthContext, job: ShardJob) -> dict:
         storage.write_jsonl_atomic(f"rejects/qa_lines/{name}.jsonl", qa_rej.rows)
     kept, rejected, to_teacher = [], [], []
     template = cfg.generation.backend == "template"
+    dup = _DuplicateLines(desc.get("dups"), qa_rej)
     for ex in examples:
+        first, line = dup.check(ex.id)
+        if first:
+            rejected.append(steps.duplicate_id_record(steps.qa_row(ex), _qa_file(cfg), line, first))
+            continue
         row = steps.link_and_search(dict(steps.qa_row(ex), shard=shard), ctx)
         if row["reject_reason"]:
             rejected.append(steps.reject_record(row))
@@ -287,6 +314,33 @@ def _search_shard(desc: dict, ctx: steps.SynthContext, job: ShardJob) -> dict:
     counts = dict(extra, shard=shard, to_teacher=len(to_teacher), final=False)
     storage.write_atomic(f"work/{name}/searched.done", json.dumps(counts))
     return counts
+
+
+class _DuplicateLines:
+    """Which of a shard's rows reuse an id that an earlier line of the file carries.
+
+    ``dups`` (from the driver's scan, :func:`duplicate_id_lines`): ``{id: [first_line, [lines of
+    this shard carrying it]]}``. The reader yields rows in line order without their numbers; the
+    lines it rejected are taken out, so the k-th row with an id is the k-th remaining line with it.
+    """
+
+    def __init__(self, dups: str | None, qa_rej: Rejects) -> None:
+        info = json.loads(dups) if dups else {}
+        bad = {int(r.get("line") or 0) for r in qa_rej.rows} if info else set()
+        self.first = {i: int(f) for i, (f, _) in info.items()}
+        self.lines = {i: [int(x) for x in ls if int(x) not in bad] for i, (_, ls) in info.items()}
+
+    def check(self, rid: str) -> tuple[int, int]:
+        """(first line, this row's line) when this row is a duplicate, else (0, 0)."""
+        queue = self.lines.get(rid)
+        if not queue:
+            return 0, 0
+        line = queue.pop(0)
+        return (self.first[rid], line) if line != self.first[rid] else (0, 0)
+
+
+def _qa_file(cfg: SynthConfig) -> str:
+    return "qa/train.jsonl" if cfg.qa.source == "generate" else cfg.qa.source
 
 
 def _with_path_flags(kept: dict, row: dict) -> dict:
@@ -338,6 +392,7 @@ def _finish_batch(batch: dict[str, np.ndarray], job: ShardJob) -> dict[str, np.n
     cfg, storage = job.cfg, job.storage
     kg = _context(job.kg_holder, cfg).kg  # names for the grounding check, from the same shared arrays
     by_shard: dict[int, list[dict]] = {}
+    tally: dict[int, _Tally] = {}
     n = len(batch["row_json"])
     for i in range(n):
         row = json.loads(batch["row_json"][i])
@@ -360,17 +415,59 @@ def _finish_batch(batch: dict[str, np.ndarray], job: ShardJob) -> dict[str, np.n
                     rec["teacher_reject"] = reject
             else:
                 rec["reject"] = reject
+            tally.setdefault(int(row["shard"]), _Tally()).add(reject)
         by_shard.setdefault(int(row["shard"]), []).append(rec)
-    out_shard, out_part, out_n = [], [], []
+    out: dict[str, list] = {k: [] for k in ("shard", "part", "n", "tried", "failed", "reasons", "sample")}
     for shard, recs in by_shard.items():
         ids = sorted(_rec_id(r) for r in recs)
         part = "part-" + hashlib.blake2b("\n".join(ids).encode(), digest_size=8).hexdigest()
         storage.write_jsonl_atomic(f"work/{shard_name(shard)}/{part}.jsonl", recs)
-        out_shard.append(shard)
-        out_part.append(part)
-        out_n.append(len(recs))
-    return {"shard": np.array(out_shard, dtype=np.int64), "part": np.array(out_part, dtype=object),
-            "n": np.array(out_n, dtype=np.int64)}
+        t = tally.get(shard, _Tally())
+        for k, v in (("shard", shard), ("part", part), ("n", len(recs)), ("tried", t.tried), ("failed", t.failed),
+                     ("reasons", json.dumps(t.reasons)), ("sample", t.sample)):
+            out[k].append(v)
+    return {k: np.array(v, dtype=np.int64 if k in ("shard", "n", "tried", "failed") else object) for k, v in out.items()}
+
+
+class _Tally:
+    """Teacher rows tried and failed (a generation error, or an output rejected: replaced by the template,
+    or rejected without fallback), the failures by reason and one sample error. Over-long prompts,
+    which never reach the teacher, are not counted."""
+
+    def __init__(self) -> None:
+        self.tried = self.failed = 0
+        self.reasons: Counter = Counter()
+        self.sample = ""
+
+    def add(self, reject: dict | None) -> None:
+        self.tried += 1
+        if reject is not None:
+            self.failed += 1
+            self.reasons[steps.teacher_failure_reason(reject)] += 1
+            if not self.sample:
+                self.sample = " ".join(str(reject.get("detail") or reject.get("reason") or "").split())[:300]
+
+    def merge(self, tried: int, failed: int, reasons: dict, sample: str) -> None:
+        self.tried += tried
+        self.failed += failed
+        self.reasons.update(reasons)
+        self.sample = self.sample or sample
+
+    def exceeded(self, cfg: SynthConfig) -> bool:
+        return self.tried >= cfg.teacher_failure_min_rows and self.failed > cfg.max_teacher_failure_rate * self.tried
+
+    def message(self, cfg: SynthConfig, shards_done: int, shards_total: int) -> str:
+        gen = cfg.generation
+        top = ", ".join(f"{r} x{c}" for r, c in self.reasons.most_common(3))
+        fix = f" (generation.http_base_url={gen.http_base_url})" if gen.backend == "http" else ""
+        kept = "keep the template rationale" if cfg.fallback_to_template else "are rejected"
+        return (f"the teacher ({_teacher_label(cfg)}) failed on {self.failed} of {self.tried} rows tried "
+                f"({self.failed / self.tried:.0%}, over max_teacher_failure_rate={cfg.max_teacher_failure_rate:g}); "
+                f"most common: {top}; sample error: {self.sample!r}. Stopped early: the {shards_done} of "
+                f"{shards_total} shards already finished stay valid and a rerun resumes. To continue: fix the "
+                f"teacher{fix}, or accept more failures with max_teacher_failure_rate=1.0 (failed rows {kept}), "
+                f"or use the template rationale on purpose with generation.backend=template "
+                f"(in a new out_dir, or with on_change=overwrite).")
 
 
 def _rec_id(rec: dict) -> str:
@@ -385,7 +482,7 @@ def finalize_shard(storage: Storage, shard: int, expected: int) -> dict:
     counts = json.loads(storage.read_text(f"work/{name}/searched.done"))
     for rec in storage.read_jsonl(f"work/{name}/final.jsonl"):
         (kept if "kept" in rec else rejected).append(rec.get("kept") or rec.get("reject"))
-    n = 0
+    n = tried = failed = 0
     for part in storage.list(f"work/{name}", suffix=".jsonl"):
         if not part.startswith("part-"):
             continue
@@ -397,13 +494,19 @@ def finalize_shard(storage: Storage, shard: int, expected: int) -> dict:
             n += 1
             if "kept" in rec:
                 kept.append(rec["kept"])
+                tried += 1
                 if "teacher_reject" in rec:
                     teacher_rej.append(rec["teacher_reject"])
+                    failed += 1
             else:
                 rejected.append(rec["reject"])
+                if rec["reject"].get("reason") != "prompt_too_long":  # never reached the teacher
+                    tried += 1
+                    failed += 1
     if n != expected:
         raise RuntimeError(f"shard {name}: {n} teacher rows on storage, expected {expected}")
     extra = {k: counts[k] for k in ("rows_in", "qa_rejected", "hops_in") if k in counts}
+    extra.update(teacher_tried=tried, teacher_failed=failed)
     out = write_shard(storage, shard, kept, rejected, teacher_rej, extra)
     for f in storage.list(f"work/{name}"):
         storage.delete(f"work/{name}/{f}")
@@ -425,12 +528,15 @@ def _pool(gen):
 # --------------------------------------------------------------------------- #
 # Questions
 # --------------------------------------------------------------------------- #
-def prepare_questions(cfg: SynthConfig, kg, storage: Storage) -> tuple[str, dict]:
+def prepare_questions(cfg: SynthConfig, kg, storage: Storage, link_kg=None) -> tuple[str, dict]:
     """The question file the shards read, and what is known about the split up front.
 
     ``qa.source=generate``: questions are generated once into ``qa/train.jsonl`` and
-    ``qa/test.jsonl`` (the stage's settings guard them). A user's file is read in place; its
-    held-out file is copied to ``qa/test.jsonl`` line by line.
+    ``qa/test.jsonl`` (the stage's settings guard them), with what was asked for and what came
+    out by hop count and split in ``qa/questions.json``. A user's file is read in place; its
+    held-out file is copied to ``qa/test.jsonl`` line by line, each row marked ``answer_linked``
+    (false: its answer names no entity of ``link_kg``, default ``kg``; kept, so that evaluation
+    can report accuracy with and without those rows).
     """
     qa = cfg.qa
     info: dict[str, Any] = {}
@@ -441,21 +547,170 @@ def prepare_questions(cfg: SynthConfig, kg, storage: Storage) -> tuple[str, dict
             if cfg.max_rows:
                 train = train[: cfg.max_rows]
             storage.write_jsonl_atomic("qa/test.jsonl", [q.to_dict() for q in test])
+            storage.write_atomic("qa/questions.json", json.dumps({
+                "requested": qa.num_questions, "hops_requested": list(qa.hops), "generated": len(questions),
+                "generated_by_hops": _by_hops(questions), "train_by_hops": _by_hops(train)}))
             storage.write_jsonl_atomic("qa/train.jsonl", [q.to_dict() for q in train])
         src = _local_copy(storage, "qa/train.jsonl")
-        info["test"] = sum(1 for _ in storage.read_jsonl("qa/test.jsonl"))
+        if storage.exists("qa/questions.json"):
+            info.update(json.loads(storage.read_text("qa/questions.json")))
+        info.update(_test_info(storage))
         return src, info
     src = str(Path(qa.source).expanduser())
     if not Path(src).exists():
         raise FileNotFoundError(f"QA file not found: {src}")
     if qa.test_file and not storage.exists("qa/test.jsonl"):
         rej = Rejects()
-        test = [q.to_dict() for q in read_qa_jsonl(qa.test_file, rej)]
+        linker = _linker(link_kg if link_kg is not None else kg)
+        test = [dict(q.to_dict(), answer_linked=steps.answer_linked(q, linker)) for q in read_qa_jsonl(qa.test_file, rej)]
         storage.write_jsonl_atomic("qa/test.jsonl", test)
         if rej.total():
             storage.write_jsonl_atomic("rejects/qa_test_lines.jsonl", rej.rows)
-    info["test"] = sum(1 for _ in storage.read_jsonl("qa/test.jsonl")) if storage.exists("qa/test.jsonl") else 0
+    info.update(_test_info(storage))
     return src, info
+
+
+def _by_hops(questions) -> dict[str, int]:
+    return {str(h): c for h, c in sorted(Counter(int(q.num_hops) for q in questions).items())}
+
+
+def _test_info(storage: Storage) -> dict:
+    """The test split as written: size, by hop count, rows whose answer does not link to the KG."""
+    if not storage.exists("qa/test.jsonl"):
+        return {"test": 0, "test_by_hops": {}, "test_unlinked": 0}
+    n, unlinked, hops = 0, 0, Counter()
+    for r in storage.read_jsonl("qa/test.jsonl"):
+        n += 1
+        unlinked += r.get("answer_linked") is False
+        hops[int(r.get("num_hops") or 0)] += 1
+    return {"test": n, "test_by_hops": {str(h): c for h, c in sorted(hops.items())}, "test_unlinked": unlinked}
+
+
+def _linker(kg):
+    from kale_ray.core.qa import EntityLinker
+
+    kgstore = _columnar()
+    if kgstore is not None and isinstance(kg, kgstore.ColumnarKG):
+        return kgstore.ColumnarLinker(kg)
+    return EntityLinker(kg)
+
+
+def question_warnings(cfg: SynthConfig, info: dict) -> list[str]:
+    """What a user should know about the questions before trusting the numbers (printed, and in summary.json)."""
+    out = []
+    qa = cfg.qa
+    if qa.source == "generate" and "generated" in info:
+        if info["generated"] < qa.num_questions:
+            out.append(f"{info['generated']} questions generated of qa.num_questions={qa.num_questions} asked "
+                       f"(by hops: {_hops_text(info['generated_by_hops'])}): the KG ({cfg.kg.source}) has too few "
+                       f"distinct chains with at most qa.max_answers={qa.max_answers} answers")
+        missing = [h for h in qa.hops if not info["generated_by_hops"].get(str(h))]
+        if missing:
+            out.append(f"no {'/'.join(map(str, missing))}-hop questions could be generated "
+                       f"(qa.hops={list(qa.hops)}) from {cfg.kg.source}")
+    if (qa.source == "generate" or qa.test_file) and info.get("test", 0) < MIN_TEST_QUESTIONS:
+        where, fix = ("", "; use a bigger KG, more qa.num_questions or a larger qa.test_fraction (test questions "
+                      "are multi-hop)") if qa.source == "generate" else (f" ({qa.test_file})", "")
+        out.append(f"the test split{where} has {info.get('test', 0)} questions (fewer than {MIN_TEST_QUESTIONS}): "
+                   f"its accuracy is too noisy to compare{fix}")
+    if info.get("test_unlinked"):
+        out.append(f"{info['test_unlinked']} of {info['test']} test questions have an answer that does not link to "
+                   f"the KG (marked answer_linked=false in qa/test.jsonl; evaluate reports accuracy with and "
+                   f"without them)")
+    return out
+
+
+def _hops_text(by_hops: dict) -> str:
+    return ", ".join(f"{h}-hop {c}" for h, c in sorted(by_hops.items(), key=lambda kv: int(kv[0]))) or "none"
+
+
+# The id as the first key of a line (what write_qa_jsonl and json.dumps write): read without
+# parsing the line. A value with an escape, a number, or "id" elsewhere goes through json.loads.
+_ID_FIRST = re.compile(rb'\s*\{\s*"id"\s*:\s*"([^"\\]*)"')
+
+
+def _line_id(raw: bytes) -> bytes | None:
+    """The id a QA line carries (as read_qa_jsonl reads it), or None (none given: its generated id is unique)."""
+    m = _ID_FIRST.match(raw)
+    if m:
+        return m.group(1) or None
+    if b'"id"' not in raw:
+        return None
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict) or not obj.get("id"):
+        return None
+    return str(obj["id"]).encode("utf-8", "surrogatepass")
+
+
+def _id_lines(path: str, max_lines: int = 0):
+    """(line number, id bytes) of every line of a QA file that carries an id; one bounded read."""
+    with open(path, "rb") as f:
+        lineno = 0
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            lineno += 1
+            if max_lines and lineno > max_lines:
+                return
+            if len(raw) > MAX_LINE_BYTES:  # rejected by the reader as line_too_long; its rest dropped
+                while raw and not raw.endswith(b"\n"):
+                    raw = f.readline(MAX_LINE_BYTES + 1)
+                continue
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            rid = _line_id(raw)
+            if rid is not None:
+                yield lineno, rid
+
+
+def duplicate_id_lines(path: str, max_lines: int = 0) -> dict[str, tuple[int, list[int]]]:
+    """``{id: (first line, [every line carrying it])}`` for the ids that more than one line of the file carries.
+
+    Globally correct while the shards are read in parallel, in memory that stays small: a first
+    read keeps a 64-bit digest (Python's hash of the id's bytes: both reads run in this process)
+    and a line number per id (16 bytes a line: 16 MB at 1e6 questions); only lines whose digest
+    repeats are read again, for their exact ids (so a digest collision never rejects a row).
+    "First" is the first line that carries the id, whatever else that line holds.
+    """
+    digests, lines = array("q"), array("Q")
+    for lineno, rid in _id_lines(path, max_lines):
+        digests.append(hash(rid))
+        lines.append(lineno)
+    if len(digests) < 2:
+        return {}
+    d = np.frombuffer(digests, dtype=np.int64)
+    _, inverse, counts = np.unique(d, return_inverse=True, return_counts=True)
+    again = np.frombuffer(lines, dtype=np.uint64)[counts[inverse] > 1]
+    if not len(again):
+        return {}
+    wanted = set(again.tolist())
+    by_id: dict[str, list[int]] = {}
+    for lineno, rid in _id_lines(path, max_lines):
+        if lineno in wanted:
+            by_id.setdefault(_text(rid), []).append(lineno)
+    return {i: (ls[0], ls) for i, ls in by_id.items() if len(ls) > 1}
+
+
+def _text(rid: bytes) -> str:
+    try:
+        return rid.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:  # the reader rejects such a line (bad_encoding): no row has this id
+        return rid.decode("utf-8", "replace")
+
+
+def _dups_by_shard(dups: dict[str, tuple[int, list[int]]], slices: list[tuple[int, int, int]]) -> dict[int, str]:
+    """Each shard's part of ``duplicate_id_lines`` as the JSON its task reads (only shards with duplicates)."""
+    starts = [fl for _, _, fl in slices]
+    out: dict[int, dict] = {}
+    for rid, (first, ls) in dups.items():
+        for line in ls:
+            shard = bisect.bisect_right(starts, line) - 1
+            out.setdefault(shard, {}).setdefault(rid, [first, []])[1].append(line)
+    return {k: json.dumps(v) for k, v in out.items()}
 
 
 def _local_copy(storage: Storage, rel: str) -> str:
@@ -505,15 +760,35 @@ def run_synthesis(cfg: SynthConfig, progress: Callable[[str], None] = print) -> 
              f"{len(kg.triples)} triples; rejected lines: {kg.rejects.counts() or 0}")
 
     t = time.perf_counter()
-    qa_path, qa_info = prepare_questions(cfg, kg_py, storage)
+    qa_path, qa_info = prepare_questions(cfg, kg_py, storage, link_kg=kg)
     max_lines = cfg.max_rows if cfg.qa.source != "generate" else 0
     slices = line_offsets(qa_path, cfg.shard_size, max_lines)
-    times["questions"] = time.perf_counter() - t
     summary.shards_total = len(slices)
     done = {int(n[len("shard-"):-len(".done")]) for n in storage.list("data", suffix=".done")}
-    pending = [dict(shard=i, start=s, end=e, first_line=fl) for i, (s, e, fl) in enumerate(slices) if i not in done]
+    pending = [dict(shard=i, start=s, end=e, first_line=fl, dups="") for i, (s, e, fl) in enumerate(slices)
+               if i not in done]
+    if pending:  # ids used twice: found once here for the whole file (shards are read in parallel)
+        dups = duplicate_id_lines(qa_path, max_lines)
+        by_shard = _dups_by_shard(dups, slices)
+        for d in pending:
+            d["dups"] = by_shard.get(d["shard"], "")
+        if dups:
+            progress(f"[synth] {sum(len(ls) - 1 for _, ls in dups.values())} rows reuse the id of an earlier line "
+                     f"({len(dups)} ids): rejected as duplicate_id")
+    times["questions"] = time.perf_counter() - t
     summary.shards_skipped = len(slices) - len(pending)
     progress(f"[synth] questions from {qa_path}: {len(slices)} shards of {cfg.shard_size} lines")
+    if cfg.qa.source == "generate" and "generated" in qa_info:
+        progress(f"[synth] questions: {qa_info['requested']} asked, {qa_info['generated']} generated "
+                 f"({_hops_text(qa_info['generated_by_hops'])}); train {sum(qa_info['train_by_hops'].values())} "
+                 f"({_hops_text(qa_info['train_by_hops'])}, with the 1-hop questions of every hop fact); "
+                 f"test {qa_info['test']} ({_hops_text(qa_info['test_by_hops'])})")
+    elif qa_info.get("test"):
+        progress(f"[synth] test split: {qa_info['test']} questions ({_hops_text(qa_info['test_by_hops'])}), "
+                 f"{qa_info['test_unlinked']} with an answer that does not link to the KG")
+    summary.warnings = question_warnings(cfg, qa_info)
+    for w in summary.warnings:
+        progress(f"[synth] warning: {w}")
     if summary.shards_skipped:
         progress(f"[synth] resuming: {summary.shards_skipped}/{len(slices)} shards already done")
 
@@ -525,6 +800,12 @@ def run_synthesis(cfg: SynthConfig, progress: Callable[[str], None] = print) -> 
         _run_pending(cfg, job, pending, summary, progress)
 
     _totals(storage, summary, qa_info)
+    tf = summary.teacher_failures
+    if tf.get("tried", 0) >= cfg.teacher_failure_min_rows and tf["failed"] > cfg.max_teacher_failure_rate * tf["tried"]:
+        # this run's rows stayed under the rate (or it would have stopped), but with earlier runs' shards not
+        summary.warnings.append(f"the teacher failed on {tf['failed']} of {tf['tried']} rows over all shards "
+                                f"(over max_teacher_failure_rate={cfg.max_teacher_failure_rate:g})")
+        progress(f"[synth] warning: {summary.warnings[-1]}")
     times["total"] = time.perf_counter() - t_all
     storage.write_atomic("summary.json", json.dumps(summary.to_dict(), indent=2))
     from kale_ray.runtime.tracking import log_summary  # cfg.tracking: the summary as metrics, summary.json
@@ -533,10 +814,27 @@ def run_synthesis(cfg: SynthConfig, progress: Callable[[str], None] = print) -> 
     progress(f"[synth] done: {summary.rows_in} in, {summary.rows_out} out, rejected {summary.rejected or 0}; "
              f"teacher outputs replaced by template: {summary.teacher_rejected or 0}; "
              f"{summary.tokens_generated} tokens generated; {times['total']:.1f}s")
+    progress(f"[synth] {_share_text(cfg, summary)}")
+    if summary.qa.get("test_unlinked"):
+        progress(f"[synth] test: {summary.qa['test']} questions, {summary.qa['test_unlinked']} whose answer does not "
+                 f"link to the KG (answer_linked=false in qa/test.jsonl)")
+    if summary.warnings:
+        progress(f"[synth] {len(summary.warnings)} warning(s) above (summary.json: warnings)")
     if summary.rows_in != summary.rows_out + sum(summary.rejected.values()):
         raise RuntimeError(f"row accounting mismatch: in={summary.rows_in} out={summary.rows_out} "
                            f"rejected={summary.rejected}")
     return summary
+
+
+def _share_text(cfg: SynthConfig, s: SynthSummary) -> str:
+    """The teacher's share of the kept rationales, said on every run."""
+    by = {k: v for k, v in sorted(s.teacher_counts.items()) if v}
+    teacher = sum(v for k, v in by.items() if not k.startswith("template"))
+    rest = ", ".join(f"{k} {v}" for k, v in by.items() if k.startswith("template"))
+    tf = s.teacher_failures
+    tried = f"; teacher rows failed: {tf['failed']} of {tf['tried']}" if tf.get("tried") else ""
+    return (f"teacher share of kept rationales: {s.teacher_share:.1%} ({teacher} of {s.rows_out} by "
+            f"{_teacher_label(cfg)}{'; ' + rest if rest else ''}){tried}")
 
 
 def _teacher_label(cfg: SynthConfig) -> str:
@@ -594,11 +892,11 @@ def _run_pending(cfg: SynthConfig, job: ShardJob, pending: list[dict], summary: 
     progress(f"[synth] linking + path search: {len(to_search)} shards in {times['link_and_paths']:.1f}s")
     if searched:
         t = time.perf_counter()
-        _teacher_stage(cfg, job, searched, progress)
+        _teacher_stage(cfg, job, searched, progress, summary.shards_total)
         times["teacher_and_verify"] = time.perf_counter() - t
 
 
-def _teacher_stage(cfg: SynthConfig, job: ShardJob, searched: dict[int, dict], progress) -> None:
+def _teacher_stage(cfg: SynthConfig, job: ShardJob, searched: dict[int, dict], progress, shards_total: int = 0) -> None:
     """Stream every waiting shard's rows through the teacher; finish and write them in Ray Data tasks."""
     import ray
 
@@ -633,13 +931,27 @@ def _teacher_stage(cfg: SynthConfig, job: ShardJob, searched: dict[int, dict], p
     finalize = ray.remote(finalize_shard)
     running: dict[Any, int] = {}
     n = 0
-    for row in out.iter_rows():
-        shard = int(row["shard"])
-        parts[shard][str(row["part"])] = int(row["n"])
-        n += int(row["n"])
-        if sum(parts[shard].values()) == searched[shard]["to_teacher"]:
-            running[finalize.remote(storage, shard, searched[shard]["to_teacher"])] = shard
-        running = _collect(running, progress, block=False)
+    tally = _Tally()  # this run's teacher rows: checked against max_teacher_failure_rate as parts arrive
+    rows = iter(out.iter_rows())
+    try:
+        for row in rows:
+            shard = int(row["shard"])
+            if str(row["part"]) not in parts[shard]:  # a part reported twice (a retried task) counts once
+                tally.merge(int(row.get("tried", 0)), int(row.get("failed", 0)),
+                            json.loads(row.get("reasons") or "{}"), str(row.get("sample") or ""))
+            parts[shard][str(row["part"])] = int(row["n"])
+            n += int(row["n"])
+            if sum(parts[shard].values()) == searched[shard]["to_teacher"]:
+                running[finalize.remote(storage, shard, searched[shard]["to_teacher"])] = shard
+            running = _collect(running, progress, block=False)
+            if tally.exceeded(cfg):
+                _collect(running, progress, block=True)  # shards whose parts are all in: finished, valid
+                done = len(storage.list("data", suffix=".done"))
+                raise TeacherFailureError(tally.message(cfg, done, shards_total or done))
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:  # stops the streaming pipeline (engines, HTTP actors) on an early stop
+            close()
     _collect(running, progress, block=True)
     missing = {s: searched[s]["to_teacher"] - sum(p.values()) for s, p in parts.items()
                if sum(p.values()) != searched[s]["to_teacher"]}
@@ -665,7 +977,7 @@ def _collect(running: dict, progress, block: bool) -> dict:
 def _totals(storage: Storage, summary: SynthSummary, qa_info: dict) -> None:
     """Totals over every shard marker (this run's and earlier ones'); input-line rejects gathered."""
     rej, teacher_rej, teachers, qa_rej, hops_in, by_hops, follows = (Counter() for _ in range(7))
-    kept = tokens = rows_in = 0
+    kept = tokens = rows_in = tried = failed = 0
     for name in storage.list("data", suffix=".done"):
         c = json.loads(storage.read_text(f"data/{name}"))
         rej.update(c["rejected"])
@@ -678,6 +990,8 @@ def _totals(storage: Storage, summary: SynthSummary, qa_info: dict) -> None:
         kept += c["kept"]
         tokens += c["tokens"]
         rows_in += c.get("rows_in", 0)
+        tried += c.get("teacher_tried", 0)
+        failed += c.get("teacher_failed", 0)
     lines = []
     for name in storage.list("rejects/qa_lines", suffix=".jsonl"):
         lines += storage.read_jsonl(f"rejects/qa_lines/{name}")
@@ -687,6 +1001,12 @@ def _totals(storage: Storage, summary: SynthSummary, qa_info: dict) -> None:
     summary.rejected, summary.teacher_rejected, summary.teacher_counts = dict(rej), dict(teacher_rej), dict(teachers)
     summary.tokens_generated = tokens
     summary.qa = {"train": rows_in, "test": qa_info.get("test", 0), "rejected_lines": dict(qa_rej),
-                  "train_by_hops": dict(hops_in)}
+                  "train_by_hops": dict(sorted(hops_in.items(), key=lambda kv: int(kv[0]))),
+                  "test_by_hops": qa_info.get("test_by_hops", {}), "test_unlinked": qa_info.get("test_unlinked", 0)}
+    for k in ("requested", "hops_requested", "generated", "generated_by_hops"):
+        if k in qa_info:
+            summary.qa[k] = qa_info[k]
+    summary.teacher_share = (sum(n for t, n in teachers.items() if not t.startswith("template")) / kept) if kept else 0.0
+    summary.teacher_failures = {"tried": tried, "failed": failed}
     summary.paths = {"kept_by_hops": dict(by_hops), "first_path_follows_question_by_hops": dict(follows),
                      "first_path_follows_question": (sum(follows.values()) / kept) if kept else 0.0}

@@ -267,6 +267,15 @@ def link_and_search(row: dict[str, Any], ctx: SynthContext) -> dict[str, Any]:
     return out
 
 
+def answer_linked(ex: QAExample, linker: EntityLinker) -> bool:
+    """Whether a question's answer links to the KG as ``link_example`` links it (a given answer entity
+    that exists, or an answer text that names an entity). A test row that does not is kept, marked."""
+    kg = linker.kg
+    if any(e in kg.entity_index for e in ex.answer_entities):
+        return True
+    return any(linker.link_exact(a) for a in (ex.all_answers or [ex.answer]))
+
+
 def path_entity_names(kg: KnowledgeGraph, paths: list[list[list[str]]]) -> list[str]:
     names: list[str] = []
     for path in paths[:1]:
@@ -338,6 +347,24 @@ def _record(row: dict[str, Any], reason: str, detail: str = "") -> dict[str, Any
 
 def reject_record(row: dict[str, Any]) -> dict[str, Any]:
     return _record(row, row["reject_reason"], row.get("reject_detail", ""))
+
+
+def duplicate_id_record(row: dict[str, Any], file: str, line: int, first_line: int) -> dict[str, Any]:
+    """The reject of a QA row whose id an earlier line already carries: file, line and that first line."""
+    rec = _record(row, "duplicate_id", f"{file}:{line}: id {str(row.get('id'))!r} already used on line {first_line}")
+    rec.update(file=file, line=int(line), first_line=int(first_line))
+    return rec
+
+
+def teacher_failure_reason(reject: dict[str, Any]) -> str:
+    """What a failed teacher row counts under in the run's failure tally: the reject's reason, and for a
+    failed generation the kind of error (``generation_failed (http_500)``, ``... (http_connection_error)``)."""
+    reason = str(reject.get("reason") or "unknown")
+    if reason == "generation_failed":
+        kind = str(reject.get("detail") or "").split(":", 1)[0].strip()
+        if kind and len(kind) <= 40 and " " not in kind:
+            reason += f" ({kind})"
+    return reason
 
 
 def qa_row(ex: QAExample) -> dict[str, Any]:

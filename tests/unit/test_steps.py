@@ -273,3 +273,96 @@ def test_context_accepts_a_prebuilt_linker(umls_kg):
     ctx = SynthContext(umls_kg, GraphIndex.from_kg(umls_kg), PathConfig(), linker=linker)
     assert ctx.linker is linker
     assert PathConfig().heuristic == "bidirectional" and PathConfig().follow_question_relations is True
+
+
+# --------------------------------------------------------------------------- bad input (issue 13 items 7-9, 11)
+def test_duplicate_id_record_names_file_line_and_first_line():
+    from kale_ray.synth.steps import duplicate_id_record
+
+    rec = duplicate_id_record({"id": "t1", "question": "q?", "answer": "a"}, "qa.jsonl", 5, 2)
+    assert rec["reason"] == "duplicate_id" and rec["file"] == "qa.jsonl" and rec["line"] == 5
+    assert rec["first_line"] == 2 and "qa.jsonl:5: id 't1' already used on line 2" == rec["detail"]
+
+
+def test_teacher_failure_reason_keeps_the_error_kind():
+    from kale_ray.synth.steps import teacher_failure_reason
+
+    assert teacher_failure_reason({"reason": "generation_failed", "detail": "http_500: boom"}) == \
+        "generation_failed (http_500)"
+    assert teacher_failure_reason({"reason": "generation_failed", "detail": "engine died: x"}) == "generation_failed"
+    assert teacher_failure_reason({"reason": "not_grounded", "detail": "text"}) == "not_grounded"
+
+
+def test_answer_linked(umls_kg):
+    from kale_ray.core.qa import EntityLinker
+    from kale_ray.synth.steps import answer_linked
+
+    linker = EntityLinker(umls_kg)
+    assert answer_linked(QAExample(id="a", question="q?", answer="fish"), linker)
+    assert answer_linked(QAExample(id="b", question="q?", answer="nope", answer_entities=["fish"]), linker)
+    assert not answer_linked(QAExample(id="c", question="q?", answer="a unicorn horn"), linker)
+    assert answer_linked(QAExample(id="d", question="q?", answer="zzz", all_answers=["zzz", "fish"]), linker)
+
+
+def test_duplicate_id_lines_finds_every_reuse_in_one_small_scan(tmp_path):
+    from kale_ray.synth.pipeline import _dups_by_shard, duplicate_id_lines
+
+    lines = [
+        '\ufeff{"id": "t1", "question": "a?", "answer": "x"}',  # 1: BOM on the first line
+        '{"question": "b?", "answer": "x", "id": "t2"}',  # 2: id not the first key
+        '{"id":"t1","question":"c?","answer":"x"}',  # 3: compact: reuses t1
+        '{"id": "q\\"1", "question": "d?", "answer": "x"}',  # 4: an escape in the id
+        '{"id": 7, "question": "e?", "answer": "x"}',  # 5: a number id
+        '{"question": "f?", "answer": "x", "probes": [{"id": "t1"}]}',  # 6: "id" only nested: no id
+        '{"id": "q\\"1", "question": "g?", "answer": "x"}',  # 7: reuses q"1
+        '{"id": "7", "question": "h?", "answer": "x"}',  # 8: reuses 7 (read as the text "7")
+        '{nope',  # 9
+        '',  # 10
+        '{"id": "t2", "question": "i?", "answer": "x"}',  # 11: reuses t2
+        '{"id": "", "question": "j?", "answer": "x"}',  # 12: empty id: a generated one
+        '{"id": "", "question": "k?", "answer": "x"}',  # 13
+    ]
+    p = tmp_path / "qa.jsonl"
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    dups = duplicate_id_lines(str(p))
+    assert dups == {"t1": (1, [1, 3]), 'q"1': (4, [4, 7]), "7": (5, [5, 8]), "t2": (2, [2, 11])}
+    assert duplicate_id_lines(str(p), max_lines=6) == {"t1": (1, [1, 3])}
+    by_shard = _dups_by_shard(dups, [(0, 10, 1), (10, 20, 5), (20, 30, 9)])
+    assert json.loads(by_shard[0]) == {"t1": [1, [1, 3]], 'q"1': [4, [4]], "t2": [2, [2]]}
+    assert json.loads(by_shard[1]) == {'q"1': [4, [7]], "7": [5, [5, 8]]}
+    assert json.loads(by_shard[2]) == {"t2": [2, [11]]}
+
+
+def test_question_warnings_small_kg():
+    from kale_ray.config import SynthConfig
+    from kale_ray.synth.pipeline import question_warnings
+
+    cfg = SynthConfig()
+    cfg.qa.num_questions = 60
+    info = {"requested": 60, "generated": 45, "generated_by_hops": {"1": 40, "2": 5}, "test": 4, "test_unlinked": 0}
+    w = question_warnings(cfg, info)
+    assert len(w) == 3, w
+    assert "45 questions generated of qa.num_questions=60" in w[0]
+    assert "no 3-hop questions" in w[1]
+    assert "test split has 4 questions (fewer than 30)" in w[2]
+    info.update(generated=60, generated_by_hops={"1": 20, "2": 20, "3": 20}, test=40)
+    assert question_warnings(cfg, info) == []
+
+
+def test_eval_reports_accuracy_without_unlinked_answers(tmp_path):
+    from kale_ray.eval.evaluate import unlinked_ids, with_linked
+    from kale_ray.eval.metrics import summarize
+
+    p = tmp_path / "test.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "question": "q?", "answer": "x", "answer_linked": True},
+        {"id": "b", "question": "q?", "answer": "y", "answer_linked": False},
+        {"id": "c", "question": "q?", "answer": "z"},
+    ]) + "\n")
+    assert unlinked_ids(p) == {"b"}
+    scored = [{"qid": q, "item_id": q, "kind": "question", "correct": ok, "parsed": True, "skipped": "", "num_hops": 2}
+              for q, ok in (("a", True), ("b", False), ("c", False))]
+    m = with_linked(summarize(scored), scored, unlinked_ids(p))
+    assert m["n_answer_unlinked"] == 1 and m["n_questions"] == 3
+    assert m["linked"]["n_questions"] == 2 and m["linked"]["accuracy"] == 0.5
+    assert "linked" not in with_linked(summarize(scored), scored, set())
