@@ -2,7 +2,8 @@
 
 :func:`generate` sends rendered prompts through the ``ray.data.llm`` vLLM processor of
 :mod:`kale_ray.llm` (guided JSON decoding when a schema is given) or the OpenAI-compatible
-HTTP backend; every row comes back with its text or its error.
+HTTP backend (the step's JSON schema sent as ``response_format={"type": "json_schema"}``);
+every row comes back with its text or its error.
 
 :func:`teacher_step` runs one teacher step over items: render each item's chat messages with
 the teacher's template (too long -> rejected ``prompt_too_long``), generate, parse with a pure
@@ -21,6 +22,9 @@ from typing import Any, Callable, Sequence
 
 from kale_ray.config import GenerationConfig, ModelConfig
 from kale_ray.knowtuning.atomic import GENERATION_FAILED, PROMPT_TOO_LONG
+
+# Backends that take a JSON schema: vLLM guided decoding, the http teacher's response_format.
+_STRUCTURED = ("vllm", "http")
 
 
 def generate(rows: Sequence[dict[str, Any]], model_path: str, gen: GenerationConfig, model: ModelConfig,
@@ -41,7 +45,7 @@ def generate(rows: Sequence[dict[str, Any]], model_path: str, gen: GenerationCon
                                     json_schema=json_schema)
         out = proc(ds.drop_columns(["messages_json"]))
     elif g.backend == "http":
-        out = ds.map_batches(HttpGenerator, fn_constructor_args=(g, model.name), batch_size=g.batch_size,
+        out = ds.map_batches(HttpGenerator, fn_constructor_args=(g, model.name, json_schema), batch_size=g.batch_size,
                              concurrency=g.concurrency, batch_format="numpy")
     else:
         raise ValueError(f"generation backend {g.backend!r} does not generate (use vllm or http)")
@@ -111,7 +115,7 @@ def teacher_step(items: Sequence[dict[str, Any]], parse: Callable[[dict[str, Any
             break
         g = gen if attempt == 0 else dataclasses.replace(
             gen, seed=gen.seed + 7919 * attempt, temperature=max(gen.temperature, retry_temperature))
-        out = generate_fn(pending, model_path, g, model, max_tokens, json_schema if gen.backend == "vllm" else None)
+        out = generate_fn(pending, model_path, g, model, max_tokens, json_schema if gen.backend in _STRUCTURED else None)
         passes += 1
         still = []
         for it in pending:
@@ -135,7 +139,7 @@ def teacher_step(items: Sequence[dict[str, Any]], parse: Callable[[dict[str, Any
         reason, text = last[it["key"]]
         rejected.append({"key": it["key"], "reason": reason, "attempts": attempts[it["key"]], "generation": text})
     stats = {"items": len(items), "parsed": len(parsed), "rejected": len(rejected), "passes": passes,
-             "tokens_generated": tokens, "structured_output": json_schema is not None and gen.backend == "vllm",
+             "tokens_generated": tokens, "structured_output": json_schema is not None and gen.backend in _STRUCTURED,
              "seconds": round(time.perf_counter() - t0, 2),
              "parsed_by_attempt": dict(Counter(str(attempts[k]) for k in parsed))}
     return StepResult(parsed, rejected, attempts, stats)
