@@ -259,18 +259,20 @@ class HttpGenerator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._client = None
+        self._sem: asyncio.Semaphore | None = None
 
     def __repr__(self) -> str:  # never the key
         return f"HttpGenerator(model={self.model!r}, base_url={self.base_url!r})"
 
     def __getstate__(self):  # a copy of this object carries no key, loop or client
-        return {k: v for k, v in self.__dict__.items() if k not in ("_key", "_lock", "_loop", "_thread", "_client")}
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("_key", "_lock", "_loop", "_thread", "_client", "_sem")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._key = os.environ.get(self.gen.http_api_key_env, "") if self.gen.http_api_key_env else ""
         self._lock = threading.Lock()
-        self._loop = self._thread = self._client = None
+        self._loop = self._thread = self._client = self._sem = None
 
     # -- the actor's event loop, on its own thread (whatever loop the caller's thread runs) --
     def _run(self, coro):
@@ -340,7 +342,7 @@ class HttpGenerator:
                 except openai.APIConnectionError as e:
                     cause = e.__cause__ or e
                     err = f"http_connection_error: {type(cause).__name__}: {cause}"
-                except openai.OpenAIError as e:  # e.g. a body that is not a chat completion
+                except Exception as e:  # noqa: BLE001 - e.g. a body that is not a chat completion: this row only
                     return "", 0, 0, self._scrub(f"http_bad_response: {type(e).__name__}: {e}"[:400])
                 else:
                     try:
@@ -356,8 +358,9 @@ class HttpGenerator:
         return "", 0, 0, self._scrub(err)
 
     async def _all(self, msgs: list) -> list[tuple[str, int, int, str]]:
-        sem = asyncio.Semaphore(self.concurrency)
-        return await asyncio.gather(*(self._one(sem, m) for m in msgs))
+        if self._sem is None:  # one per actor, on the actor's loop: the bound holds across batches
+            self._sem = asyncio.Semaphore(self.concurrency)
+        return await asyncio.gather(*(self._one(self._sem, m) for m in msgs))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         msgs = [json.loads(m) for m in batch["messages_json"]]
@@ -370,9 +373,12 @@ class HttpGenerator:
 
     def close(self) -> None:
         """Close the client and stop the actor's loop (also at garbage collection)."""
-        loop, client = self._loop, self._client
-        self._loop = self._client = None
+        loop, client, thread = self._loop, self._client, self._thread
+        self._loop = self._client = self._sem = None
         if loop is None:
+            return
+        if thread is threading.current_thread():  # collected on the loop's own thread: just stop it
+            loop.call_soon(loop.stop)
             return
         if client is not None:
             try:
@@ -380,8 +386,10 @@ class HttpGenerator:
             except Exception:  # pragma: no cover - best effort at shutdown
                 pass
         loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        if thread is not None:
+            thread.join(timeout=5)
+        if not loop.is_running():
+            loop.close()
 
     def __del__(self):
         try:

@@ -8,7 +8,7 @@ tests/integration/test_http_vllm_serve.py); what each request gets depends on it
 * ``FLAKY``: 500 the first time, then 200;
 * ``DOWN``: 503 always;
 * ``BAD``: 400 always; ``AUTH``: 401 always (its message echoes the key, as some servers do);
-  ``GONE``: 404 always.
+  ``GONE``: 404 always; ``JUNK``: 200 with a body that is not a chat completion.
 """
 from __future__ import annotations
 
@@ -68,6 +68,8 @@ class _Handler(BaseHTTPRequestHandler):
         if tag == "AUTH":
             key = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
             return self._send(401, self._error(f"Incorrect API key provided: {key}", "invalid_request_error"))
+        if tag == "JUNK":  # a 200 that is not a chat completion
+            return self._send(200, {"hello": "world"})
         if tag == "GONE":
             return self._send(404, self._error("The model `teacher-x` does not exist", "invalid_request_error"))
         self._send(200, {
@@ -114,7 +116,7 @@ def test_retry_rules_errors_and_usage(server, monkeypatch, caplog, capfd):
     monkeypatch.setenv("OPENAI_LOG", "debug")  # the client's own debug logging must not show the key either
     caplog.set_level(logging.DEBUG)
     g = HttpGenerator(_gen(server), "ignored")
-    users = ["OK one two", "RATE a", "FLAKY b", "BAD c", "AUTH d", "GONE e", "DOWN f"]
+    users = ["OK one two", "RATE a", "FLAKY b", "BAD c", "AUTH d", "GONE e", "DOWN f", "JUNK g"]
     t0 = time.monotonic()
     out = g(_batch(*users))
     wall = time.monotonic() - t0
@@ -140,11 +142,13 @@ def test_retry_rules_errors_and_usage(server, monkeypatch, caplog, capfd):
     assert _Handler.hits["BAD c"] == 1 and res["BAD c"] == ("", 0, 0, "http_400: max_tokens is too large")
     assert _Handler.hits["AUTH d"] == 1 and res["AUTH d"][3].startswith("http_401: Incorrect API key provided")
     assert _Handler.hits["GONE e"] == 1 and res["GONE e"][3] == "http_404: The model `teacher-x` does not exist"
+    # a 200 that is no chat completion fails its row only
+    assert _Handler.hits["JUNK g"] == 1 and res["JUNK g"][3].startswith("http_bad_response: "), res["JUNK g"]
     # the rows ran concurrently: every row's first request went out before any retry did
     firsts = [_times(u)[0] for u in users]
     assert max(firsts) < min(_times("FLAKY b")[1], _times("RATE a")[1], _times("DOWN f")[1]), firsts
     assert wall < 15, wall
-    assert g.retries == {"attempts": 7 + 1 + 1 + 2, "retried": 1 + 1 + 2}
+    assert g.retries == {"attempts": 8 + 1 + 1 + 2, "retried": 1 + 1 + 2}
 
     # the key: read from the named env var, sent as the Authorization header, in no error or log
     assert {s["auth"] for s in _Handler.seen} == {f"Bearer {KEY}"}
@@ -200,7 +204,7 @@ def test_connection_refused_is_retried_then_reported():
 
 
 def test_bounded_concurrency_per_actor(monkeypatch):
-    """batch_size=2: never more than 2 requests in flight from one generator, whatever the batch."""
+    """batch_size=2: never more than 2 requests in flight from one generator (actor), across batches too."""
     state = {"now": 0, "peak": 0}
     lock = threading.Lock()
 
@@ -221,6 +225,16 @@ def test_bounded_concurrency_per_actor(monkeypatch):
                                http_api_key_env=""), "m")
         out = g(_batch(*[f"OK {i}" for i in range(6)]))
         assert list(out["gen_error"]) == [""] * 6
+        assert state["peak"] == 2, state
+        # two batches at once (two caller threads): the bound is the generator's, not the batch's
+        outs = []
+        threads = [threading.Thread(target=lambda j=j: outs.append(g(_batch(*[f"OK {j}-{i}" for i in range(3)]))))
+                   for j in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [list(o["gen_error"]) for o in outs] == [[""] * 3] * 2
         assert state["peak"] == 2, state
         g.close()
     finally:
