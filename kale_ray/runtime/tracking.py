@@ -127,11 +127,13 @@ class Tracker:
     # -- what a job calls
     def start(self, params: dict | None = None) -> "Tracker":
         """Open the run and log ``params`` (a nested config dict is flattened). Raises ConfigError on a bad tracker."""
+        from kale_ray.config import ConfigError
+
         try:
             self._start(flatten(params or {}))
+        except ConfigError:
+            raise
         except Exception as e:
-            if type(e).__name__ == "ConfigError":
-                raise
             raise _config_error(f"tracking.backend={self.backend}: cannot start a run "
                                 f"({self._where()}): {_one_line(e)}") from e
         self.active = True
