@@ -706,7 +706,8 @@ def test_prompts_longer_than_teacher_context_rejected_with_reason(local_ray, tmp
     cfg = load_config(SynthConfig, None, [
         f"out_dir={out}", "teacher.name=builtin:tiny-llama", f"teacher.max_model_len={max_model_len}",
         "generation.backend=vllm", f"generation.max_tokens={max_tokens}", "generation.batch_size=8",
-        "generation.gpu_memory_utilization=0.05", "qa.num_questions=12", "qa.seed=1", "shard_size=8"])
+        "generation.gpu_memory_utilization=0.05", "qa.num_questions=12", "qa.seed=1", "shard_size=8",
+        "max_teacher_failure_rate=1.0"])
     s = run_synthesis(cfg, progress=lambda m: None)
     summary = check_every_row_once(out)
     too_long = [r for r in read_shards(out, "rejects") if r["reason"] == "prompt_too_long"]
