@@ -514,25 +514,31 @@ def test_bidirectional_numba_and_python_enumerations_agree(seed):
 # --------------------------------------------------------------------------- #
 # Bounded memory per question (no |V|-sized allocation once warm)
 # --------------------------------------------------------------------------- #
-def test_bidirectional_peak_allocation_per_question_is_far_below_num_nodes():
-    """On a 10^6-node graph, after a warm-up, a question allocates far less than |V| bytes."""
-    import tracemalloc
-
-    n, m = 1_000_000, 3_000_000
+def _million_node_graph_and_pairs(count: int, max_hops: int, n: int = 1_000_000, m: int = 3_000_000):
+    """A random 10^6-node graph and ``count`` pairs whose targets are 1..max_hops hops out (a path exists)."""
     r = np.random.default_rng(0)
     tr = np.stack([r.integers(0, n, m), r.integers(0, 8, m), r.integers(0, n, m)], axis=1).astype(np.int64)
     index = GraphIndex.build(tr, n)
-    params = PathSearchParams(max_hops=3, k=3, heuristic="bidirectional")
     ip, nb = index.indptr, index.nbr
     pairs = []
-    while len(pairs) < 60:  # targets 1..3 hops out, so every pair has a path
+    while len(pairs) < count:
         s = u = int(r.integers(n))
-        for _ in range(int(r.integers(1, 4))):
+        for _ in range(int(r.integers(1, max_hops + 1))):
             if ip[u + 1] == ip[u]:
                 break
             u = int(nb[r.integers(ip[u], ip[u + 1])])
         if u != s:
             pairs.append((s, u))
+    return tr, index, pairs
+
+
+def test_bidirectional_peak_allocation_per_question_is_far_below_num_nodes():
+    """On a 10^6-node graph, after a warm-up, a question allocates far less than |V| bytes."""
+    import tracemalloc
+
+    n = 1_000_000
+    tr, index, pairs = _million_node_graph_and_pairs(60, 3)
+    params = PathSearchParams(max_hops=3, k=3, heuristic="bidirectional")
     rng = np.random.default_rng(1)
     weights = np.zeros(8)
     weights[:3] = 1.0
@@ -699,21 +705,9 @@ def test_landmark_table_search_allocates_far_below_num_nodes_per_question():
 
     from kale_ray.core.paths import landmark_table
 
-    n, m = 1_000_000, 3_000_000
-    r = np.random.default_rng(0)
-    tr = np.stack([r.integers(0, n, m), r.integers(0, 8, m), r.integers(0, n, m)], axis=1).astype(np.int64)
-    index = GraphIndex.build(tr, n)
+    n = 1_000_000
+    tr, index, pairs = _million_node_graph_and_pairs(25, 2)
     params = PathSearchParams(max_hops=2, k=2, heuristic="landmark", bfs_fallback=False, partial_paths=False)
-    ip, nb = index.indptr, index.nbr
-    pairs = []
-    while len(pairs) < 25:
-        s = u = int(r.integers(n))
-        for _ in range(int(r.integers(1, 3))):
-            if ip[u + 1] == ip[u]:
-                break
-            u = int(nb[r.integers(ip[u], ip[u + 1])])
-        if u != s:
-            pairs.append((s, u))
     table = landmark_table(index)  # the one-off: N x 16 bytes
     assert table.dist.nbytes == n * len(table.landmarks)
     rng = np.random.default_rng(1)
