@@ -128,6 +128,8 @@ def test_teacher_callable_against_vllm_serve(vllm_server, monkeypatch):
     out = g(_batch(*users))
     assert list(out["gen_error"]) == [""] * 5
     assert all(isinstance(t, str) and t for t in out["generation"])
+    # without a schema the random model writes no JSON (the control for the structured-output test)
+    assert not any(re.sub(r"\s+", "", t).startswith("{") for t in out["generation"]), list(out["generation"])
     # usage from the server: the random model never stops early, so exactly max_tokens each
     assert list(out["gen_tokens"]) == [12] * 5
     assert all(p > 10 for p in out["prompt_tokens"]), list(out["prompt_tokens"])
@@ -176,17 +178,15 @@ def test_knowtuning_generate_structured_output_on_ray(vllm_server, ray2, monkeyp
 
     monkeypatch.setenv("KALE_VLLM_KEY", KEY)
     rows = [{"key": f"k{i}", "prompt": "", "messages": extraction_messages(f"What causes fever {i}?", "An infection.")}
-            for i in range(3)]
-    gen = _gen(vllm_server, max_tokens=24, batch_size=2)
+            for i in range(2)]
+    gen = _gen(vllm_server, max_tokens=16, batch_size=2)
     got = generate(rows, "unused", gen, ModelConfig(name=SERVED), json_schema=facts_schema(4))
-    assert set(got) == {"k0", "k1", "k2"}
+    assert set(got) == {"k0", "k1"}
     for k, r in got.items():
         assert r["error"] == "" and r["tokens"] > 0, (k, r)
         # a random model writes JSON only when the server constrains it to the schema
         compact = re.sub(r"\s+", "", r["text"])
         assert compact.startswith('{"facts"') or '{"facts"'.startswith(compact), r["text"][:200]
-    free = generate(rows[:1], "unused", gen, ModelConfig(name=SERVED))  # no schema: free text
-    assert not re.sub(r"\s+", "", free["k0"]["text"]).startswith('{"facts"'), free
 
 
 def test_synthesis_with_http_backend(vllm_server, ray2, tmp_path, monkeypatch):
