@@ -98,7 +98,7 @@ class TeacherStepConfig:
 
     max_attempts: int = num(3, ge=1)  # a generation that does not parse is retried with another seed, then rejected
     retry_temperature: float = num(0.7, ge=0)  # greedy decoding repeats itself: retries sample at this temperature
-    structured_output: bool = True  # vLLM guided JSON decoding (ignored by the http backend)
+    structured_output: bool = True  # JSON-schema output: vLLM guided decoding, or response_format on the http backend
     max_tokens: int = num(192, ge=1)
 
 

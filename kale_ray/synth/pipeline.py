@@ -1010,3 +1010,4 @@ def _totals(storage: Storage, summary: SynthSummary, qa_info: dict) -> None:
     summary.teacher_failures = {"tried": tried, "failed": failed}
     summary.paths = {"kept_by_hops": dict(by_hops), "first_path_follows_question_by_hops": dict(follows),
                      "first_path_follows_question": (sum(follows.values()) / kept) if kept else 0.0}
+        # network-bound actors: a fraction of a CPU each, so they never starve the light stages
