@@ -923,8 +923,9 @@ def _teacher_stage(cfg: SynthConfig, job: ShardJob, searched: dict[int, dict], p
                             batch_size=64, concurrency=1, batch_format="numpy", num_cpus=light)
         out = build_vllm_processor(model_path, gen, cfg.teacher.max_model_len, cfg.teacher.trust_remote_code)(ds)
     else:
+        # network-bound actors: a fraction of a CPU each, so they never starve the light stages
         out = ds.map_batches(HttpGenerator, fn_constructor_args=(gen, cfg.teacher.name), batch_size=gen.batch_size,
-                             concurrency=_pool(gen), batch_format="numpy")
+                             concurrency=_pool(gen), batch_format="numpy", num_cpus=light)
     out = out.map_batches(_finish_batch, batch_size=gen.batch_size, batch_format="numpy", num_cpus=light,
                           fn_kwargs={"job": job})
     parts: dict[int, dict[str, int]] = {s: {} for s in searched}
@@ -1010,4 +1011,3 @@ def _totals(storage: Storage, summary: SynthSummary, qa_info: dict) -> None:
     summary.teacher_failures = {"tried": tried, "failed": failed}
     summary.paths = {"kept_by_hops": dict(by_hops), "first_path_follows_question_by_hops": dict(follows),
                      "first_path_follows_question": (sum(follows.values()) / kept) if kept else 0.0}
-        # network-bound actors: a fraction of a CPU each, so they never starve the light stages
