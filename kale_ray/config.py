@@ -101,12 +101,28 @@ class KGConfig:
 
 
 @dataclasses.dataclass
+class QAColumns:
+    """``qa.columns.*``: the source's column names for our fields ("" = the format's own names)."""
+
+    question: str = ""
+    answer: str = ""  # csqa: the answerKey column; medqa: answer_idx (or answer); strategyqa: the boolean
+    id: str = ""  # none: "<source file name>:<row index>"
+    choices: str = ""  # one column, or several comma-separated ("A,B,C,D": one option each, labelled A, B, ...)
+
+
+@dataclasses.dataclass
 class QAConfig:
     """Where the questions come from."""
 
     # "generate": templated multi-hop questions from the KG; or a path to a JSONL file
-    # with {question, answer, choices?, id?}.
+    # with {question, answer, choices?, id?}, a Parquet or CSV file, a datasets.save_to_disk folder or
+    # another file/folder datasets.load_dataset reads (converted once into <out_dir>/qa/source.jsonl).
     source: str = "generate"
+    # The rows' shape: auto (from the first row's keys), kale (ours), csqa (CommonsenseQA/OpenBookQA),
+    # medqa, mmlu, strategyqa (boolean answers). See kale_ray.core.qa_formats.
+    format: Literal["auto", "kale", "csqa", "medqa", "mmlu", "strategyqa"] = "auto"
+    columns: QAColumns = dataclasses.field(default_factory=QAColumns)
+    split: str = "train"  # the split to read from a datasets folder that holds several
     test_file: str | None = None  # users' held-out QA file (JSONL) when source is a file
     hops: list[int] = num(default_factory=lambda: [1, 2, 3], ge=1)
     num_questions: int = num(600, ge=1)  # total generated multi-hop questions (before the split)

@@ -35,13 +35,14 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from kale_ray.config import SynthConfig, to_dict
 from kale_ray.core.kg import MAX_LINE_BYTES, GraphIndex, load_kg
 from kale_ray.core.prompts import render_chat
+from kale_ray.core import qa_formats
 from kale_ray.core.qa import generate_questions, line_offsets, read_qa_jsonl, split_questions
 from kale_ray.core.rejects import Rejects
 from kale_ray.runtime.stages import Stage, file_identity, without
@@ -97,7 +98,9 @@ def synthesis_settings(cfg: SynthConfig) -> dict:
     inputs = {}
     for key, src in (("kg", cfg.kg.source), ("kg_names", cfg.kg.names), ("qa", cfg.qa.source), ("qa_test", cfg.qa.test_file)):
         if src and not src.startswith("builtin:") and src != "generate":
-            inputs[key] = file_identity(src)
+            inputs[key] = _tree_identity(src) if key == "qa" else file_identity(src)
+    if cfg.qa.source != "generate" and qa_source_kind(cfg.qa.source) != "jsonl":
+        inputs["qa_conversion"] = qa_formats.VERSION  # how its rows become ours (qa/source.jsonl)
     s["inputs"] = inputs
     return s
 
@@ -559,6 +562,10 @@ def prepare_questions(cfg: SynthConfig, kg, storage: Storage, link_kg=None) -> t
     src = str(Path(qa.source).expanduser())
     if not Path(src).exists():
         raise FileNotFoundError(f"QA file not found: {src}")
+    converted = convert_qa_source(cfg, storage)  # None: our JSONL, read in place
+    if converted is not None:
+        src = _local_copy(storage, CONVERTED_QA)
+        info.update(converted)
     if qa.test_file and not storage.exists("qa/test.jsonl"):
         rej = Rejects()
         linker = _linker(link_kg if link_kg is not None else kg)
@@ -568,6 +575,209 @@ def prepare_questions(cfg: SynthConfig, kg, storage: Storage, link_kg=None) -> t
             storage.write_jsonl_atomic("rejects/qa_test_lines.jsonl", rej.rows)
     info.update(_test_info(storage))
     return src, info
+
+
+# --------------------------------------------------------------------------- #
+# Users' QA datasets: Parquet, CSV, datasets folders, other shapes -> qa/source.jsonl (once)
+# --------------------------------------------------------------------------- #
+CONVERTED_QA = "qa/source.jsonl"
+_CONVERTED_INFO = "qa/source.json"
+_BATCH_ROWS = 1024
+_DATASETS_EXT = {".json": "json", ".arrow": "arrow"}
+
+
+def qa_source_kind(path: str | Path) -> str:
+    """How ``qa.source`` is read: jsonl (ours, or another shape line by line), parquet, csv, tsv,
+    disk (a ``datasets.save_to_disk`` folder) or datasets (``datasets.load_dataset``: a .json/.arrow file, a folder)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        marks = ("dataset_info.json", "state.json", "dataset_dict.json")
+        return "disk" if any((p / m).exists() for m in marks) else "datasets"
+    ext = p.suffix.lower()
+    if ext in (".parquet", ".pq"):
+        return "parquet"
+    if ext in (".csv", ".tsv"):
+        return ext[1:]
+    return "datasets" if ext in _DATASETS_EXT else "jsonl"
+
+
+def _tree_identity(path: str) -> dict:
+    """file_identity of a file, or of every file under a folder (a DatasetDict keeps its splits in sub-folders)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return file_identity(p)
+    files = sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith(".") and "cache-" not in x.name)
+    return {"path": str(p.resolve()), "files": [dict(file_identity(x), path=str(x.relative_to(p))) for x in files]}
+
+
+def _jsonl_rows(path: Path) -> Iterator[list]:
+    """Batches of a JSONL file's rows; a line that is not a JSON object is a RowError in its place, a blank one None."""
+    from kale_ray.core.qa import _byte_range_lines
+
+    batch: list = []
+    for _, raw in _byte_range_lines(path, None, 1):
+        text = raw.decode("utf-8", "replace").strip()
+        if not text:
+            batch.append(None)  # a blank line: skipped, as the reader does (it keeps its line)
+        else:
+            try:
+                obj = json.loads(text)
+                batch.append(obj if isinstance(obj, dict) else qa_formats.RowError("malformed_qa", "expected a JSON object"))
+            except (ValueError, RecursionError) as e:
+                batch.append(qa_formats.RowError("malformed_qa", f"not valid JSON ({type(e).__name__})"))
+        if len(batch) >= _BATCH_ROWS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _csv_rows(path: Path, delimiter: str) -> Iterator[list]:
+    """Batches of a CSV/TSV file's rows, every cell as text (the header names the columns), streamed by pyarrow."""
+    import csv
+
+    import pyarrow as pa
+    from pyarrow import csv as pacsv
+
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        names = next(csv.reader(f, delimiter=delimiter), [])
+    if not names:
+        return
+    reader = pacsv.open_csv(str(path), parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+                            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}))
+    for batch in reader:
+        yield batch.to_pylist()
+
+
+def _dataset_rows(ds) -> Iterator[list]:
+    for cols in ds.iter(batch_size=_BATCH_ROWS):
+        keys = list(cols)
+        yield [dict(zip(keys, vals)) for vals in zip(*(cols[k] for k in keys))]
+
+
+def _pick_split(ds, split: str, path: Path):
+    if hasattr(ds, "keys") and not hasattr(ds, "features"):  # a DatasetDict
+        if split not in ds:
+            raise ValueError(f"qa.split={split!r}: {path} holds the splits {sorted(ds)}")
+        return ds[split]
+    return ds
+
+
+def _source_rows(path: Path, kind: str, split: str) -> Iterator[list]:
+    """The rows of ``qa.source`` in batches, in file order (deterministic)."""
+    if kind == "jsonl":
+        yield from _jsonl_rows(path)
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(str(path)).iter_batches(batch_size=_BATCH_ROWS):
+            yield batch.to_pylist()
+    elif kind in ("csv", "tsv"):
+        yield from _csv_rows(path, "\t" if kind == "tsv" else ",")
+    else:
+        import tempfile
+
+        import datasets
+
+        datasets.disable_progress_bars()
+        if kind == "disk":
+            yield from _dataset_rows(_pick_split(datasets.load_from_disk(str(path)), split, path))
+            return
+        with tempfile.TemporaryDirectory(prefix="kale-qa-") as cache:  # no cache left behind, none reused
+            if path.is_dir():
+                ds = datasets.load_dataset(str(path), split=split, cache_dir=cache)
+            else:
+                ds = datasets.load_dataset(_DATASETS_EXT[path.suffix.lower()], data_files=str(path), split="train",
+                                           cache_dir=cache)
+            yield from _dataset_rows(ds)
+            del ds
+
+
+def _jsonl_format(path: Path, columns: dict) -> str:
+    """The format of a JSONL file's first row (ours when that row does not parse: the reader rejects it with its line)."""
+    for batch in _jsonl_rows(path):
+        for row in batch:
+            if isinstance(row, dict):
+                try:
+                    return qa_formats.detect_format(row, columns)
+                except ValueError:
+                    return "kale"
+            if row is not None:
+                return "kale"
+    return "kale"
+
+
+def convert_qa_source(cfg: SynthConfig, storage: Storage) -> dict | None:
+    """A ``qa.source`` that is not our JSONL, converted once into ``qa/source.jsonl``; None for our JSONL.
+
+    Line k of ``qa/source.jsonl`` is source row k-1: a row that does not convert leaves its line empty
+    (the reader skips it) and goes to ``rejects/qa_lines/source.jsonl`` with file, row and reason, so
+    every later reject's line names its source row. Written streaming to a temporary file, then moved
+    into place; ``qa/source.json`` (written last) marks it done and holds the counts (a rerun reuses it:
+    the stage's settings hold the source's identity, ``qa.format``, ``qa.columns`` and ``qa.split``).
+    """
+    qa = cfg.qa
+    path = Path(qa.source).expanduser()
+    kind = qa_source_kind(path)
+    columns = {k: v for k, v in vars(qa.columns).items() if v}
+    fmt = qa.format
+    if kind == "jsonl":
+        fmt = _jsonl_format(path, columns) if fmt == "auto" else fmt
+        if fmt == "kale" and not columns:
+            return None
+    if storage.exists(_CONVERTED_INFO):
+        return json.loads(storage.read_text(_CONVERTED_INFO))
+    import tempfile
+
+    if storage.is_local:
+        Path(storage.path("qa")).mkdir(parents=True, exist_ok=True)
+    rejects = Rejects()
+    n = kept = 0
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".jsonl", delete=False,
+                                     dir=storage.path("qa") if storage.is_local else None) as f:
+        tmp = Path(f.name)
+        try:
+            for batch in _source_rows(path, kind, qa.split):
+                for row in batch:
+                    i, n = n, n + 1
+                    if row is None:
+                        f.write("\n")
+                        continue
+                    try:
+                        if isinstance(row, qa_formats.RowError):
+                            raise row
+                        if fmt == "auto":
+                            fmt = qa_formats.detect_format(row, columns)
+                        ex = qa_formats.convert_row(row, fmt, columns, source=path.name, index=i)
+                    except qa_formats.RowError as e:
+                        rejects.add(e.reason, file=str(path), row=i, line=i + 1, message=e.message,
+                                    text=json.dumps(row, ensure_ascii=False, default=str)[:200])
+                        f.write("\n")
+                    else:
+                        f.write(json.dumps(ex, ensure_ascii=False, default=str) + "\n")
+                        kept += 1
+                    if cfg.max_rows and n >= cfg.max_rows:
+                        break
+                if cfg.max_rows and n >= cfg.max_rows:
+                    break
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    try:
+        if storage.is_local:
+            os.replace(tmp, storage.path(CONVERTED_QA))
+        else:
+            storage.write_atomic(CONVERTED_QA, tmp.read_bytes())
+    finally:
+        tmp.unlink(missing_ok=True)
+    if rejects.total():
+        storage.write_jsonl_atomic("rejects/qa_lines/source.jsonl", rejects.rows)
+    first = rejects.rows[0] if rejects.rows else None
+    info = {"format": fmt if fmt != "auto" else "kale", "source_kind": kind, "source_rows": n, "converted": kept,
+            "source_rejected": rejects.counts(),
+            "first_reject": f"{path.name}:row {first['row']}: {first['message']}" if first else ""}
+    storage.write_atomic(_CONVERTED_INFO, json.dumps(info))
+    return info
 
 
 def _by_hops(questions) -> dict[str, int]:
@@ -778,6 +988,12 @@ def run_synthesis(cfg: SynthConfig, progress: Callable[[str], None] = print) -> 
     times["questions"] = time.perf_counter() - t
     summary.shards_skipped = len(slices) - len(pending)
     progress(f"[synth] questions from {qa_path}: {len(slices)} shards of {cfg.shard_size} lines")
+    if "format" in qa_info:
+        bad = qa_info["source_rejected"]
+        progress(f"[synth] qa.source {cfg.qa.source}: format {qa_info['format']}"
+                 f"{' (detected from the first row)' if cfg.qa.format == 'auto' else ''}; {qa_info['source_rows']} rows, "
+                 f"{qa_info['converted']} converted to {CONVERTED_QA}, rejected {bad or 0}"
+                 f"{'; first: ' + qa_info['first_reject'] if qa_info.get('first_reject') else ''}")
     if cfg.qa.source == "generate" and "generated" in qa_info:
         progress(f"[synth] questions: {qa_info['requested']} asked, {qa_info['generated']} generated "
                  f"({_hops_text(qa_info['generated_by_hops'])}); train {sum(qa_info['train_by_hops'].values())} "
@@ -795,7 +1011,8 @@ def run_synthesis(cfg: SynthConfig, progress: Callable[[str], None] = print) -> 
     if pending:
         kg_ref = ray.put(_share(kg, cfg))
         del kg_py
-        qa_rel = "qa/train.jsonl" if (cfg.qa.source == "generate" and not storage.is_local) else ""
+        qa_rel = "" if storage.is_local else "qa/train.jsonl" if cfg.qa.source == "generate" else (
+            CONVERTED_QA if "format" in qa_info else "")
         job = ShardJob(cfg, storage, qa_path, _teacher_label(cfg), [kg_ref], qa_rel)
         _run_pending(cfg, job, pending, summary, progress)
 
@@ -1001,10 +1218,11 @@ def _totals(storage: Storage, summary: SynthSummary, qa_info: dict) -> None:
     summary.rows_in, summary.rows_out = rows_in, kept
     summary.rejected, summary.teacher_rejected, summary.teacher_counts = dict(rej), dict(teacher_rej), dict(teachers)
     summary.tokens_generated = tokens
+    qa_rej.update(qa_info.get("source_rejected", {}))  # rows of a converted source that did not convert
     summary.qa = {"train": rows_in, "test": qa_info.get("test", 0), "rejected_lines": dict(qa_rej),
                   "train_by_hops": dict(sorted(hops_in.items(), key=lambda kv: int(kv[0]))),
                   "test_by_hops": qa_info.get("test_by_hops", {}), "test_unlinked": qa_info.get("test_unlinked", 0)}
-    for k in ("requested", "hops_requested", "generated", "generated_by_hops"):
+    for k in ("requested", "hops_requested", "generated", "generated_by_hops", "format", "source_rows", "converted"):
         if k in qa_info:
             summary.qa[k] = qa_info[k]
     summary.teacher_share = (sum(n for t, n in teachers.items() if not t.startswith("template")) / kept) if kept else 0.0
