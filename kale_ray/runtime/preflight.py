@@ -159,3 +159,21 @@ def preflight(job: str, cfg: Any, *, parse: bool = True) -> None:
                 check_kg_parses(f"{prefix}source", sec)
     for key, uri in output_dirs(job, cfg):
         check_writable(key, uri)
+    check_stale_outputs(job, cfg)
+
+
+# The stage records a job claims first, and the outputs that show an earlier run without one.
+def check_stale_outputs(job: str, cfg: Any) -> None:
+    """A rerun into a folder made with other settings is refused here, before Ray starts (the job
+    itself checks again when it claims the stage). Jobs without a single settings record: no-op."""
+    if job == "synthesize":
+        from kale_ray.runtime.stages import Stage
+        from kale_ray.runtime.storage import Storage
+        from kale_ray.synth.pipeline import STAGE_OUTPUTS, synthesis_settings
+
+        Stage(Storage.from_uri(cfg.out_dir), "synthesis", synthesis_settings(cfg)).check(cfg.on_change, STAGE_OUTPUTS)
+    elif job == "train":
+        from kale_ray.train.trainer import stage_outputs, training_stage
+
+        if os.path.exists(os.path.expanduser(cfg.data)):
+            training_stage(cfg).check(cfg.on_change, stage_outputs())

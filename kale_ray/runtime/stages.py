@@ -113,23 +113,35 @@ class Stage:
         unknown).
         """
         prev = self.previous()
-        stale = None
-        if prev is not None and prev.get("hash") != self.hash:
-            changes = settings_diff(prev.get("settings", {}), self.settings)
-            stale = "; ".join(changes[:8]) + (f"; ... ({len(changes)} changes)" if len(changes) > 8 else "")
-        elif prev is None and any(self.storage.exists(o) for o in outputs):
-            stale = "the folder holds outputs without a settings record (an older run)"
+        stale = self._stale(prev, outputs)
         if stale is not None:
             if on_change != "overwrite":
-                raise StaleOutputError(
-                    f"{self.storage.uri}: holds {self.name} outputs made with other settings ({stale}). "
-                    f"Use a new out_dir, or add on_change=overwrite to delete them and start again.")
+                raise self._error(stale)
             if wipe is not None:
                 wipe()
             prev = None
         if prev is None:
             self._write({"status": "running", "started": time.time()})
         return prev
+
+    def check(self, on_change: str = "error", outputs: Iterable[str] = ()) -> None:
+        """``claim``'s refusal without writing anything (for checks before a job starts)."""
+        stale = self._stale(self.previous(), outputs)
+        if stale is not None and on_change != "overwrite":
+            raise self._error(stale)
+
+    def _stale(self, prev: dict | None, outputs: Iterable[str]) -> str | None:
+        if prev is not None and prev.get("hash") != self.hash:
+            changes = settings_diff(prev.get("settings", {}), self.settings)
+            return "; ".join(changes[:8]) + (f"; ... ({len(changes)} changes)" if len(changes) > 8 else "")
+        if prev is None and any(self.storage.exists(o) for o in outputs):
+            return "the folder holds outputs without a settings record (an older run)"
+        return None
+
+    def _error(self, stale: str) -> StaleOutputError:
+        return StaleOutputError(
+            f"{self.storage.uri}: holds {self.name} outputs made with other settings ({stale}). "
+            f"Use a new out_dir, or add on_change=overwrite to delete them and start again.")
 
     def finish(self, **info: Any) -> None:
         self._write({"status": "complete", "finished": time.time(), **info})

@@ -92,6 +92,9 @@ class SynthSummary:
         return self.__dict__.copy()
 
 
+STAGE_OUTPUTS = ("qa/train.jsonl", "summary.json")  # an earlier run's, even one without a settings record
+
+
 def synthesis_settings(cfg: SynthConfig) -> dict:
     """What decides this job's outputs: the config (minus speed knobs) and its input files' identity."""
     s = without(to_dict(cfg), _NOT_OUTPUT_SETTINGS)
@@ -953,7 +956,7 @@ def run_synthesis(cfg: SynthConfig, progress: Callable[[str], None] = print) -> 
     storage = Storage.from_uri(cfg.out_dir)
     storage.makedirs()
     stage = Stage(storage, "synthesis", synthesis_settings(cfg))
-    stage.claim(cfg.on_change, outputs=("qa/train.jsonl", "summary.json"), wipe=lambda: _wipe(storage))
+    stage.claim(cfg.on_change, outputs=STAGE_OUTPUTS, wipe=lambda: _wipe(storage))
     text = _config_yaml(cfg)
     if not (storage.exists("config.yaml") and storage.read_text("config.yaml") == text):
         storage.write_atomic("config.yaml", text)

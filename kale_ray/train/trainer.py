@@ -117,6 +117,11 @@ _NOT_OUTPUT_SETTINGS = ("out_dir", "on_change", "max_failures", "keep_checkpoint
                         "max_steps", "save_merged", "model.cache_dir", "tracking")
 
 
+def stage_outputs(run_name: str | None = None) -> tuple[str, ...]:
+    """What an earlier training run left in its out_dir, with or without a settings record."""
+    return (f"ray/{run_name or 'train'}", "train_summary.json")
+
+
 def training_stage(cfg: TrainConfig, run_name: str | None = None) -> Stage:
     """The settings record of a training run: its config (minus safety knobs) and its data's content."""
     settings = without(to_dict(cfg), _NOT_OUTPUT_SETTINGS)
@@ -149,7 +154,7 @@ def run_training(cfg: TrainConfig, run_name: str | None = None) -> TrainResult:
             shutil.rmtree(out_dir / name, ignore_errors=True)
 
     # A rerun resumes from checkpoints only when they were made under the same settings and data.
-    stage.claim(cfg.on_change, outputs=(f"ray/{run_name or 'train'}", "train_summary.json"), wipe=wipe)
+    stage.claim(cfg.on_change, outputs=stage_outputs(run_name), wipe=wipe)
     # The run's tracker (cfg.tracking): opened here, so that a bad one stops the job before any work.
     tracker = start_run(cfg.tracking, out_dir, run_name or "train", params=to_dict(cfg))
     try:

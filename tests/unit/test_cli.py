@@ -237,3 +237,22 @@ def test_help_shows_the_jobs_own_key_nesting(job, kg_key, capsys):
     assert f"kale-ray {job} {kg_key}=my_kg.tsv" in out and "--print-config" in out and "--debug" in out
     cfg = load_config(cli.JOBS[job][0], None, [f"{kg_key}=my_kg.tsv"])  # the example key is a real key
     assert "my_kg.tsv" in yaml.safe_dump(to_dict(cfg))
+
+
+def test_synthesize_into_a_folder_made_with_other_settings_is_refused_before_ray(tmp_path):
+    """The stage's settings record is compared by the preflight: one line, exit 2, Ray never started,
+    and the earlier record untouched."""
+    from kale_ray.config import SynthConfig, load_config
+    from kale_ray.runtime.stages import Stage
+    from kale_ray.runtime.storage import Storage
+    from kale_ray.synth.pipeline import synthesis_settings
+
+    out = tmp_path / "synth"
+    base = [f"out_dir={out}", "generation.backend=template", "qa.num_questions=20"]
+    Stage(Storage.from_uri(str(out)), "synthesis", synthesis_settings(load_config(SynthConfig, None, base))).claim()
+    record = (out / "stages" / "synthesis.json").read_text()
+    rc, stdout, stderr, seconds = _cli("synthesize", *base[:-1], "qa.num_questions=30", cwd=tmp_path)
+    assert rc == 2, (stdout, stderr)
+    assert len(stderr.splitlines()) == 1 and "qa.num_questions: 20 -> 30" in stderr and "on_change=overwrite" in stderr
+    assert "[job]" not in stdout and "Ray instance" not in stderr + stdout and seconds < 10, (stdout, seconds)
+    assert (out / "stages" / "synthesis.json").read_text() == record
