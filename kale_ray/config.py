@@ -123,7 +123,8 @@ class QAConfig:
     format: Literal["auto", "kale", "csqa", "medqa", "mmlu", "strategyqa"] = "auto"
     columns: QAColumns = dataclasses.field(default_factory=QAColumns)
     split: str = "train"  # the split to read from a datasets folder that holds several
-    test_file: str | None = None  # users' held-out QA file (JSONL) when source is a file
+    test_file: str | None = None  # users' held-out QA file (JSONL, or any qa.source kind) when source is a file
+    test_split: str = "test"  # qa.test_file's split when it is a datasets folder that holds several
     hops: list[int] = num(default_factory=lambda: [1, 2, 3], ge=1)
     num_questions: int = num(600, ge=1)  # total generated multi-hop questions (before the split)
     test_fraction: float = num(0.25, ge=0, lt=1)

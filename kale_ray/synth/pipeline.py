@@ -101,8 +101,8 @@ def synthesis_settings(cfg: SynthConfig) -> dict:
     inputs = {}
     for key, src in (("kg", cfg.kg.source), ("kg_names", cfg.kg.names), ("qa", cfg.qa.source), ("qa_test", cfg.qa.test_file)):
         if src and not src.startswith("builtin:") and src != "generate":
-            inputs[key] = _tree_identity(src) if key == "qa" else file_identity(src)
-    if cfg.qa.source != "generate" and qa_source_kind(cfg.qa.source) != "jsonl":
+            inputs[key] = _tree_identity(src) if key in ("qa", "qa_test") else file_identity(src)
+    if any(src and src != "generate" and qa_source_kind(src) != "jsonl" for src in (cfg.qa.source, cfg.qa.test_file)):
         inputs["qa_conversion"] = qa_formats.VERSION  # how its rows become ours (qa/source.jsonl)
     s["inputs"] = inputs
     return s
@@ -572,7 +572,7 @@ def prepare_questions(cfg: SynthConfig, kg, storage: Storage, link_kg=None) -> t
     if qa.test_file and not storage.exists("qa/test.jsonl"):
         rej = Rejects()
         linker = _linker(link_kg if link_kg is not None else kg)
-        test = [dict(q.to_dict(), answer_linked=steps.answer_linked(q, linker)) for q in read_qa_jsonl(qa.test_file, rej)]
+        test = [dict(q.to_dict(), answer_linked=steps.answer_linked(q, linker)) for q in _read_test_file(cfg, rej)]
         storage.write_jsonl_atomic("qa/test.jsonl", test)
         if rej.total():
             storage.write_jsonl_atomic("rejects/qa_test_lines.jsonl", rej.rows)
@@ -710,6 +710,50 @@ def _jsonl_format(path: Path, columns: dict) -> str:
     return "kale"
 
 
+def qa_conversion_format(path: str | Path, fmt: str, columns: dict) -> str | None:
+    """The format a QA file is converted with (``auto`` when detected from its first row), or None:
+    our JSONL, read in place."""
+    if qa_source_kind(path) == "jsonl":
+        fmt = _jsonl_format(Path(path).expanduser(), columns) if fmt == "auto" else fmt
+        if fmt == "kale" and not columns:
+            return None
+    return fmt
+
+
+def converted_rows(path: str | Path, fmt: str, columns: dict, split: str, rejects: Rejects, max_rows: int = 0,
+                   state: dict | None = None) -> Iterator[dict | None]:
+    """A QA source's rows as our rows, in source order; None for a blank or rejected row (rejected into
+    ``rejects`` with file, row, line = row + 1 and reason). ``state["format"]``: the format used."""
+    path = Path(path).expanduser()
+    state = state if state is not None else {}
+    state["format"], n = fmt, 0
+    for batch in _source_rows(path, qa_source_kind(path), split):
+        for row in batch:
+            if max_rows and n >= max_rows:
+                return
+            i, n = n, n + 1
+            state["rows"] = n
+            if row is None:
+                yield None
+                continue
+            try:
+                if isinstance(row, qa_formats.RowError):
+                    raise row
+                if state["format"] == "auto":
+                    state["format"] = qa_formats.detect_format(row, columns)
+                ex = qa_formats.convert_row(row, state["format"], columns, source=path.name, index=i)
+            except qa_formats.RowError as e:
+                rejects.add(e.reason, file=str(path), row=i, line=i + 1, message=e.message,
+                            text=json.dumps(row, ensure_ascii=False, default=str)[:200])
+                yield None
+            else:
+                yield ex
+
+
+def _qa_columns(cfg: SynthConfig) -> dict:
+    return {k: v for k, v in vars(cfg.qa.columns).items() if v}
+
+
 def convert_qa_source(cfg: SynthConfig, storage: Storage) -> dict | None:
     """A ``qa.source`` that is not our JSONL, converted once into ``qa/source.jsonl``; None for our JSONL.
 
@@ -719,50 +763,25 @@ def convert_qa_source(cfg: SynthConfig, storage: Storage) -> dict | None:
     into place; ``qa/source.json`` (written last) marks it done and holds the counts (a rerun reuses it:
     the stage's settings hold the source's identity, ``qa.format``, ``qa.columns`` and ``qa.split``).
     """
-    qa = cfg.qa
-    path = Path(qa.source).expanduser()
-    kind = qa_source_kind(path)
-    columns = {k: v for k, v in vars(qa.columns).items() if v}
-    fmt = qa.format
-    if kind == "jsonl":
-        fmt = _jsonl_format(path, columns) if fmt == "auto" else fmt
-        if fmt == "kale" and not columns:
-            return None
-    if storage.exists(_CONVERTED_INFO):
-        return json.loads(storage.read_text(_CONVERTED_INFO))
     import tempfile
 
+    qa, columns = cfg.qa, _qa_columns(cfg)
+    path = Path(qa.source).expanduser()
+    fmt = qa_conversion_format(path, qa.format, columns)
+    if fmt is None:
+        return None
+    if storage.exists(_CONVERTED_INFO):
+        return json.loads(storage.read_text(_CONVERTED_INFO))
     if storage.is_local:
         Path(storage.path("qa")).mkdir(parents=True, exist_ok=True)
-    rejects = Rejects()
-    n = kept = 0
+    rejects, state, kept = Rejects(), {}, 0
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".jsonl", delete=False,
                                      dir=storage.path("qa") if storage.is_local else None) as f:
         tmp = Path(f.name)
         try:
-            for batch in _source_rows(path, kind, qa.split):
-                for row in batch:
-                    i, n = n, n + 1
-                    if row is None:
-                        f.write("\n")
-                        continue
-                    try:
-                        if isinstance(row, qa_formats.RowError):
-                            raise row
-                        if fmt == "auto":
-                            fmt = qa_formats.detect_format(row, columns)
-                        ex = qa_formats.convert_row(row, fmt, columns, source=path.name, index=i)
-                    except qa_formats.RowError as e:
-                        rejects.add(e.reason, file=str(path), row=i, line=i + 1, message=e.message,
-                                    text=json.dumps(row, ensure_ascii=False, default=str)[:200])
-                        f.write("\n")
-                    else:
-                        f.write(json.dumps(ex, ensure_ascii=False, default=str) + "\n")
-                        kept += 1
-                    if cfg.max_rows and n >= cfg.max_rows:
-                        break
-                if cfg.max_rows and n >= cfg.max_rows:
-                    break
+            for ex in converted_rows(path, fmt, columns, qa.split, rejects, cfg.max_rows, state):
+                f.write("\n" if ex is None else json.dumps(ex, ensure_ascii=False, default=str) + "\n")
+                kept += ex is not None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -776,11 +795,28 @@ def convert_qa_source(cfg: SynthConfig, storage: Storage) -> dict | None:
     if rejects.total():
         storage.write_jsonl_atomic("rejects/qa_lines/source.jsonl", rejects.rows)
     first = rejects.rows[0] if rejects.rows else None
-    info = {"format": fmt if fmt != "auto" else "kale", "source_kind": kind, "source_rows": n, "converted": kept,
-            "source_rejected": rejects.counts(),
+    info = {"format": state["format"] if state["format"] != "auto" else "kale", "source_kind": qa_source_kind(path),
+            "source_rows": state.get("rows", 0), "converted": kept, "source_rejected": rejects.counts(),
             "first_reject": f"{path.name}:row {first['row']}: {first['message']}" if first else ""}
     storage.write_atomic(_CONVERTED_INFO, json.dumps(info))
     return info
+
+
+def _read_test_file(cfg: SynthConfig, rej: Rejects):
+    """``qa.test_file``'s questions: our JSONL as it is, another source converted (split ``qa.test_split``)."""
+    import tempfile
+
+    qa, columns = cfg.qa, _qa_columns(cfg)
+    fmt = qa_conversion_format(qa.test_file, qa.format, columns)
+    if fmt is None:
+        return list(read_qa_jsonl(qa.test_file, rej))
+    with tempfile.TemporaryDirectory(prefix="kale-qa-test-") as d:
+        tmp = Path(d) / "test.jsonl"
+        with tmp.open("w", encoding="utf-8") as f:
+            for ex in converted_rows(qa.test_file, fmt, columns, qa.test_split, rej):
+                if ex is not None:
+                    f.write(json.dumps(ex, ensure_ascii=False, default=str) + "\n")
+        return list(read_qa_jsonl(tmp, rej))
 
 
 def _by_hops(questions) -> dict[str, int]:

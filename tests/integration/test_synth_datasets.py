@@ -102,9 +102,12 @@ def test_csqa_parquet_and_a_save_to_disk_folder_through_synthesis(tmp_path, ray2
     datasets.DatasetDict({"train": datasets.Dataset.from_list(mmlu),
                           "test": datasets.Dataset.from_list(mmlu[:2])}).save_to_disk(str(folder))
     out2 = tmp_path / "mmlu"
-    s2, log2 = _run(out2, folder)
+    s2, log2 = _run(out2, folder, f"qa.test_file={folder}")  # its held-out questions: the "test" split
     _accounted(s2)
     assert s2.qa["format"] == "mmlu" and s2.qa["source_rows"] == s2.rows_in == 10
+    assert s2.qa["test"] == 2
+    test = [json.loads(x) for x in (out2 / "qa" / "test.jsonl").read_text().splitlines()]
+    assert [t["answer"] for t in test] == [m["choices"][1] for m in mmlu[:2]] and all(t["answer_linked"] for t in test)
     assert s2.qa["rejected_lines"] == {}
     ids = sorted(json.loads(x)["id"] for p in (out2 / "data").glob("shard-*.jsonl") for x in p.read_text().splitlines())
     assert ids and all(i.startswith("mmlu_disk:") for i in ids)  # no id column: source name + row index

@@ -216,3 +216,20 @@ def test_conversion_is_deterministic_and_a_changed_source_is_a_changed_input(tmp
     before = synthesis_settings(cfg)["inputs"]["qa"]
     datasets.DatasetDict({"train": datasets.Dataset.from_list([STRATEGY, STRATEGY])}).save_to_disk(str(dd))
     assert synthesis_settings(cfg)["inputs"]["qa"] != before
+
+
+def test_a_test_file_in_another_format_is_converted_too(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kale_ray.config import SynthConfig, load_config
+    from kale_ray.core.rejects import Rejects
+    from kale_ray.synth.pipeline import _read_test_file
+
+    src = tmp_path / "dev.parquet"
+    pq.write_table(pa.Table.from_pylist(_csqa_rows(3, 1)), src)
+    cfg = load_config(SynthConfig, None, [f"qa.source={src}", f"qa.test_file={src}"])
+    rej = Rejects()
+    got = _read_test_file(cfg, rej)
+    assert [(q.id, q.answer, q.all_answers) for q in got] == [("c0", "sky", ["sky"]), ("c2", "sky", ["sky"])]
+    assert rej.counts() == {"answer_not_in_choices": 1} and rej.rows[0]["row"] == 1
