@@ -675,7 +675,12 @@ def zero_main(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- (c) KA loss benchmark
 
 
-def run_bench(device: str, model_path: str, repeats: int, warmup: int = 2) -> dict[str, Any]:
+BENCH_SHAPES = (dict(batch=8, teacher_prompt=200, student_prompt=80, answer=8),  # bench_ka_loss's defaults
+                dict(batch=32, teacher_prompt=512, student_prompt=256, answer=16))
+
+
+def run_bench(device: str, model_path: str, repeats: int, warmup: int = 2,
+              shapes: tuple[dict[str, int], ...] = BENCH_SHAPES) -> dict[str, Any]:
     """bench_ka_loss's two paths on the device: CUDA-synchronised times, peak CUDA memory, agreement."""
     import statistics
 
@@ -688,8 +693,6 @@ def run_bench(device: str, model_path: str, repeats: int, warmup: int = 2) -> di
 
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    shapes = [dict(batch=8, teacher_prompt=200, student_prompt=80, answer=8),
-              dict(batch=32, teacher_prompt=512, student_prompt=256, answer=16)]
     runs, ok = [], True
     for dtype in ("float32", "bfloat16"):
         model = load_causal_lm(model_path, dtype=dtype).to(device)
