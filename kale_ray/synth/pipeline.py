@@ -9,6 +9,7 @@ Layout of ``out_dir`` (a local folder or a storage URI, see kale_ray.runtime.sto
 
     stages/synthesis.json              the settings behind these outputs (a rerun with others is refused)
     qa/train.jsonl, qa/test.jsonl      generated questions (qa.source=generate); a user's file is read in place
+    qa/source.jsonl, qa/source.json    a qa.source that is not our JSONL (Parquet, CSV, datasets), converted once
     data/shard-00000.jsonl             kept rows (id, question, answer, question_entities, answer_entities,
                                        paths, rationale, teacher, ...)
     data/shard-00000.done              completion marker with the shard's counts
