@@ -2,6 +2,7 @@
 (``ray job submit`` sets it), else a local Ray sized for the job's training workers."""
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -17,7 +18,7 @@ def init_ray(address: str | None = None, train_workers: int = 0, log_to_driver: 
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"log_to_driver": log_to_driver}
     if runtime_env is not None:
-        kwargs["runtime_env"] = runtime_env
+        kwargs["runtime_env"] = copy.deepcopy(runtime_env)  # ray.init writes into it (the setup hook)
     if address:
         # A cluster driver keeps the job's own runtime env (``ray job submit --runtime-env-json``):
         # Ray refuses to merge a second one into it.
@@ -26,3 +27,53 @@ def init_ray(address: str | None = None, train_workers: int = 0, log_to_driver: 
         return f"cluster at {address}"
     ray.init(num_cpus=max(os.cpu_count() or 1, train_workers + 2), include_dashboard=False, **kwargs)
     return "local Ray"
+
+
+def quiet_resource_tracker() -> None:
+    """Ray worker setup hook (``QUIET_ENV``): no ``KeyError: '/psm_...'`` / ``'/mp-...'`` when a vLLM actor exits.
+
+    Python's multiprocessing resource tracker is a child process of the worker. When a Ray worker
+    exits, Ray kills the worker's child processes, the tracker among them. Then the worker's own
+    exit-time cleanup runs: vLLM's shared-memory buffers and spawn-context semaphores unlink
+    their segment and *unregister* it, the tracker is relaunched ("process died unexpectedly"),
+    and the new tracker, which never saw those names, prints one ``KeyError`` traceback per name.
+    The segments themselves are unlinked by their owner all the same, so the messages only scare.
+
+    The fix here: an unregister is dropped when the tracker is gone (nothing is left to tell it),
+    or when it is a relaunched tracker and the name was registered with an earlier one. Every
+    other register/unregister goes through unchanged, and a dead tracker is still relaunched
+    by the next *register*. Idempotent; a no-op on Pythons whose tracker lacks these internals.
+    """
+    from multiprocessing import resource_tracker as rt
+
+    tracker = getattr(rt, "_resource_tracker", None)
+    if tracker is None or getattr(tracker, "_kale_quiet", False):
+        return
+    if not all(hasattr(tracker, a) for a in ("_check_alive", "ensure_running", "_fd", "_pid")):
+        return
+    orig_ensure, orig_register, orig_unregister = tracker.ensure_running, tracker.register, tracker.unregister
+    state = {"launch": 0}  # tracker launches seen by this process since the hook ran
+    registered: dict[tuple[str, str], int] = {}
+
+    def ensure_running() -> None:
+        before = (tracker._fd, tracker._pid)
+        orig_ensure()
+        if before[0] is not None and (tracker._fd, tracker._pid) != before:
+            state["launch"] += 1  # a relaunch: the new tracker knows nothing registered before
+
+    def register(name: str, rtype: str) -> None:
+        orig_register(name, rtype)
+        registered[(name, rtype)] = state["launch"]
+
+    def unregister(name: str, rtype: str) -> None:
+        launch = registered.pop((name, rtype), 0)
+        if tracker._fd is not None and not tracker._check_alive():
+            return  # the tracker was killed (worker exit): nothing to unregister from
+        if launch != state["launch"]:
+            return  # registered with a tracker that is gone
+        orig_unregister(name, rtype)
+
+    # The module-level names are bound methods of the original instance: replace both.
+    tracker.ensure_running, tracker.register, tracker.unregister = ensure_running, register, unregister
+    rt.ensure_running, rt.register, rt.unregister = ensure_running, register, unregister
+    tracker._kale_quiet = True
