@@ -13,6 +13,7 @@
 # KA loss benchmark on the GPU. One JSON file of results (--out; default $OUT/gpu_check.json
 # when $OUT is set, else benchmarks/results/gpu_check.json). Exit 0 only when every check passed.
 set -uo pipefail
+CALLER=$PWD
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 
@@ -28,10 +29,11 @@ usage: bash benchmarks/gpu_check.sh [--out FILE] [--dry-run] [--checks losses,ze
   --python PY    interpreter (default .venv/bin/python if present, else python3)
   --timeout S    limit for the whole check (default 540)
   --strict       dry run: fail when a selected check is blocked (e.g. no wheel folder)
+  --device D     torch device (default cuda); --device cpu runs the real path on a CPU (gloo, fp32)
 EOF
 }
 
-DRY=0 OUT_FILE="" CHECKS="all" WHEELS="$ROOT/benchmarks/.gpu_wheels" WORK="" PY="" TIMEOUT=540 STRICT=0
+DRY=0 DEVICE="" OUT_FILE="" CHECKS="all" WHEELS="$ROOT/benchmarks/.gpu_wheels" WORK="" PY="" TIMEOUT=540 STRICT=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT_FILE=${2:?--out needs a file}; shift 2 ;;
@@ -48,6 +50,8 @@ while [ $# -gt 0 ]; do
     --timeout) TIMEOUT=${2:?--timeout needs seconds}; shift 2 ;;
     --timeout=*) TIMEOUT=${1#*=}; shift ;;
     --strict) STRICT=1; shift ;;
+    --device) DEVICE=${2:?--device needs a device}; shift 2 ;;
+    --device=*) DEVICE=${1#*=}; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
   esac
@@ -61,8 +65,10 @@ WORK=${WORK:-${TMPDIR:-/tmp}/kale_gpu_check}
 mkdir -p "$WORK"
 
 ARGS=(--checks "$CHECKS" --wheels "$WHEELS" --work "$WORK")
+case "$OUT_FILE" in ''|/*) ;; *) OUT_FILE="$CALLER/$OUT_FILE" ;; esac  # relative to where it was called from
 [ -n "$OUT_FILE" ] && ARGS+=(--out "$OUT_FILE")
 [ "$STRICT" = 1 ] && ARGS+=(--strict)
+[ -n "$DEVICE" ] && ARGS+=(--device "$DEVICE")
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
@@ -74,8 +80,9 @@ fi
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
-export DS_BUILD_OPS=0 DS_ACCELERATOR=cuda DS_SKIP_CUDA_CHECK=1
-export KALE_RAY_CACHE="$WORK/cache" TORCH_EXTENSIONS_DIR="$WORK/torch_extensions"
+ACC=cuda; case "$DEVICE" in cpu*) ACC=cpu ;; esac
+export DS_BUILD_OPS=0 DS_ACCELERATOR=$ACC DS_SKIP_CUDA_CHECK=1
+export KALE_RAY_CACHE="$WORK/cache" TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}"
 SITE="$WORK/site"
 MISSING=$(PYTHONPATH="$SITE:$PYTHONPATH" "$PY" -c \
   "import sys; sys.path.insert(0, 'benchmarks'); import gpu_check; print(' '.join(gpu_check.missing_wheel_dists()))")
