@@ -42,9 +42,25 @@ def quiet_resource_tracker() -> None:
     The fix here: an unregister is dropped when the tracker is gone (nothing is left to tell it),
     or when it is a relaunched tracker and the name was registered with an earlier one. Every
     other register/unregister goes through unchanged, and a dead tracker is still relaunched
-    by the next *register*. Idempotent; a no-op on Pythons whose tracker lacks these internals.
+    by the next *register*. vLLM's engine core is a *spawned* child of the actor (no Ray hook
+    runs there), so processes this one spawns run this function first too (:class:`_QuietTarget`).
+    Idempotent; a no-op on Pythons whose tracker lacks these internals.
     """
+    import multiprocessing.context as mpc
     from multiprocessing import resource_tracker as rt
+
+    spawn = getattr(mpc, "SpawnProcess", None)
+    if spawn is not None and not getattr(spawn, "_kale_quiet", False):
+        orig_popen = spawn._Popen
+
+        def _popen(process_obj):
+            target = getattr(process_obj, "_target", None)
+            if target is not None and not isinstance(target, _QuietTarget):
+                process_obj._target = _QuietTarget(target)
+            return orig_popen(process_obj)
+
+        spawn._Popen = staticmethod(_popen)
+        spawn._kale_quiet = True
 
     tracker = getattr(rt, "_resource_tracker", None)
     if tracker is None or getattr(tracker, "_kale_quiet", False):
@@ -77,3 +93,14 @@ def quiet_resource_tracker() -> None:
     tracker.ensure_running, tracker.register, tracker.unregister = ensure_running, register, unregister
     rt.ensure_running, rt.register, rt.unregister = ensure_running, register, unregister
     tracker._kale_quiet = True
+
+
+class _QuietTarget:
+    """A spawned process's target that first runs :func:`quiet_resource_tracker` in the child."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __call__(self, *args, **kwargs):
+        quiet_resource_tracker()
+        return self.target(*args, **kwargs)

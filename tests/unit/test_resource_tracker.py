@@ -59,6 +59,38 @@ def test_killed_tracker_gives_no_keyerror_with_the_hook():
         assert "KeyError: '/psm_" in plain.stderr and "KeyError: '/mp-" in plain.stderr, plain.stderr
 
 
+SPAWNED = textwrap.dedent("""
+    import multiprocessing as mp, sys
+
+    def child(q):
+        from multiprocessing import resource_tracker as rt
+        q.put(bool(getattr(rt._resource_tracker, "_kale_quiet", False)))
+
+    if __name__ == "__main__":
+        if sys.argv[1] == "fix":
+            from kale_ray.ray_init import quiet_resource_tracker
+            quiet_resource_tracker()
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        p = ctx.Process(target=child, args=(q,))
+        p.start()
+        print("CHILD", q.get(timeout=60))
+        p.join()
+""")
+
+
+@pytest.mark.parametrize("mode,expect", [("fix", True), ("plain", False)])
+def test_spawned_children_get_the_fix_too(tmp_path, mode, expect):
+    """vLLM's engine core is a spawned child of the Ray actor: the hook must reach it."""
+    script = tmp_path / "spawned.py"
+    script.write_text(SPAWNED)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(script), mode], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"CHILD {expect}" in r.stdout
+
+
 def test_quiet_env_installs_the_hook():
     from kale_ray.llm import QUIET_ENV
 
