@@ -32,12 +32,12 @@ def init_ray(address: str | None = None, train_workers: int = 0, log_to_driver: 
 def quiet_resource_tracker() -> None:
     """Ray worker setup hook (``QUIET_ENV``): no ``KeyError: '/psm_...'`` / ``'/mp-...'`` when a vLLM actor exits.
 
-    Python's multiprocessing resource tracker is a child process of the worker. When a Ray worker
-    exits, Ray kills the worker's child processes, the tracker among them. Then the worker's own
-    exit-time cleanup runs: vLLM's shared-memory buffers and spawn-context semaphores unlink
-    their segment and *unregister* it, the tracker is relaunched ("process died unexpectedly"),
-    and the new tracker, which never saw those names, prints one ``KeyError`` traceback per name.
-    The segments themselves are unlinked by their owner all the same, so the messages only scare.
+    Python's multiprocessing resource tracker is a child process of the worker. When a vLLM actor
+    shuts down, the tracker is killed (with the worker's process group; seen here: "process died
+    unexpectedly") while vLLM's spawned engine core is still cleaning up. Its shared-memory
+    buffers and spawn-context semaphores unlink their segment and *unregister* it. That relaunches
+    a tracker which never saw those names, and it prints one ``KeyError`` traceback per name. The
+    segments are unlinked by their owner all the same, so the messages only scare.
 
     The fix here: an unregister is dropped when the tracker is gone (nothing is left to tell it),
     or when it is a relaunched tracker and the name was registered with an earlier one. Every
