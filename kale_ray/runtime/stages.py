@@ -153,3 +153,87 @@ class Stage:
     def _write(self, info: dict) -> None:
         rec = {"stage": self.name, "hash": self.hash, "settings": self.settings, "pid": os.getpid(), **info}
         self.storage.write_atomic(self.rel, json.dumps(rec, indent=2, default=str))
+
+
+class Run:
+    """A recipe's stages over one output folder: ``run.stage(name, fn, settings)`` is the only way
+    a recipe reuses, resumes, recomputes or refuses a stage.
+
+    >>> run = Run(out, cfg, on_change=cfg.on_change, stop_after=cfg.stop_after)
+    >>> qa = run.stage("qa", lambda: build_qa(cfg, out), settings=to_dict(cfg.qa), outputs=["qa"])
+    >>> if run.stops_after("qa"): return run.result(qa=qa)
+
+    Each stage's record (``stages/<name>.json``) holds the settings it was given, the identity of
+    its ``inputs`` files and the hash of the stage before it, so a change upstream reaches every
+    later stage: with ``on_change="error"`` the first stage whose settings differ stops the run
+    (``StaleOutputError``, one line naming the changed keys) before it writes anything; with
+    ``"overwrite"`` that stage's ``outputs`` are deleted and it and every later stage run again.
+    A stage whose record matches and is complete is not run: its recorded result (``fn``'s
+    JSON-able return value) comes back. A matching record left ``running`` (a killed run) runs
+    ``fn`` again, which resumes from what it left (e.g. the trainer's checkpoints).
+
+    ``config.yaml`` is written when a stage first runs (not when every stage is reused or the run
+    is refused), so it always describes the outputs beside it.
+    """
+
+    def __init__(self, out: str | Path, config: Any = None, on_change: str = "error", stop_after: str | None = None,
+                 progress: Callable[[str], None] | None = None, label: str = "run") -> None:
+        from kale_ray.runtime.storage import Storage
+
+        self.out = Path(out).expanduser().resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.storage = Storage.from_uri(str(self.out))
+        self.config, self.on_change, self.stop_after = config, on_change, stop_after
+        self.progress = progress or (lambda _msg: None)
+        self.label = label
+        self.seconds: dict[str, float] = {}
+        self.reused: list[str] = []
+        self.ran: list[str] = []
+        self._upstream = ""
+        self._config_written = False
+        self._t0 = time.perf_counter()
+
+    def stage(self, name: str, fn: Callable[[], Any], settings: Any = None, inputs: Iterable[str | Path] = (),
+              outputs: Iterable[str] = (), content_inputs: Iterable[str | Path] = ()) -> Any:
+        """Run (or reuse) one stage; returns its result. ``outputs``: paths under ``out`` it writes."""
+        outputs = list(outputs)
+        record = {"settings": settings,
+                  "inputs": [file_identity(p) for p in inputs] + [content_identity(p) for p in content_inputs],
+                  "upstream": self._upstream}
+        st = Stage(self.storage, name, record)
+        prev = st.claim(self.on_change, outputs=outputs, wipe=lambda: self._wipe(outputs))
+        self._upstream = st.hash
+        if prev is not None and prev.get("status") == "complete":
+            self.reused.append(name)
+            self.seconds[name] = float(prev.get("seconds") or 0.0)
+            self.progress(f"[{self.label}] {name}: reusing the outputs in {self.out} (same settings)")
+            return prev.get("result")
+        self._write_config()
+        t = time.perf_counter()
+        result = fn()
+        self.seconds[name] = round(time.perf_counter() - t, 3)
+        st.finish(result=result, seconds=self.seconds[name])
+        self.ran.append(name)
+        return result
+
+    def stops_after(self, name: str) -> bool:
+        """True when the run was asked to stop after ``name`` (``stop_after``)."""
+        return self.stop_after == name
+
+    def total_seconds(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def timings(self) -> dict[str, float]:
+        """Seconds per stage (a reused stage: the seconds it took when it ran) plus this run's total."""
+        return {**self.seconds, "total_this_run": round(self.total_seconds(), 3)}
+
+    def _write_config(self) -> None:
+        if self.config is not None and not self._config_written:
+            from kale_ray.config import dump_config
+
+            dump_config(self.config, self.out / "config.yaml")
+            self._config_written = True
+
+    def _wipe(self, outputs: list[str]) -> None:
+        for rel in outputs:
+            self.storage.delete(rel)

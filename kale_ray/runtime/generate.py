@@ -1,0 +1,115 @@
+"""The one generation path: rows + model + settings -> generations, on vLLM (``ray.data.llm``) or an
+OpenAI-compatible endpoint (``HttpGenerator``).
+
+Every method's teacher, rewriter and evaluator calls :func:`generate` (a list of rows in, one
+result per row out) or, inside a streaming Ray Data pipeline, :func:`generation_stage` (a
+dataset in, the same dataset with generation columns out). What each caller used to redo:
+the prompt budget (``max_model_len - max_tokens``, checked with the model's tokenizer before the
+engine sees a prompt), the block count, the backend switch and the error columns (``gen_error``
+or ``__inference_error__``, ``None`` / ``"None"`` meaning fine), lives here once.
+
+Results: ``{key: {"text", "tokens", "error"}}``; ``error`` is ``""`` when fine, else one of
+``prompt_too_long: <n> tokens > <budget>``, the engine's or endpoint's message (``http_<status>:``
+...), or ``row lost by the generation pipeline``. Every row comes back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Sequence
+
+from kale_ray.config import GenerationConfig, ModelConfig
+
+PROMPT_TOO_LONG = "prompt_too_long"
+ROW_LOST = "row lost by the generation pipeline"
+MAX_BLOCKS = 32
+BACKENDS = ("vllm", "http")
+
+
+def pool(gen: GenerationConfig):
+    """Ray Data's ``concurrency`` for the HTTP actors: fixed, or ``(min, max)`` to autoscale."""
+    return (gen.concurrency, gen.max_concurrency) if gen.max_concurrency > gen.concurrency else gen.concurrency
+
+
+def num_blocks(n_rows: int, batch_size: int, max_blocks: int = MAX_BLOCKS) -> int:
+    """Blocks for ``n_rows`` rows: about one engine batch each, at most ``max_blocks``."""
+    return max(1, min(max_blocks, n_rows // max(1, batch_size)))
+
+
+def row_error(row: dict) -> str:
+    """The row's generation error, ``""`` when fine (``None`` / ``"None"`` / missing are fine)."""
+    err = row.get("gen_error") or row.get("__inference_error__") or ""
+    return "" if err in (None, "None") else str(err)
+
+
+def prompt_budget(model: ModelConfig, gen: GenerationConfig) -> int:
+    """Tokens a prompt may take: the context length minus the tokens to generate."""
+    return int(model.max_model_len) - int(gen.max_tokens)
+
+
+def too_long(prompt: str, tokenizer: Any, budget: int) -> str:
+    """``""`` when ``prompt`` fits ``budget`` tokens, else the ``prompt_too_long: ...`` reason."""
+    n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    return f"{PROMPT_TOO_LONG}: {n} tokens > {budget}" if n > budget else ""
+
+
+def generation_stage(ds, model_path: str, gen: GenerationConfig, model: ModelConfig, json_schema: dict | None = None,
+                     num_cpus: float | None = None):
+    """``ds`` with ``prompt`` (vllm) or ``messages_json`` (http) -> ``ds`` with ``generation``,
+    ``gen_tokens``, ``prompt_tokens``, ``gen_error``; other columns pass through.
+
+    ``num_cpus``: CPUs of each HTTP actor (network-bound: a fraction, so they never starve the
+    stages around them). vLLM engines take their resources from ``ray.data.llm``.
+    """
+    if gen.backend == "vllm":
+        from kale_ray.llm import build_vllm_processor
+
+        if "messages_json" in ds.columns():
+            ds = ds.drop_columns(["messages_json"])
+        return build_vllm_processor(model_path, gen, model.max_model_len, model.trust_remote_code,
+                                    json_schema=json_schema)(ds)
+    if gen.backend == "http":
+        from kale_ray.llm import HttpGenerator
+
+        kw = {} if num_cpus is None else {"num_cpus": num_cpus}
+        return ds.map_batches(HttpGenerator, fn_constructor_args=(gen, model.name, json_schema),
+                              batch_size=gen.batch_size, concurrency=pool(gen), batch_format="numpy", **kw)
+    raise ValueError(f"generation.backend: {gen.backend!r} does not generate text (use one of {', '.join(BACKENDS)})")
+
+
+def generate(rows: Sequence[dict[str, Any]], model_path: str, gen: GenerationConfig, model: ModelConfig, *,
+             tokenizer: Any = None, max_tokens: int | None = None, json_schema: dict | None = None,
+             max_blocks: int = MAX_BLOCKS) -> dict[str, dict[str, Any]]:
+    """``{key: {"text", "tokens", "error"}}`` for rows ``{key, prompt, messages?}`` (Ray must be up).
+
+    ``tokenizer`` (the model's): prompts longer than the budget are not sent; they come back with
+    ``error="prompt_too_long: ..."``. ``max_tokens`` overrides ``gen.max_tokens`` for this call.
+    ``messages`` (chat messages) are what the http backend sends; vLLM takes ``prompt``.
+    """
+    import ray.data
+
+    if not rows:
+        return {}
+    g = dataclasses.replace(gen, max_tokens=int(max_tokens or gen.max_tokens))
+    budget = prompt_budget(model, g)
+    out: dict[str, dict[str, Any]] = {}
+    send, seen = [], set()
+    for r in rows:
+        key = str(r["key"])
+        if key in seen:
+            raise ValueError(f"generate: duplicate row key {key!r}")
+        seen.add(key)
+        reason = too_long(r["prompt"], tokenizer, budget) if tokenizer is not None and g.backend == "vllm" else ""
+        if reason:
+            out[key] = {"text": "", "tokens": 0, "error": reason}
+        else:
+            send.append({"key": key, "prompt": r["prompt"], "messages_json": json.dumps(r.get("messages") or [])})
+    if send:
+        ds = ray.data.from_items(send, override_num_blocks=num_blocks(len(send), g.batch_size, max_blocks))
+        for row in generation_stage(ds, model_path, g, model, json_schema).iter_rows():
+            text = row.get("generation")
+            out[str(row["key"])] = {"text": "" if text is None else str(text), "tokens": int(row.get("gen_tokens") or 0),
+                                    "error": row_error(row)}
+    for r in rows:  # never silently: a row the engine lost is a failed generation
+        out.setdefault(str(r["key"]), {"text": "", "tokens": 0, "error": ROW_LOST})
+    return out

