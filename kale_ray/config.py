@@ -389,6 +389,9 @@ class DemoConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     eval_base: bool = True  # also evaluate the untrained model (one more vLLM pass)
     ray_address: str | None = None  # None: start local Ray
+    # A rerun in an out folder made with other settings: "error" stops at the first changed stage
+    # naming the keys; "overwrite" redoes that stage and every later one (synth and train included).
+    on_change: Literal["error", "overwrite"] = "error"
     # One tracker for the whole demo (it replaces synth.tracking and train.tracking).
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 

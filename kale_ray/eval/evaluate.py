@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kale_ray.config import EvalConfig, dump_config
+from kale_ray.core.io import write_json, write_jsonl
 from kale_ray.core.parse import is_correct
 from kale_ray.core.prompts import render_chat, student_messages
 from kale_ray.core.qa import QAExample, read_qa_jsonl
@@ -71,17 +72,19 @@ def with_linked(metrics: dict[str, Any], scored: list[dict[str, Any]], unlinked:
 
 def _skip_reason(error: str) -> str:
     e = error.lower()
-    if "maximum context length" in e or "too long" in e or "max_model_len" in e or "longer than" in e:
+    if "maximum context length" in e or "too long" in e or "too_long" in e or "max_model_len" in e or "longer than" in e:
         return "prompt_too_long"
     return "generation_failed"
 
 
 def evaluate(cfg: EvalConfig, label: str = "model", progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Evaluate ``cfg.model`` on ``cfg.data``; write predictions.jsonl and metrics.json. Ray must be up."""
-    import ray
+    """Evaluate ``cfg.model`` on ``cfg.data``; write predictions.jsonl and metrics.json. Ray must be up.
 
-    from kale_ray.llm import build_vllm_processor
+    ``generation.backend``: ``vllm`` (the model's folder or hub name) or ``http`` (an
+    OpenAI-compatible endpoint serving ``model.name``), both through kale_ray.runtime.generate.
+    """
     from kale_ray.models import load_tokenizer, resolve_model
+    from kale_ray.runtime.generate import generate
 
     t0 = time.perf_counter()
     out_dir = Path(cfg.out_dir).expanduser()
@@ -94,37 +97,19 @@ def evaluate(cfg: EvalConfig, label: str = "model", progress: Callable[[str], No
     items = eval_items(questions, cfg.known_and_incorrect)
     model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)
     tok = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    budget = cfg.model.max_model_len - cfg.generation.max_tokens
-    scored: list[dict] = []
-    to_run = []
-    for it in items:
-        prompt = render_chat(student_messages(it["question"], it["choices"]), tok)
-        n = len(tok(prompt, add_special_tokens=False)["input_ids"])
-        if n > budget:  # reject before the engine, with the numbers
-            scored.append(score(it, "", f"prompt too long: {n} tokens > {budget}"))
-        else:
-            to_run.append(dict(it, prompt=prompt, choices=json.dumps(it["choices"]),
-                               all_answers=json.dumps(it["all_answers"])))
     progress(f"[eval:{label}] {len(questions)} questions, {len(items)} items (with hop probes) through vLLM")
-    if to_run:
-        proc = build_vllm_processor(model_path, cfg.generation, cfg.model.max_model_len, cfg.model.trust_remote_code)
-        ds = ray.data.from_items(to_run, override_num_blocks=max(1, min(32, len(to_run) // cfg.generation.batch_size)))
-        for row in proc(ds).iter_rows():
-            item = {k: row[k] for k in ("item_id", "qid", "kind", "question", "num_hops")}
-            item["choices"] = json.loads(row["choices"])
-            item["all_answers"] = json.loads(row["all_answers"])
-            err = row.get("__inference_error__") or row.get("gen_error") or ""
-            gen = row.get("generation")
-            scored.append(score(item, "" if gen is None else str(gen), "" if err in (None, "None") else str(err)))
+    # Over-long prompts are not sent (runtime.generate checks the budget): they score as skipped.
+    msgs = {it["item_id"]: student_messages(it["question"], it["choices"]) for it in items}
+    gens = generate([{"key": i, "prompt": render_chat(m, tok), "messages": m} for i, m in msgs.items()],
+                    model_path, cfg.generation, cfg.model, tokenizer=tok)
+    scored = [score(it, gens[str(it["item_id"])]["text"], gens[str(it["item_id"])]["error"]) for it in items]
     if len(scored) != len(items):
         raise RuntimeError(f"evaluation lost items: {len(items)} in, {len(scored)} scored")
     scored.sort(key=lambda r: r["item_id"])
-    with (out_dir / "predictions.jsonl").open("w") as f:
-        for r in scored:
-            f.write(json.dumps(r) + "\n")
+    write_jsonl(out_dir / "predictions.jsonl", scored)
     metrics = with_linked(summarize(scored), scored, unlinked_ids(cfg.data))
     metrics.update(label=label, model=cfg.model.name, data=cfg.data, seconds=time.perf_counter() - t0)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out_dir / "metrics.json", metrics)
     progress(f"[eval:{label}] accuracy {metrics['accuracy']:.3f} (n={metrics['n_questions']}), "
              f"probe accuracy {metrics['probe_accuracy']:.3f}, known&incorrect {metrics['known_and_incorrect_rate']:.3f} "
              f"({metrics['seconds']:.0f}s)")

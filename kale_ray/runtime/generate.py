@@ -64,8 +64,6 @@ def generation_stage(ds, model_path: str, gen: GenerationConfig, model: ModelCon
     if gen.backend == "vllm":
         from kale_ray.llm import build_vllm_processor
 
-        if "messages_json" in ds.columns():
-            ds = ds.drop_columns(["messages_json"])
         return build_vllm_processor(model_path, gen, model.max_model_len, model.trust_remote_code,
                                     json_schema=json_schema)(ds)
     if gen.backend == "http":
@@ -103,7 +101,10 @@ def generate(rows: Sequence[dict[str, Any]], model_path: str, gen: GenerationCon
         if reason:
             out[key] = {"text": "", "tokens": 0, "error": reason}
         else:
-            send.append({"key": key, "prompt": r["prompt"], "messages_json": json.dumps(r.get("messages") or [])})
+            item = {"key": key, "prompt": r["prompt"]}
+            if g.backend == "http":
+                item["messages_json"] = json.dumps(r.get("messages") or [])
+            send.append(item)
     if send:
         ds = ray.data.from_items(send, override_num_blocks=num_blocks(len(send), g.batch_size, max_blocks))
         for row in generation_stage(ds, model_path, g, model, json_schema).iter_rows():

@@ -190,19 +190,33 @@ class Run:
         self.reused: list[str] = []
         self.ran: list[str] = []
         self._upstream = ""
+        self._hashes: dict[str, str] = {}
         self._config_written = False
         self._t0 = time.perf_counter()
 
     def stage(self, name: str, fn: Callable[[], Any], settings: Any = None, inputs: Iterable[str | Path] = (),
-              outputs: Iterable[str] = (), content_inputs: Iterable[str | Path] = ()) -> Any:
-        """Run (or reuse) one stage; returns its result. ``outputs``: paths under ``out`` it writes."""
+              outputs: Iterable[str] = (), content_inputs: Iterable[str | Path] = (),
+              after: str | Iterable[str] | None = None) -> Any:
+        """Run (or reuse) one stage; returns its result. ``outputs``: paths under ``out`` it writes.
+
+        ``after``: the earlier stage(s) whose outputs this one reads (default: the stage just
+        before it); their settings hashes are part of this stage's settings.
+        """
         outputs = list(outputs)
+        if after is None:
+            upstream: Any = self._upstream
+        else:
+            names = [after] if isinstance(after, str) else list(after)
+            unknown = [n for n in names if n not in self._hashes]
+            if unknown:
+                raise ValueError(f"stage {name!r}: after={unknown} names no earlier stage of this run")
+            upstream = {n: self._hashes[n] for n in names}
         record = {"settings": settings,
                   "inputs": [file_identity(p) for p in inputs] + [content_identity(p) for p in content_inputs],
-                  "upstream": self._upstream}
+                  "upstream": upstream}
         st = Stage(self.storage, name, record)
         prev = st.claim(self.on_change, outputs=outputs, wipe=lambda: self._wipe(outputs))
-        self._upstream = st.hash
+        self._upstream = self._hashes[name] = st.hash
         if prev is not None and prev.get("status") == "complete":
             self.reused.append(name)
             self.seconds[name] = float(prev.get("seconds") or 0.0)

@@ -46,6 +46,7 @@ from kale_ray.core.prompts import render_chat
 from kale_ray.core import qa_formats
 from kale_ray.core.qa import generate_questions, line_offsets, read_qa_jsonl, split_questions
 from kale_ray.core.rejects import Rejects
+from kale_ray.runtime.generate import row_error
 from kale_ray.runtime.stages import Stage, file_identity, without
 from kale_ray.runtime.storage import Storage
 from kale_ray.synth import steps
@@ -406,7 +407,7 @@ def _finish_batch(batch: dict[str, np.ndarray], job: ShardJob) -> dict[str, np.n
         gen = batch["generation"][i] if "generation" in batch else ""
         err = batch["gen_error"][i] if "gen_error" in batch else ""
         row["generation"] = "" if gen is None else str(gen)
-        row["gen_error"] = "" if err in (None, "None") else str(err)
+        row["gen_error"] = row_error({"gen_error": err})
         row["gen_tokens"] = int(batch["gen_tokens"][i]) if "gen_tokens" in batch else 0
         if "prompt_too_long" in batch and bool(batch["prompt_too_long"][i]):
             row["reject_reason"] = "prompt_too_long"
@@ -526,10 +527,6 @@ def _on_shard_done(shard: int, counts: dict) -> None:
 
 def _model_label(cfg: SynthConfig) -> str:
     return cfg.teacher.name.replace("builtin:", "")
-
-
-def _pool(gen):
-    return (gen.concurrency, gen.max_concurrency) if gen.max_concurrency > gen.concurrency else gen.concurrency
 
 
 # --------------------------------------------------------------------------- #
@@ -1157,8 +1154,8 @@ def _teacher_stage(cfg: SynthConfig, job: ShardJob, searched: dict[int, dict], p
     """Stream every waiting shard's rows through the teacher; finish and write them in Ray Data tasks."""
     import ray
 
-    from kale_ray.llm import HttpGenerator, build_vllm_processor
     from kale_ray.models import resolve_model
+    from kale_ray.runtime.generate import generation_stage
 
     gen, storage = cfg.generation, job.storage
     if gen.backend not in ("vllm", "http"):
@@ -1173,16 +1170,14 @@ def _teacher_stage(cfg: SynthConfig, job: ShardJob, searched: dict[int, dict], p
     light = 0.25
     ds = ray.data.read_text(files, filesystem=storage.fs, ray_remote_args={"num_cpus": light}).map(
         _teacher_row, num_cpus=light)
+    model_path = cfg.teacher.name
     if gen.backend == "vllm":
         model_path = resolve_model(cfg.teacher.name, cfg.teacher.cache_dir)
         ds = ds.map_batches(PromptRenderer, fn_constructor_args=(model_path, cfg.teacher.max_model_len, gen.max_tokens,
                                                                  cfg.teacher.trust_remote_code),
                             batch_size=64, concurrency=1, batch_format="numpy", num_cpus=light)
-        out = build_vllm_processor(model_path, gen, cfg.teacher.max_model_len, cfg.teacher.trust_remote_code)(ds)
-    else:
-        # network-bound actors: a fraction of a CPU each, so they never starve the light stages
-        out = ds.map_batches(HttpGenerator, fn_constructor_args=(gen, cfg.teacher.name), batch_size=gen.batch_size,
-                             concurrency=_pool(gen), batch_format="numpy", num_cpus=light)
+    # vLLM engines or network-bound HTTP actors (a fraction of a CPU each, so they never starve the light stages)
+    out = generation_stage(ds, model_path, gen, cfg.teacher, num_cpus=light)
     out = out.map_batches(_finish_batch, batch_size=gen.batch_size, batch_format="numpy", num_cpus=light,
                           fn_kwargs={"job": job})
     parts: dict[int, dict[str, int]] = {s: {} for s in searched}

@@ -46,3 +46,19 @@ def test_demo_tiny(tmp_path):
         for line in p.read_text().splitlines():
             for path in json.loads(line)["paths"]:
                 assert all(kg.has_named_triple(*hop) for hop in path)
+
+    # A rerun with the same settings reuses every stage and reports the same results.
+    again = run_demo(cfg, progress=lambda m: None)
+    assert again["reused_stages"] == ["synthesis", "training_rows", "train.sft", "train.kale", "eval.sft", "eval.kale"]
+    assert again["eval"]["kale"]["accuracy"] == metrics["eval"]["kale"]["accuracy"]
+    # A changed training setting: refused at the first training stage, naming the key; nothing rewritten.
+    import dataclasses
+
+    from kale_ray.runtime.stages import StaleOutputError
+
+    config_before = (tmp_path / "config.yaml").read_text()
+    summary_before = (tmp_path / "sft" / "train_summary.json").read_text()
+    with pytest.raises(StaleOutputError, match=r"train\.sft.*settings\.lr: 0\.0005 -> 0\.001"):
+        run_demo(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e-3)), progress=lambda m: None)
+    assert (tmp_path / "config.yaml").read_text() == config_before
+    assert (tmp_path / "sft" / "train_summary.json").read_text() == summary_before

@@ -101,3 +101,16 @@ def test_input_file_identity_is_part_of_the_settings(tmp_path):
     src.write_text('{"a": 2}\n')
     with pytest.raises(StaleOutputError, match="inputs"):
         Run(out).stage("qa", dict, settings={}, content_inputs=[src])
+
+
+def test_after_names_the_stages_a_stage_reads_and_rejects_unknown_ones(tmp_path):
+    run = Run(tmp_path)
+    run.stage("a", dict, settings={"x": 1})
+    run.stage("b", dict, settings={})
+    run.stage("c", dict, settings={}, after="a")  # does not read b
+    again = Run(tmp_path)
+    again.stage("a", dict, settings={"x": 1})
+    again.stage("c", dict, settings={}, after="a")  # b skipped this time: c still reused
+    assert again.reused == ["a", "c"]
+    with pytest.raises(ValueError, match="names no earlier stage"):
+        again.stage("d", dict, settings={}, after="zzz")
