@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from kale_ray.core.io import json_default
+
 __all__ = ["Storage", "StorageError", "open_input"]
 
 _SUPPORTED = ("file", "s3", "gs", "hdfs")
@@ -65,17 +67,7 @@ def _s3_options_from_env() -> dict[str, Any]:
     return opts
 
 
-def _json_default(obj: Any) -> Any:
-    """numpy scalars / arrays (and anything else with tolist / item) without importing numpy."""
-    tolist = getattr(obj, "tolist", None)
-    if callable(tolist):
-        return tolist()
-    item = getattr(obj, "item", None)
-    if callable(item):
-        return item()
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+_json_default = json_default  # numpy-aware (kale_ray.core.io)
 
 
 class Storage:
