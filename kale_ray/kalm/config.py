@@ -44,6 +44,9 @@ class KaLMJobConfig:
     eval_before: bool = True  # the base model's metrics, for the side-by-side report
     kgqa_before: bool = True  # also KGQA (a vLLM engine start) for the base model; KG completion always
     ray_address: str | None = None  # None: RAY_ADDRESS or a local Ray
+    # A rerun into an out folder made with other settings: "error" stops with the changed keys,
+    # "overwrite" deletes the first changed stage's outputs and recomputes it and every later one.
+    on_change: Literal["error", "overwrite"] = "error"
 
     def __post_init__(self) -> None:
         if self.train.loss != "kalm":

@@ -14,7 +14,7 @@ the middle rank, not rank 1). MR, MRR, Hits@1/3/10 per direction and both togeth
 **KGQA.** Multiple-choice questions (:func:`kale_ray.kalm.data.kgqa_items`): tail, head
 and relation prediction, triple classification (true vs corrupted), plus open tail
 prediction with the training instruction; rendered with the model's chat template,
-generated greedily through vLLM (``ray.data.llm``), scored with
+generated greedily through :func:`kale_ray.runtime.generate.generate` (vLLM by default), scored with
 :func:`kale_ray.core.parse.is_correct`. Accuracy per task, with the chance level.
 
 The ranking functions are pure torch/numpy; Ray, vLLM and transformers are imported only
@@ -22,7 +22,6 @@ inside the functions that use them.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from kale_ray.config import KaLMEvalConfig, ModelConfig
+from kale_ray.core.io import write_json, write_jsonl
 from kale_ray.core.parse import is_correct
 from kale_ray.core.rejects import Rejects
 from kale_ray.kalm.data import KGQA_TASKS, KGSplit, KGText, key_text, kgqa_items, kgqa_messages, query_text
@@ -255,51 +255,32 @@ def kgqa_summary(scored: list[dict]) -> dict[str, Any]:
 
 
 def run_kgqa(model_path: str, items: list[dict], gen, model_cfg: ModelConfig) -> list[dict]:
-    """Generate an answer for every KGQA item through vLLM (Ray must be up) and score it."""
-    import ray
-
+    """Generate an answer for every KGQA item (:func:`kale_ray.runtime.generate.generate`; Ray must be
+    up) and score it. An item not generated is wrong, with its reason under ``skipped``
+    (``prompt_too_long: ...`` or ``generation_failed: ...``)."""
     from kale_ray.core.prompts import render_chat
-    from kale_ray.llm import build_vllm_processor
     from kale_ray.models import load_tokenizer
+    from kale_ray.runtime.generate import PROMPT_TOO_LONG, generate
 
     tok = load_tokenizer(model_path, model_cfg.trust_remote_code)
-    budget = model_cfg.max_model_len - gen.max_tokens
-    scored, to_run = [], []
+    rows = [{"key": str(it["item_id"]), "prompt": render_chat(msgs, tok), "messages": msgs}
+            for it in items for msgs in [kgqa_messages(it)]]
+    got = generate(rows, model_path, gen, model_cfg, tokenizer=tok)
+    scored = []
     for it in items:
-        prompt = render_chat(kgqa_messages(it), tok)
-        n = len(tok(prompt, add_special_tokens=False)["input_ids"])
-        if n > budget:
-            scored.append(dict(it, generation="", prediction=None, correct=False, parsed=False,
-                               skipped=f"prompt_too_long: {n} > {budget}"))
-        else:
-            to_run.append({"item_id": it["item_id"], "prompt": prompt})
-    by_id = {it["item_id"]: it for it in items}
-    if to_run:
-        proc = build_vllm_processor(model_path, gen, model_cfg.max_model_len, model_cfg.trust_remote_code)
-        ds = ray.data.from_items(to_run, override_num_blocks=max(1, min(16, len(to_run) // max(1, gen.batch_size))))
-        for row in proc(ds).iter_rows():
-            it = by_id[row["item_id"]]
-            err = str(row.get("gen_error") or "")
-            gen_text = "" if row.get("generation") is None else str(row["generation"])
-            if err and err != "None":
-                scored.append(dict(it, generation="", prediction=None, correct=False, parsed=False,
-                                   skipped=f"generation_failed: {err[:200]}"))
-                continue
-            ok, pred = is_correct(gen_text, it["all_answers"], it["choices"])
-            scored.append(dict(it, generation=gen_text, prediction=pred, correct=bool(ok), parsed=pred is not None,
-                               skipped=""))
-    if len(scored) != len(items):
-        raise RuntimeError(f"KGQA lost items: {len(items)} in, {len(scored)} scored")
+        res = got[str(it["item_id"])]
+        err = res["error"]
+        if err:
+            skipped = err if err.startswith(PROMPT_TOO_LONG) else f"generation_failed: {err[:200]}"
+            scored.append(dict(it, generation="", prediction=None, correct=False, parsed=False, skipped=skipped))
+            continue
+        ok, pred = is_correct(res["text"], it["all_answers"], it["choices"])
+        scored.append(dict(it, generation=res["text"], prediction=pred, correct=bool(ok), parsed=pred is not None,
+                           skipped=""))
     return sorted(scored, key=lambda r: r["item_id"])
 
 
 # --------------------------------------------------------------------------- one model
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
 
 
 def evaluate_kalm(model_path: str, split: KGSplit, text: KGText, test: np.ndarray, cfg: KaLMEvalConfig,
@@ -315,7 +296,7 @@ def evaluate_kalm(model_path: str, split: KGSplit, text: KGText, test: np.ndarra
                            model_cfg.trust_remote_code, max_embed_len)
 
     kgc, records = kg_completion(embed, test, split.all_true, text, cfg.query_chunk, cfg.entity_chunk)
-    _write_jsonl(out / "ranks.jsonl", records)
+    write_jsonl(out / "ranks.jsonl", records)
     t_kgc = time.perf_counter() - t0
     b = kgc["both"]
     progress(f"[kalm:{label}] KG completion on {b['n']} queries: MRR {b['mrr']:.4f}, MR {b['mr']:.1f}, "
@@ -328,11 +309,11 @@ def evaluate_kalm(model_path: str, split: KGSplit, text: KGText, test: np.ndarra
         items = kgqa_items(test, split.all_true, text, cfg.kgqa_per_task, cfg.num_choices,
                            np.random.default_rng(cfg.seed), rejects)
         scored = run_kgqa(model_path, items, cfg.generation, model_cfg)
-        _write_jsonl(out / "kgqa.jsonl", scored)
+        write_jsonl(out / "kgqa.jsonl", scored)
         metrics["kgqa"] = kgqa_summary(scored)
         metrics["kgqa_rejects"] = rejects.counts()
         metrics["seconds"]["kgqa"] = time.perf_counter() - t1
         progress(f"[kalm:{label}] KGQA: " + ", ".join(f"{t} {v['accuracy']:.3f}" for t, v in metrics["kgqa"].items())
                  + f" ({metrics['seconds']['kgqa']:.0f}s)")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out / "metrics.json", metrics)
     return metrics

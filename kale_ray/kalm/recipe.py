@@ -1,35 +1,40 @@
-"""KaLM end to end: ``run_kalm(cfg)``.
+"""KaLM end to end: ``run_kalm(cfg)``, a list of ``Run.stage`` calls over ``cfg.out``.
 
     kale-ray kalm --config configs/kalm_umls.yaml
 
-1. data: the KG's train/test split -> training rows (both views, inverse relations,
+1. ``prepare``: the KG's train/test split -> training rows (both views, inverse relations,
    triple-completion prompt rendered with the model's chat template) -> ``out/data/``
-2. before: KG completion + KGQA of the base model -> ``out/eval_before/``
-3. alignment: Ray Train + DeepSpeed with ``loss: kalm`` (LoRA on the MLP projections) -> ``out/train/``
-4. after: the same evaluation of the merged model -> ``out/eval_after/``
-5. ``out/metrics.json`` and ``out/report.md``: before and after side by side, time per stage
+2. ``test_triples``: the evaluated test triples -> ``out/test_triples.tsv``
+3. ``eval_before``: KG completion + KGQA of the base model -> ``out/eval_before/``
+4. ``train``: Ray Train + DeepSpeed with ``loss: kalm`` (LoRA on the MLP projections) -> ``out/train/``
+5. ``eval_after``: the same evaluation of the merged model -> ``out/eval_after/``
+6. ``out/metrics.json`` and ``out/report.md``: before and after side by side, time per stage
 
-A rerun reuses finished stages (an evaluation with its ``metrics.json``, a training run with
-its ``train_summary.json``); delete a stage's folder to redo it.
+Each stage records the settings that decide its output (``out/stages/<name>.json``, chained
+through the stages it reads): a rerun with the same settings reuses it, one with other settings
+stops with the changed keys (``on_change: error``) or recomputes it and what follows
+(``on_change: overwrite``). What a later stage needs is read back from the files a stage wrote,
+on a fresh run and a reused one alike.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from kale_ray.config import dump_config
+from kale_ray.config import to_dict
+from kale_ray.core.io import read_jsonl, write_json, write_jsonl
 from kale_ray.kalm.config import KaLMJobConfig
-from kale_ray.kalm.data import KGSplit, KGText, seeded_subset, prep_summary, split_kg, training_rows
+from kale_ray.kalm.data import KGSplit, KGText, prep_summary, seeded_subset, split_kg, training_rows
+from kale_ray.runtime.stages import without
 
-
-def _done(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+# Eval settings that change how fast, not what comes out.
+_NOT_EVAL_OUTPUT = ("embed_with", "embed_threads", "generation.concurrency", "generation.max_concurrency")
 
 
 def _init_ray(cfg: KaLMJobConfig) -> None:
@@ -38,94 +43,133 @@ def _init_ray(cfg: KaLMJobConfig) -> None:
     init_ray(cfg.ray_address, cfg.train.num_workers)
 
 
-def prepare(cfg: KaLMJobConfig, model_path: str, out: Path) -> tuple[KGSplit, KGText, np.ndarray, dict]:
-    """Split, training rows (``out/data/train.jsonl``), the evaluated test triples; returns a summary."""
-    from kale_ray.core.kg import load_kg
+@dataclasses.dataclass
+class KGViews:
+    """The KG, its split and its text: rebuilt from the config (a load and a seeded split, the
+    same on every call) wherever a stage that runs needs them, fresh or after reused stages."""
+
+    kg: Any
+    split: KGSplit
+    text: KGText
+
+    @classmethod
+    def load(cls, cfg: KaLMJobConfig) -> KGViews:
+        from kale_ray.core.kg import load_kg
+
+        d = cfg.data
+        kg = load_kg(d.kg.source, d.kg.names, d.kg.on_error)
+        return cls(kg, split_kg(kg, d.split, d.test_fraction, d.seed), KGText.from_kg(kg, d.inverse_text))
+
+
+def prepare(cfg: KaLMJobConfig, kg: KGViews, model_path: str, out: Path) -> dict:
+    """Training rows (``out/data/train.jsonl``) and ``out/data_summary.json``; returns the summary."""
     from kale_ray.core.prompts import render_chat
     from kale_ray.models import load_tokenizer
 
-    d = cfg.data
-    kg = load_kg(d.kg.source, d.kg.names, d.kg.on_error)
-    split = split_kg(kg, d.split, d.test_fraction, d.seed)
+    d, split, text = cfg.data, kg.split, kg.text
     train = seeded_subset(split.train, d.max_train_triples, d.seed, "train")
-    test = seeded_subset(split.test, cfg.eval.max_test_triples, cfg.eval.seed, "test")
-    text = KGText.from_kg(kg, d.inverse_text)
     tok = load_tokenizer(model_path, cfg.train.model.trust_remote_code)
     rows = training_rows(train, text, lambda m: render_chat(m, tok), tok.eos_token or "", d.add_inverse,
                          known_triples=split.train)
-    data_dir = out / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = data_dir / "train.jsonl.tmp"
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    tmp.replace(data_dir / "train.jsonl")
+    write_jsonl(out / "data" / "train.jsonl", rows)
+    summary = dict(prep_summary(rows, split, text, trained=len(train)), kg=kg.kg.summary())
+    write_json(out / "data_summary.json", summary)
+    return summary
+
+
+def write_test_triples(cfg: KaLMJobConfig, split: KGSplit, out: Path) -> dict:
+    """The evaluated test triples (a seeded sample of ``eval.max_test_triples``) -> ``out/test_triples.tsv``."""
+    test = seeded_subset(split.test, cfg.eval.max_test_triples, cfg.eval.seed, "test")
     np.savetxt(out / "test_triples.tsv", test, fmt="%d", delimiter="\t", header="head\trelation\ttail (ids)")
-    summary = dict(prep_summary(rows, split, text, trained=len(train)), kg=kg.summary(),
-                   evaluated_test_triples=int(len(test)))
-    (out / "data_summary.json").write_text(json.dumps(summary, indent=2))
-    return split, text, test, summary
+    return {"evaluated_test_triples": int(len(test)), "test_triples": int(len(split.test))}
+
+
+def read_test_triples(out: Path) -> np.ndarray:
+    return np.loadtxt(out / "test_triples.tsv", dtype=np.int64, delimiter="\t", ndmin=2).reshape(-1, 3)
+
+
+def train_config(cfg: KaLMJobConfig, out: Path):
+    """The trainer's config: ``loss: kalm`` on ``out/data`` into ``out/train`` (``on_change`` reaches it)."""
+    on_change = "overwrite" if cfg.on_change == "overwrite" else cfg.train.on_change
+    return dataclasses.replace(copy.deepcopy(cfg.train), loss="kalm", data=str(out / "data"),
+                               out_dir=str(out / "train"), on_change=on_change)
+
+
+def data_settings(cfg: KaLMJobConfig) -> dict[str, Any]:
+    """What decides the training rows: the data section and the model whose chat template renders them."""
+    return {"data": without(to_dict(cfg.data), ("kg.undirected_search",)), "model": cfg.train.model.name,
+            "trust_remote_code": cfg.train.model.trust_remote_code}
+
+
+def eval_settings(cfg: KaLMJobConfig, kgqa: bool, model: str) -> dict[str, Any]:
+    """What decides an evaluation's output: the eval section, the model and how it is embedded."""
+    ecfg = dataclasses.replace(cfg.eval, kgqa=cfg.eval.kgqa and kgqa)
+    m = cfg.train.model
+    return {"eval": without(to_dict(ecfg), _NOT_EVAL_OUTPUT), "model": model,
+            "trust_remote_code": m.trust_remote_code, "max_model_len": m.max_model_len,
+            "max_embed_len": cfg.train.kalm.max_embed_len, "use_gpu": cfg.train.use_gpu}
 
 
 def run_kalm(cfg: KaLMJobConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     from kale_ray.kalm.evaluate import evaluate_kalm
     from kale_ray.models import resolve_model
     from kale_ray.report import machine_info
-    from kale_ray.train.trainer import run_training
+    from kale_ray.runtime.stages import Run
+    from kale_ray.train.trainer import run_training, training_stage
 
     out = Path(cfg.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
-    timings: dict[str, float] = {}
-    t_all = time.perf_counter()
-    _init_ray(cfg)
-
-    t = time.perf_counter()
+    run = Run(out, cfg, on_change=cfg.on_change, progress=progress, label="kalm")
     model_path = resolve_model(cfg.train.model.name, cfg.train.model.cache_dir)
-    split, text, test, data_summary = prepare(cfg, model_path, out)
-    timings["prepare"] = time.perf_counter() - t
-    progress(f"[kalm] {data_summary['training_rows']} training rows ({data_summary['train_triples']} triples + "
-             f"inverses), {len(test)} test triples, {data_summary['entities']} entities")
+    kg = functools.cache(lambda: KGViews.load(cfg))  # loaded once, and only by a stage that runs
+    kg_files = [p for p in (cfg.data.kg.source, cfg.data.kg.names) if p and not str(p).startswith("builtin:")]
 
-    reused: list[str] = []
+    # 1-2. data: training rows, the evaluated test triples
+    data = run.stage("prepare", lambda: prepare(cfg, kg(), model_path, out), settings=data_settings(cfg),
+                     inputs=kg_files, outputs=["data", "data_summary.json"])
+    tests = run.stage("test_triples", lambda: write_test_triples(cfg, kg().split, out), outputs=["test_triples.tsv"],
+                      settings={"max_test_triples": cfg.eval.max_test_triples, "seed": cfg.eval.seed})
+    data_summary = dict(data, evaluated_test_triples=tests["evaluated_test_triples"])
+    progress(f"[kalm] {data_summary['training_rows']} training rows ({data_summary['train_triples']} triples + "
+             f"inverses), {data_summary['evaluated_test_triples']} test triples, {data_summary['entities']} entities")
 
     def evaluate(path: str, label: str, kgqa: bool) -> dict:
-        done = _done(out / f"eval_{label}" / "metrics.json")
-        if done is not None:
-            reused.append(f"eval_{label}")
-            timings[f"eval_{label}"] = sum(done.get("seconds", {}).values())  # the run that made it
-            return done
-        t = time.perf_counter()
-        ecfg = dataclasses.replace(cfg.eval, kgqa=cfg.eval.kgqa and kgqa)
-        res = evaluate_kalm(path, split, text, test, ecfg, cfg.train.model, out / f"eval_{label}", label,
-                            use_gpu=cfg.train.use_gpu, max_embed_len=cfg.train.kalm.max_embed_len,
-                            progress=progress)
-        timings[f"eval_{label}"] = time.perf_counter() - t
-        return res
+        _init_ray(cfg)
+        return evaluate_kalm(path, kg().split, kg().text, read_test_triples(out),
+                             dataclasses.replace(cfg.eval, kgqa=cfg.eval.kgqa and kgqa), cfg.train.model,
+                             out / f"eval_{label}", label, use_gpu=cfg.train.use_gpu,
+                             max_embed_len=cfg.train.kalm.max_embed_len, progress=progress)
 
+    # 3. the base model
     evals: dict[str, dict] = {}
     if cfg.eval_before:
-        evals["before"] = evaluate(model_path, "before", cfg.kgqa_before)
+        evals["before"] = run.stage("eval_before", lambda: evaluate(model_path, "before", cfg.kgqa_before),
+                                    settings=eval_settings(cfg, cfg.kgqa_before, cfg.train.model.name),
+                                    outputs=["eval_before"], after="test_triples")
 
-    t = time.perf_counter()
-    tcfg = dataclasses.replace(copy.deepcopy(cfg.train), loss="kalm", data=str(out / "data"), out_dir=str(out / "train"))
-    train_summary = _done(out / "train" / "train_summary.json")
-    if train_summary is None:
+    # 4. alignment (the trainer keeps its own settings record and checkpoints in out/train: a killed run resumes)
+    tcfg = train_config(cfg, out)
+
+    def train() -> dict:
+        _init_ray(cfg)
         progress(f"[kalm] aligning on Ray Train + DeepSpeed ZeRO-{tcfg.zero_stage}, {tcfg.num_workers} workers")
         res = run_training(tcfg, run_name="kalm")
-        train_summary, history, merged = res.summary, res.history, res.merged_dir
-        timings["train"] = time.perf_counter() - t
-    else:
-        reused.append("train")
-        history = [json.loads(x) for x in (out / "train" / "history.jsonl").read_text().splitlines() if x]
-        merged = str(out / "train" / "merged")
-        timings["train"] = float(train_summary.get("wall_seconds") or 0.0)
-    if not merged or not Path(merged).exists():
+        return {"steps": res.summary.get("steps"), "final_loss": res.summary.get("final_loss")}
+
+    # A complete stage is not run again, so more max_steps count as a change here (the trainer would resume).
+    run.stage("train", train, settings={**training_stage(tcfg, "kalm").settings, "max_steps": tcfg.max_steps},
+              outputs=["train"], after="prepare")
+    merged = str(out / "train" / "merged")
+    if not Path(merged).exists():
         raise RuntimeError(f"training wrote no merged model under {out / 'train'} (set train.save_merged=true)")
+    train_summary = json.loads((out / "train" / "train_summary.json").read_text())
+    history = read_jsonl(out / "train" / "history.jsonl")
 
-    evals["after"] = evaluate(merged, "after", True)
-    timings["total_this_run"] = time.perf_counter() - t_all
+    # 5. the aligned model (named by the train stage's settings, upstream)
+    evals["after"] = run.stage("eval_after", lambda: evaluate(merged, "after", True),
+                               settings=eval_settings(cfg, True, "merged"), outputs=["eval_after"],
+                               after=["train", "test_triples"])
 
+    timings = run.timings()
     metrics = {
         "model": cfg.train.model.name,
         "machine": machine_info(),
@@ -136,9 +180,9 @@ def run_kalm(cfg: KaLMJobConfig, progress: Callable[[str], None] = print) -> dic
         "train_last_step": history[-1] if history else None,
         "eval": evals,
         "timings": timings,
-        "reused_stages": reused,
+        "reused_stages": list(run.reused),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    write_json(out / "metrics.json", metrics)
     write_report(out, metrics, cfg)
     after = evals["after"]["kg_completion"]["both"]
     progress(f"[kalm] done in {timings['total_this_run'] / 60:.1f} min: MRR after {after['mrr']:.4f}"

@@ -2,7 +2,8 @@
 
 ``builtin:tiny-llama`` (random weights) on a slice of UMLS: 32 training triples (64 rows with
 the inverse relations), 2 workers, LoRA, 3 steps; KG completion before and after on 12 test
-triples (24 queries); KGQA through vLLM on a handful of questions (after alignment). About 3 minutes on 2 cores.
+triples (24 queries); KGQA through vLLM on a handful of questions (after alignment). A rerun in
+the same folder reuses every stage; one with a changed data setting is refused. About 5 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 from kale_ray.config import load_config
 from kale_ray.kalm.config import KaLMJobConfig
+from kale_ray.runtime.stages import StaleOutputError
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +23,7 @@ pytestmark = pytest.mark.integration
 def test_kalm_recipe_tiny(ray_local, tmp_path):
     from kale_ray.kalm.recipe import run_kalm
 
-    cfg = load_config(KaLMJobConfig, None, [
+    overrides = [
         f"out={tmp_path / 'kalm'}",
         "data.max_train_triples=32",
         "train.model.name=builtin:tiny-llama", "train.model.max_model_len=512",
@@ -29,7 +31,8 @@ def test_kalm_recipe_tiny(ray_local, tmp_path):
         "train.lr=0.005", "train.warmup_steps=0", "train.kalm.lm_weight=0.5", "train.kalm.gather_negatives=true",
         "eval.max_test_triples=12", "eval.embed_batch_size=16", "eval.query_chunk=7", "eval.entity_chunk=50",
         "kgqa_before=false", "eval.kgqa_per_task=2", "eval.generation.max_tokens=8", "eval.generation.batch_size=8",
-    ])
+    ]
+    cfg = load_config(KaLMJobConfig, None, overrides)
     m = run_kalm(cfg)
     out = Path(cfg.out)
 
@@ -69,7 +72,15 @@ def test_kalm_recipe_tiny(ray_local, tmp_path):
     report = (out / "report.md").read_text()
     assert "| both | MRR |" in report and "## KGQA" in report and "| eval_after.kgqa |" in report
 
-    # A rerun reuses every finished stage (no retraining, no re-evaluation)
+    # A rerun with the same settings reuses every stage (no retraining, no re-evaluation), with their first times
     again = run_kalm(cfg)
-    assert again["eval"] == m["eval"] and again["reused_stages"] == ["eval_before", "train", "eval_after"]
-    assert again["timings"]["train"] == pytest.approx(m["train"]["wall_seconds"])
+    assert again["eval"] == m["eval"] and again["data"] == m["data"]
+    assert again["reused_stages"] == ["prepare", "test_triples", "eval_before", "train", "eval_after"]
+    assert all(again["timings"][k] == m["timings"][k] for k in again["reused_stages"])
+
+    # One changed setting of the first stage: refused with the key, before anything is written
+    kept = {p: (out / p).read_bytes() for p in ("config.yaml", "data/train.jsonl", "metrics.json",
+                                                 "stages/prepare.json", "train/train_summary.json")}
+    with pytest.raises(StaleOutputError, match=r"data\.max_train_triples: 32 -> 16"):
+        run_kalm(load_config(KaLMJobConfig, None, overrides + ["data.max_train_triples=16"]))
+    assert {p: (out / p).read_bytes() for p in kept} == kept

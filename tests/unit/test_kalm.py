@@ -384,3 +384,120 @@ def test_config_file_loads():
     assert first.startswith("# ") and "kalm" in first
     cfg = load_config(KaLMJobConfig, path)
     assert cfg.train.model.name == "builtin:smollm2-135m" and cfg.train.zero_stage == 2
+
+
+# =========================================================================== the recipe's stages
+
+
+def _fake_heavy_stages(monkeypatch) -> list[tuple[str, str]]:
+    """run_kalm with the real data stages and stand-ins for Ray, training and evaluation; returns their calls."""
+    import types
+    from pathlib import Path
+
+    from kale_ray.core.io import read_jsonl, write_json, write_jsonl
+    from kale_ray.kalm import evaluate, recipe
+    from kale_ray.train import trainer
+
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(recipe, "_init_ray", lambda cfg: None)
+
+    def fake_eval(model_path, split, text, test, cfg, model_cfg, out_dir, label, **kw):
+        calls.append((f"eval_{label}", model_path))
+        m = {"label": label, "kg_completion": {"both": {"n": 2 * len(test), "mrr": 0.5, "mr": 2.0},
+                                               "num_entities": len(text.entities)},
+             "kgqa_per_task": cfg.kgqa_per_task, "seconds": {"kg_completion": 0.0}}
+        write_json(Path(out_dir) / "metrics.json", m)
+        return m
+
+    def fake_train(tcfg, run_name=None):
+        calls.append(("train", tcfg.on_change))
+        out = Path(tcfg.out_dir)
+        (out / "merged").mkdir(parents=True, exist_ok=True)
+        summary = {"steps": 1, "samples": len(read_jsonl(Path(tcfg.data) / "train.jsonl")), "wall_seconds": 0.1}
+        write_json(out / "train_summary.json", summary)
+        write_jsonl(out / "history.jsonl", [{"step": 1, "loss": 1.0}])
+        return types.SimpleNamespace(summary=summary, history=read_jsonl(out / "history.jsonl"),
+                                     merged_dir=str(out / "merged"))
+
+    monkeypatch.setattr(evaluate, "evaluate_kalm", fake_eval)
+    monkeypatch.setattr(trainer, "run_training", fake_train)
+    return calls
+
+
+def test_rerun_reuses_refuses_or_recomputes_stages(tmp_path, monkeypatch):
+    from kale_ray.kalm.recipe import run_kalm
+    from kale_ray.runtime.stages import StaleOutputError
+
+    calls = _fake_heavy_stages(monkeypatch)
+    out = tmp_path / "kalm"
+    base = [f"out={out}", "train.model.name=builtin:tiny-llama", "data.max_train_triples=8", "eval.max_test_triples=3"]
+    job = lambda *extra: load_config(KaLMJobConfig, None, base + list(extra))  # noqa: E731
+    quiet = {"progress": lambda _msg: None}
+    stages = ["prepare", "test_triples", "eval_before", "train", "eval_after"]
+
+    m = run_kalm(job(), **quiet)
+    assert [c[0] for c in calls] == ["eval_before", "train", "eval_after"] and m["reused_stages"] == []
+    assert calls[1] == ("train", "error") and calls[2] == ("eval_after", str(out / "train" / "merged"))
+    assert m["data"]["training_rows"] == 16 and m["data"]["evaluated_test_triples"] == 3 and m["train"]["samples"] == 16
+    assert len(np.loadtxt(out / "test_triples.tsv", ndmin=2)) == 3 and set(m["timings"]) >= set(stages)
+    first_config = (out / "config.yaml").read_bytes()
+
+    # Same settings: every stage reused, nothing run, the same results
+    calls.clear()
+    again = run_kalm(job(), **quiet)
+    assert calls == [] and again["reused_stages"] == stages
+    assert again["eval"] == m["eval"] and again["data"] == m["data"] and again["train"] == m["train"]
+
+    # A changed setting of the first stage: refused naming the key; nothing on disk changes
+    disk = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(StaleOutputError, match=r"data\.max_train_triples: 8 -> 4"):
+        run_kalm(job("data.max_train_triples=4"), **quiet)
+    assert calls == [] and {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == disk
+    assert (out / "config.yaml").read_bytes() == first_config
+
+    # An evaluation setting: refused as well; with overwrite only the evaluations run again (no retraining)
+    with pytest.raises(StaleOutputError, match=r"eval\.kgqa_per_task: 50 -> 3"):
+        run_kalm(job("eval.kgqa_per_task=3"), **quiet)
+    m2 = run_kalm(job("eval.kgqa_per_task=3", "on_change=overwrite"), **quiet)
+    assert [c[0] for c in calls] == ["eval_before", "eval_after"]
+    assert m2["reused_stages"] == ["prepare", "test_triples", "train"] and m2["eval"]["after"]["kgqa_per_task"] == 3
+
+    # overwrite with a changed first stage: it and every later stage run again (the trainer told to overwrite too)
+    calls.clear()
+    m3 = run_kalm(job("eval.kgqa_per_task=3", "data.max_train_triples=4", "on_change=overwrite"), **quiet)
+    assert [c[0] for c in calls] == ["eval_before", "train", "eval_after"] and calls[1] == ("train", "overwrite")
+    assert m3["reused_stages"] == [] and m3["data"]["training_rows"] == 8 and m3["train"]["samples"] == 8
+    assert len((out / "data" / "train.jsonl").read_text().splitlines()) == 8
+    assert "max_train_triples: 4" in (out / "config.yaml").read_text()
+
+
+def test_kgqa_goes_through_the_one_generation_path(umls_kg, monkeypatch):
+    from kale_ray.config import GenerationConfig, ModelConfig
+    from kale_ray.kalm.evaluate import kgqa_summary, run_kgqa
+    from kale_ray.models import resolve_model
+    from kale_ray.runtime import generate as gen_mod
+
+    split = split_kg(umls_kg, "official")
+    items = kgqa_items(split.test, split.all_true, KGText.from_kg(umls_kg), 2, 4, np.random.default_rng(0))
+    seen = {}
+
+    def fake_generate(rows, model_path, gen, model_cfg, *, tokenizer=None, **kw):
+        seen.update(n=len(rows), tokenizer=tokenizer is not None, budget=model_cfg.max_model_len - gen.max_tokens)
+        out = {r["key"]: {"text": next(it for it in items if it["item_id"] == r["key"])["all_answers"][0],
+                          "tokens": 3, "error": ""} for r in rows}
+        out[rows[0]["key"]] = {"text": "", "tokens": 0, "error": "prompt_too_long: 600 tokens > 504"}
+        out[rows[1]["key"]] = {"text": "", "tokens": 0, "error": "engine died"}
+        return out
+
+    monkeypatch.setattr(gen_mod, "generate", fake_generate)
+    scored = run_kgqa(resolve_model("builtin:tiny-llama"), items, GenerationConfig(max_tokens=8),
+                      ModelConfig(max_model_len=512))
+    assert seen == {"n": len(items), "tokenizer": True, "budget": 504}
+    assert [r["item_id"] for r in scored] == sorted(it["item_id"] for it in items)
+    by_id = {r["item_id"]: r for r in scored}
+    first, second = items[0]["item_id"], items[1]["item_id"]  # the rows go out in the items' order
+    assert by_id[first]["skipped"] == "prompt_too_long: 600 tokens > 504" and not by_id[first]["correct"]
+    assert by_id[second]["skipped"] == "generation_failed: engine died" and not by_id[second]["parsed"]
+    rest = [r for r in scored if r["item_id"] not in (first, second)]
+    assert rest and all(r["correct"] and r["parsed"] and r["skipped"] == "" for r in rest)
+    assert kgqa_summary(scored)["all"]["n"] == len(items)
