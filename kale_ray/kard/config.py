@@ -114,6 +114,9 @@ class KARDJobConfig:
     reranker: RerankerConfig = dataclasses.field(default_factory=RerankerConfig)
     eval: KARDEvalConfig = dataclasses.field(default_factory=KARDEvalConfig)
     ray_address: str | None = None  # None: RAY_ADDRESS or a local Ray
+    # A rerun in an out folder made with other settings: "error" stops at the first changed stage
+    # naming the keys; "overwrite" redoes that stage and every later one (the students' training too).
+    on_change: Literal["error", "overwrite"] = "error"
 
     def __post_init__(self) -> None:
         if self.train.loss != "sft":

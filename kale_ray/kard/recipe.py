@@ -16,12 +16,16 @@
    -> student samples -> majority vote: (a) no knowledge, (b) KARD + BM25, (c) KARD + reranker;
    reranker hit@1/3 vs BM25 -> ``out/eval/``, ``out/metrics.json``, ``out/report.md``
 
-Every stage writes its output then a marker; a rerun reuses finished stages (delete a folder to redo it).
+Each stage is a ``Run.stage`` (kale_ray.runtime.stages): it writes its files under ``out`` and returns
+a small info dict; what later stages need is read back from those files (the same path whether the
+stage ran or was reused). A rerun with the same settings reuses finished stages; with other settings
+it stops at the first changed stage naming the keys (or, with ``on_change=overwrite``, redoes that
+stage and every later one).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -31,60 +35,29 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kale_ray.config import dump_config
+from kale_ray.config import to_dict
+from kale_ray.core.io import read_jsonl, write_json, write_jsonl
 from kale_ray.core.qa import QAExample, generate_questions, read_qa_jsonl, split_questions, write_qa_jsonl
 from kale_ray.core.rejects import Rejects
 from kale_ray.kard import data as kd
 from kale_ray.kard.config import KARDJobConfig
 from kale_ray.kard.prompts import (VERIFIER_ANSWER_PREFIX, majority_vote, parse_student_answer, teacher_messages,
                                    verifier_messages)
+from kale_ray.runtime.generate import generate, num_blocks
+from kale_ray.runtime.stages import Run, without
 
-STAGE_DONE = "stage.json"
+# Generation settings that decide how fast, not what is generated.
+_GEN_NOT_OUTPUT = ("batch_size", "concurrency", "max_concurrency", "gpu_memory_utilization", "num_gpus_per_replica",
+                   "http_timeout_s", "max_retries", "http_api_key_env", "tensor_parallel_size",
+                   "pipeline_parallel_size")
+_TRAIN_SUMMARY = ("steps", "samples", "first_loss", "final_loss", "seconds_per_step", "wall_seconds", "rejected")
 
 
 # --------------------------------------------------------------------------- small helpers
 
 
-def _write_jsonl(path: Path, rows) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    with tmp.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r, default=_json_default) + "\n")
-            n += 1
-    tmp.replace(path)
-    return n
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
-def _done(folder: Path) -> dict | None:
-    p = folder / STAGE_DONE
-    return json.loads(p.read_text()) if p.exists() else None
-
-
-def _mark(folder: Path, info: dict) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (STAGE_DONE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, default=_json_default))
-    tmp.replace(folder / STAGE_DONE)
-    return info
-
-
 def _init_ray(cfg: KARDJobConfig) -> None:
+    """Start (or join) Ray; a no-op once up. Called by the stages that need it: a reused or refused run starts none."""
     from kale_ray.llm import QUIET_ENV
     from kale_ray.ray_init import init_ray
 
@@ -95,7 +68,39 @@ def _init_ray(cfg: KARDJobConfig) -> None:
 def _ds(rows: list[dict], batch_size: int):
     import ray.data
 
-    return ray.data.from_items(rows, override_num_blocks=max(1, min(32, len(rows) // max(1, batch_size))))
+    return ray.data.from_items(rows, override_num_blocks=num_blocks(len(rows), batch_size))
+
+
+def _model_settings(model) -> dict:
+    return without(to_dict(model), ("cache_dir",))
+
+
+def _gen_settings(gen) -> dict:
+    return without(to_dict(gen), _GEN_NOT_OUTPUT)
+
+
+def _files(*paths: str | None) -> list[str]:
+    """The paths that name users' files (not ``builtin:...``, not ``generate``), for a stage's ``inputs``."""
+    return [p for p in paths if p and not p.startswith("builtin:") and p != "generate"]
+
+
+def _train_config(cfg: KARDJobConfig, name: str, out: Path):
+    on_change = "overwrite" if cfg.on_change == "overwrite" else cfg.train.on_change
+    return dataclasses.replace(cfg.train, loss="sft", data=str(out / "rows" / name),
+                               out_dir=str(out / f"student_{name}"), on_change=on_change)
+
+
+def read_questions(out: Path) -> tuple[list[QAExample], list[QAExample]]:
+    return (list(read_qa_jsonl(out / "qa" / "train.jsonl", Rejects())),
+            list(read_qa_jsonl(out / "qa" / "test.jsonl", Rejects())))
+
+
+def read_kept(out: Path) -> dict[str, list[dict]]:
+    """Verified rationales per question id (train and test), in file order."""
+    kept: dict[str, list[dict]] = {}
+    for r in read_jsonl(out / "rationales" / "kept.jsonl"):
+        kept.setdefault(r["qid"], []).append(r)
+    return kept
 
 
 # --------------------------------------------------------------------------- Ray stages
@@ -115,40 +120,6 @@ def bm25_over_ray(index_dir: Path, queries: list[tuple[str, str]], k: int, batch
     if len(res) != len(queries):
         raise RuntimeError(f"BM25 retrieval lost queries: {len(queries)} in, {len(res)} out")
     return res
-
-
-def generate_over_ray(model_path: str, gen, max_model_len: int, rows: list[dict], tok, trust_remote_code: bool = False
-                      ) -> dict[str, dict]:
-    """vLLM (ray.data.llm) over rows ``{key, prompt}`` -> ``{key: {text, error, tokens}}``.
-
-    A prompt longer than ``max_model_len - max_tokens`` is not sent: it comes back with
-    ``error='prompt_too_long: ...'``. Every row comes back.
-    """
-    from kale_ray.llm import build_vllm_processor
-
-    budget = max_model_len - gen.max_tokens
-    out: dict[str, dict] = {}
-    send = []
-    for r in rows:
-        n = len(tok(r["prompt"], add_special_tokens=False)["input_ids"])
-        if n > budget:
-            out[r["key"]] = {"text": "", "error": f"prompt_too_long: {n} tokens > {budget}", "tokens": 0}
-        else:
-            # No per-request seed: vLLM's CPU sampler crashes on seeded requests whose prompt is
-            # prefilled in chunks ("CPU Generator does not use offset"). The engine's seeded
-            # sampler stream still makes n samples of one prompt differ.
-            send.append({"key": r["key"], "prompt": r["prompt"]})
-    if send:
-        proc = build_vllm_processor(model_path, gen, max_model_len, trust_remote_code)
-        for row in proc(_ds(send, gen.batch_size)).iter_rows():
-            err = row.get("gen_error") or row.get("__inference_error__") or ""
-            out[row["key"]] = {"text": "" if row.get("generation") is None else str(row["generation"]),
-                               "error": "" if err in (None, "None") else str(err),
-                               "tokens": int(row.get("gen_tokens") or 0)}
-    missing = [r["key"] for r in rows if r["key"] not in out]
-    if missing:
-        raise RuntimeError(f"generation lost {len(missing)} rows, e.g. {missing[:3]}")
-    return out
 
 
 class RerankActor:
@@ -182,15 +153,12 @@ class RerankActor:
 
 
 # --------------------------------------------------------------------------- stages
+# Each writes its files under ``out`` and returns a JSON-able info dict (``run.stage`` records it).
 
 
-def stage_questions(cfg: KARDJobConfig, kg, out: Path, progress) -> tuple[list[QAExample], list[QAExample], dict]:
+def stage_questions(cfg: KARDJobConfig, kg, out: Path, progress) -> dict:
     folder = out / "qa"
     rejects = Rejects()
-    if _done(folder):
-        train = list(read_qa_jsonl(folder / "train.jsonl", rejects))
-        test = list(read_qa_jsonl(folder / "test.jsonl", rejects))
-        return train, test, _done(folder)
     qa = cfg.qa
     if qa.source == "generate":
         questions = generate_questions(kg, qa.num_questions, qa.hops, qa.num_choices, qa.max_answers, qa.seed)
@@ -213,43 +181,36 @@ def stage_questions(cfg: KARDJobConfig, kg, out: Path, progress) -> tuple[list[Q
     write_qa_jsonl(train, folder / "train.jsonl")
     write_qa_jsonl(test, folder / "test.jsonl")
     rejects.write_jsonl(folder / "rejects.jsonl")
-    info = {"train": len(train), "test": len(test), "rejected": rejects.counts(),
-            "test_by_hops": dict(Counter(str(q.num_hops) for q in test))}
     progress(f"[kard] questions: {len(train)} train, {len(test)} held-out test; rejected {rejects.counts() or 0}")
-    return train, test, _mark(folder, info)
+    return {"train": len(train), "test": len(test), "rejected": rejects.counts(),
+            "test_by_hops": dict(Counter(str(q.num_hops) for q in test))}
 
 
-def stage_kb(cfg: KARDJobConfig, kg, out: Path, progress) -> tuple[list[dict], dict]:
+def stage_kb(cfg: KARDJobConfig, kg, out: Path, progress) -> dict:
     from kale_ray.kard.kb import build_kb
     from kale_ray.kard.retrieval import BM25Index
 
     folder = out / "kb"
-    done = _done(folder)
-    if done:
-        return _read_jsonl(folder / "passages.jsonl"), done
     t = time.perf_counter()
     rejects = Rejects()
     passages, info = build_kb(cfg.kb.sources, kg, rejects, on_error=cfg.kb.on_error, max_hpo_terms=cfg.kb.max_hpo_terms,
                               facts_per_passage=cfg.kb.facts_per_passage, max_passage_words=cfg.kb.max_passage_words)
     rows = [dict(p.to_dict(), full_text=p.full_text) for p in passages]
-    _write_jsonl(folder / "passages.jsonl", rows)
+    write_jsonl(folder / "passages.jsonl", rows)
     rejects.write_jsonl(folder / "rejects.jsonl")
     t_index = time.perf_counter()
     BM25Index.build([r["id"] for r in rows], [r["full_text"] for r in rows]).save(folder / "bm25")
     info.update(build_seconds=round(t_index - t, 2), index_seconds=round(time.perf_counter() - t_index, 2))
     progress(f"[kard] knowledge base: {info['passages']} passages {info['per_source']}; BM25 index in "
              f"{info['index_seconds']:.1f}s; rejected lines {info['rejected'] or 0}")
-    return rows, _mark(folder, info)
+    return info
 
 
-def stage_teacher(cfg: KARDJobConfig, train, test, out: Path, progress) -> tuple[list[dict], dict]:
+def stage_teacher(cfg: KARDJobConfig, train, test, out: Path, progress) -> dict:
     from kale_ray.core.prompts import render_chat
     from kale_ray.models import load_tokenizer, resolve_model
 
-    folder = out / "teacher"
-    done = _done(folder)
-    if done:
-        return _read_jsonl(folder / "generations.jsonl"), done
+    _init_ray(cfg)
     t = time.perf_counter()
     tc = cfg.teacher
     path = resolve_model(tc.model.name, tc.model.cache_dir)
@@ -257,36 +218,32 @@ def stage_teacher(cfg: KARDJobConfig, train, test, out: Path, progress) -> tuple
     rows = []
     for split, qs, n in (("train", train, tc.num_rationales), ("test", test, 1)):
         for q in qs:
-            prompt = render_chat(teacher_messages(q.question, q.choices, q.answer), tok)
+            messages = teacher_messages(q.question, q.choices, q.answer)
+            prompt = render_chat(messages, tok)
+            # No per-request seed: vLLM's CPU sampler crashes on seeded requests whose prompt is
+            # prefilled in chunks; the engine's seeded sampler stream still makes n samples differ.
             for s in range(n):
-                rows.append({"key": f"{q.id}#{s}", "qid": q.id, "split": split, "sample": s, "prompt": prompt})
-    gen = tc.generation
-    res = generate_over_ray(path, gen, tc.model.max_model_len, rows, tok, tc.model.trust_remote_code)
+                rows.append({"key": f"{q.id}#{s}", "qid": q.id, "split": split, "sample": s, "prompt": prompt,
+                             "messages": messages})
+    res = generate(rows, path, tc.generation, tc.model, tokenizer=tok)
     label = f"vllm:{tc.model.name.replace('builtin:', '')}"
     outs = [{"qid": r["qid"], "split": r["split"], "sample": r["sample"], "teacher": label, "prompt": r["prompt"],
              **res[r["key"]]} for r in rows]
-    _write_jsonl(folder / "generations.jsonl", outs)
+    write_jsonl(out / "teacher" / "generations.jsonl", outs)
     info = {"rows": len(outs), "errors": dict(Counter(o["error"].split(":")[0] for o in outs if o["error"])),
             "tokens": int(sum(o["tokens"] for o in outs)), "seconds": round(time.perf_counter() - t, 2)}
     progress(f"[kard] teacher: {len(outs)} rationales generated ({info['tokens']} tokens) in {info['seconds']:.0f}s")
-    return outs, _mark(folder, info)
+    return info
 
 
-def stage_verify(cfg: KARDJobConfig, kg, train, test, gens: list[dict], out: Path, progress
-                 ) -> tuple[dict[str, list[dict]], dict]:
-    """Verified rationales per question id (train and test), template fallback flagged; rejects aside."""
+def stage_verify(cfg: KARDJobConfig, kg, train, test, gens: list[dict], out: Path, progress) -> dict:
+    """Verified rationales per question (train and test), template fallback flagged; rejects aside."""
     from kale_ray.core.prompts import render_chat
     from kale_ray.kard.scoring import ChoiceScorer
     from kale_ray.kard.verify import text_checks
     from kale_ray.models import load_tokenizer, resolve_model
 
     folder = out / "rationales"
-    done = _done(folder)
-    if done:
-        kept: dict[str, list[dict]] = {}
-        for r in _read_jsonl(folder / "kept.jsonl"):
-            kept.setdefault(r["qid"], []).append(r)
-        return kept, done
     t = time.perf_counter()
     tc = cfg.teacher
     by_id = {q.id: q for q in train + test}
@@ -303,6 +260,7 @@ def stage_verify(cfg: KARDJobConfig, kg, train, test, gens: list[dict], out: Pat
             to_score.append({"key": f"{g['qid']}#{g['sample']}", "choices": json.dumps(q.choices),
                              "prompt": render_chat(verifier_messages(q.question, q.choices, g["text"]), vtok)})
         if to_score:
+            _init_ray(cfg)
             ds = _ds(to_score, 8).map_batches(
                 ChoiceScorer, fn_constructor_args=(vpath, VERIFIER_ANSWER_PREFIX, tc.length_normalise, vm.max_model_len, vm.trust_remote_code),
                 batch_size=8, concurrency=1, batch_format="numpy")
@@ -332,7 +290,7 @@ def stage_verify(cfg: KARDJobConfig, kg, train, test, gens: list[dict], out: Pat
             per_q_teacher.update(k["teacher"] for k in ks)
         else:
             rejects.add("no_verified_rationale", qid=qid, question=q.question)
-    _write_jsonl(folder / "kept.jsonl", kept_rows)
+    write_jsonl(folder / "kept.jsonl", kept_rows)
     rejects.write_jsonl(folder / "rejects.jsonl")
     train_ids = {q.id for q in train}
     info = {"kept_rationales": len(kept_rows), "rejected": rejects.counts(), "by_teacher": dict(per_q_teacher),
@@ -343,43 +301,35 @@ def stage_verify(cfg: KARDJobConfig, kg, train, test, gens: list[dict], out: Pat
             "seconds": round(time.perf_counter() - t, 2)}
     progress(f"[kard] verifier: {info['teacher_rationales_verified']}/{len(gens)} teacher rationales kept; "
              f"rejected {rejects.counts() or 0}; by teacher {dict(per_q_teacher)}")
-    return kept, _mark(folder, info)
+    return info
 
 
-def stage_retrieval(cfg: KARDJobConfig, train, test, kept, passages, out: Path, progress) -> tuple[dict, dict]:
+def stage_retrieval(cfg: KARDJobConfig, train, test, kept, out: Path, progress) -> dict:
     """BM25 for training knowledge (rationale queries), reranker candidates and test candidates (question queries)."""
-    folder = out / "retrieval"
-    done = _done(folder)
-    if done:
-        return json.loads((folder / "retrieval.json").read_text()), done
+    _init_ray(cfg)
     t = time.perf_counter()
     rc = cfg.reranker
     index_dir = out / "kb" / "bm25"
     train_ids = {q.id for q in train}
     by_rationale = [(f"{r['qid']}#{r['sample']}", r["rationale"]) for rs in kept.values() for r in rs]
-    k_rat = max(cfg.knowledge_passages, rc.candidates_by_rationale)
-    hits_r = bm25_over_ray(index_dir, by_rationale, k_rat)
+    hits_r = bm25_over_ray(index_dir, by_rationale, max(cfg.knowledge_passages, rc.candidates_by_rationale))
     qs = [(q.id, q.question) for q in train] + [(q.id, q.question) for q in test]
     hits_q = bm25_over_ray(index_dir, qs, max(rc.candidates_by_question, cfg.eval.retrieve_top, cfg.knowledge_passages))
-    res = {"by_rationale": {k: v for k, v in hits_r.items()}, "by_question": hits_q}
-    (folder).mkdir(parents=True, exist_ok=True)
-    (folder / "retrieval.json").write_text(json.dumps(res))
+    (out / "retrieval").mkdir(parents=True, exist_ok=True)
+    (out / "retrieval" / "retrieval.json").write_text(json.dumps({"by_rationale": hits_r, "by_question": hits_q}))
     info = {"rationale_queries": len(by_rationale), "question_queries": len(qs),
             "train_rationale_queries": sum(1 for k, _ in by_rationale if k.rsplit("#", 1)[0] in train_ids),
             "seconds": round(time.perf_counter() - t, 2)}
     progress(f"[kard] BM25 over Ray Data: {len(by_rationale)} rationale and {len(qs)} question queries "
              f"in {info['seconds']:.1f}s")
-    return res, _mark(folder, info)
+    return info
 
 
-def stage_student_rows(cfg: KARDJobConfig, train, kept, passages, retrieval, student_path: str, out: Path) -> dict:
+def stage_student_rows(cfg: KARDJobConfig, train, kept, passages, retrieval, out: Path) -> dict:
     from kale_ray.core.prompts import render_chat
-    from kale_ray.models import load_tokenizer
+    from kale_ray.models import load_tokenizer, resolve_model
 
-    folder = out / "rows"
-    done = _done(folder)
-    if done:
-        return done
+    student_path = resolve_model(cfg.train.model.name, cfg.train.model.cache_dir)
     tok = load_tokenizer(student_path, cfg.train.model.trust_remote_code)
     eos = tok.eos_token or ""
     render = lambda m: render_chat(m, tok)  # noqa: E731
@@ -394,25 +344,23 @@ def stage_student_rows(cfg: KARDJobConfig, train, kept, passages, retrieval, stu
     if not kard:
         raise RuntimeError("no training question has a rationale (teacher + verifier + fallback gave none); "
                            f"see {out / 'rationales' / 'rejects.jsonl'}")
-    _write_jsonl(folder / "noknow" / "train.jsonl", noknow)
-    _write_jsonl(folder / "kard" / "train.jsonl", kard)
-    return _mark(folder, {"rows": len(kard), "by_teacher": dict(Counter(r["teacher"] for r in kard))})
+    write_jsonl(out / "rows" / "noknow" / "train.jsonl", noknow)
+    write_jsonl(out / "rows" / "kard" / "train.jsonl", kard)
+    return {"rows": len(kard), "by_teacher": dict(Counter(r["teacher"] for r in kard))}
 
 
-def stage_train_student(cfg: KARDJobConfig, name: str, out: Path, progress) -> tuple[dict, str]:
+def stage_train_student(cfg: KARDJobConfig, name: str, out: Path, progress) -> dict:
+    """One student on Ray Train (its own settings record under ``out/student_<name>``: resumes a killed run)."""
     from kale_ray.train.trainer import run_training
 
-    folder = out / f"student_{name}"
-    done = folder / "train_summary.json"
-    if done.exists():
-        return json.loads(done.read_text()), str(folder / "merged")
-    tcfg = dataclasses.replace(copy.deepcopy(cfg.train), loss="sft", data=str(out / "rows" / name), out_dir=str(folder))
+    _init_ray(cfg)
+    tcfg = _train_config(cfg, name, out)
     progress(f"[kard] training student '{name}' on Ray Train + DeepSpeed ZeRO-{tcfg.zero_stage}, "
              f"{tcfg.num_workers} workers")
     res = run_training(tcfg, run_name=f"kard-{name}")
     if not res.merged_dir:
-        raise RuntimeError(f"training wrote no merged model under {folder} (set train.save_merged=true)")
-    return res.summary, res.merged_dir
+        raise RuntimeError(f"training wrote no merged model under {tcfg.out_dir} (set train.save_merged=true)")
+    return {**{k: res.summary.get(k) for k in _TRAIN_SUMMARY}, "merged": res.merged_dir}
 
 
 def stage_reranker(cfg: KARDJobConfig, train, kept, passages, retrieval, out: Path, progress) -> dict:
@@ -420,9 +368,6 @@ def stage_reranker(cfg: KARDJobConfig, train, kept, passages, retrieval, out: Pa
     from kale_ray.kard.rerank_train import train_reranker
 
     folder = out / "reranker"
-    done = folder / "reranker_summary.json"
-    if done.exists():
-        return json.loads(done.read_text())
     rc = cfg.reranker
     index = BM25Index.load(out / "kb" / "bm25")
     rows, skipped = [], Counter()
@@ -438,24 +383,22 @@ def stage_reranker(cfg: KARDJobConfig, train, kept, passages, retrieval, out: Pa
                 continue
             rows.append({"id": rid, "query": q.question, "passages": json.dumps([passages[i]["full_text"] for i in cands]),
                          "targets": json.dumps(targets)})
-    _write_jsonl(folder / "rows" / "train.jsonl", rows)
+    write_jsonl(folder / "rows" / "train.jsonl", rows)
     progress(f"[kard] reranker: {len(rows)} training questions x <= "
              f"{rc.candidates_by_rationale + rc.candidates_by_question} candidates; skipped {dict(skipped) or 0}; "
              f"Ray Train, {rc.num_workers} workers")
+    _init_ray(cfg)
     summary = train_reranker(rc, folder / "rows" / "train.jsonl", folder, use_gpu=cfg.train.use_gpu)
     summary["skipped"] = dict(skipped)
-    done.write_text(json.dumps(summary, indent=2))
+    write_json(folder / "reranker_summary.json", summary)
     return summary
 
 
-def stage_test_knowledge(cfg: KARDJobConfig, test, kept, passages, retrieval, out: Path, progress) -> tuple[list[dict], dict]:
+def stage_test_knowledge(cfg: KARDJobConfig, test, kept, passages, retrieval, out: Path, progress) -> dict:
     """Per test question: BM25 top-N by question, reranked order, and hit@k of the rationale-best passage."""
     from kale_ray.kard.retrieval import BM25Index
 
-    folder = out / "eval" / "knowledge"
-    done = _done(folder)
-    if done:
-        return _read_jsonl(folder / "knowledge.jsonl"), done
+    _init_ray(cfg)
     t = time.perf_counter()
     rc = cfg.reranker
     top_n = cfg.eval.retrieve_top
@@ -492,14 +435,14 @@ def stage_test_knowledge(cfg: KARDJobConfig, test, kept, passages, retrieval, ou
                     for k in (1, 3, 10):
                         hits[name][k] += kd.hit_at_k(gold, ranking, k)
         out_rows.append(row)
-    _write_jsonl(folder / "knowledge.jsonl", out_rows)
+    write_jsonl(out / "eval" / "knowledge" / "knowledge.jsonl", out_rows)
     metrics = {"n": n_ref, "candidates": top_n, "excluded": dict(no_ref),
                "reference_by_teacher": dict(Counter(r.get("reference_teacher") for r in out_rows if r.get("gold") is not None)),
                **{f"{name}_hit@{k}": (hits[name][k] / n_ref if n_ref else None) for name in hits for k in (1, 3, 10)},
                "rerank_seconds": round(t_rerank, 2)}
     progress(f"[kard] reranker on {len(test)} test questions ({top_n} BM25 candidates each): hit@1 "
              f"{metrics['reranker_hit@1']} vs BM25 {metrics['bm25_hit@1']} (n={n_ref}) in {t_rerank:.0f}s")
-    return out_rows, _mark(folder, metrics)
+    return metrics
 
 
 def stage_eval(cfg: KARDJobConfig, name: str, model_dir: str, test, passages, knowledge: list[dict],
@@ -510,23 +453,22 @@ def stage_eval(cfg: KARDJobConfig, name: str, model_dir: str, test, passages, kn
     from kale_ray.kard.prompts import student_messages
     from kale_ray.models import load_tokenizer
 
-    folder = out / "eval" / name
-    done = _done(folder)
-    if done:
-        return done
+    _init_ray(cfg)
     t = time.perf_counter()
     ev = cfg.eval
     gen = ev.generation if ev.num_samples > 1 else dataclasses.replace(ev.generation, temperature=0.0)
-    tok = load_tokenizer(model_dir, cfg.train.model.trust_remote_code)
+    model = dataclasses.replace(cfg.train.model, name=model_dir)
+    tok = load_tokenizer(model_dir, model.trust_remote_code)
     know = {k["qid"]: k for k in knowledge}
     rows = []
     for q in test:
         for v in variants:
             ids = {"none": [], "bm25": know[q.id]["bm25"], "reranker": know[q.id]["reranked"]}[v][: cfg.knowledge_passages]
-            prompt = render_chat(student_messages(q.question, q.choices, [passages[i]["full_text"] for i in ids]), tok)
+            messages = student_messages(q.question, q.choices, [passages[i]["full_text"] for i in ids])
+            prompt = render_chat(messages, tok)
             for s in range(ev.num_samples):
-                rows.append({"key": f"{q.id}|{v}|{s}", "prompt": prompt})
-    res = generate_over_ray(model_dir, gen, cfg.train.model.max_model_len, rows, tok, cfg.train.model.trust_remote_code)
+                rows.append({"key": f"{q.id}|{v}|{s}", "prompt": prompt, "messages": messages})
+    res = generate(rows, model_dir, gen, model, tokenizer=tok)
     preds, metrics = [], {}
     for v in variants:
         correct = parsed = skipped = 0
@@ -545,12 +487,12 @@ def stage_eval(cfg: KARDJobConfig, name: str, model_dir: str, test, passages, kn
         metrics[v] = {"accuracy": correct / n if n else None, "accuracy_ci95": list(wilson_interval(correct, n)), "n": n,
                       "correct": correct, "parse_rate": parsed / max(1, n * ev.num_samples),
                       "samples_failed": skipped}
-    _write_jsonl(folder / "predictions.jsonl", preds)
+    write_jsonl(out / "eval" / name / "predictions.jsonl", preds)
     info = {"model": model_dir, "num_samples": ev.num_samples, "temperature": gen.temperature, "variants": metrics,
             "seconds": round(time.perf_counter() - t, 2)}
     progress(f"[kard] eval '{name}': " + ", ".join(f"{v} {m['accuracy']:.3f}" for v, m in metrics.items())
              + f" (n={len(test)}, {ev.num_samples} samples, {info['seconds']:.0f}s)")
-    return _mark(folder, info)
+    return info
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -558,72 +500,80 @@ def stage_eval(cfg: KARDJobConfig, name: str, model_dir: str, test, passages, kn
 
 def run_kard(cfg: KARDJobConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     from kale_ray.core.kg import load_kg
-    from kale_ray.models import resolve_model
     from kale_ray.report import machine_info
+    from kale_ray.train.trainer import training_stage
 
     out = Path(cfg.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
-    timings: dict[str, float] = {}
-    reused: list[str] = []
-    t_all = time.perf_counter()
-    _init_ray(cfg)
+    run = Run(out, cfg, on_change=cfg.on_change, progress=progress, label="kard")
+    kg = functools.cache(lambda: load_kg(cfg.kg.source, cfg.kg.names, cfg.kg.on_error))  # only if a stage runs
+    qa, ev, rc, tc = cfg.qa, cfg.eval, cfg.reranker, cfg.teacher
 
-    def timed(name: str, folder: Path | None, fn):
-        existed = folder is not None and ((folder / STAGE_DONE).exists() or any(folder.glob("*_summary.json")))
-        t = time.perf_counter()
-        res = fn()
-        timings[name] = round(time.perf_counter() - t, 2)
-        if existed:
-            reused.append(name)
-        return res
-
-    kg = load_kg(cfg.kg.source, cfg.kg.names, cfg.kg.on_error)
-    train, test, qa_info = timed("questions", out / "qa", lambda: stage_questions(cfg, kg, out, progress))
-    passages, kb_info = timed("kb", out / "kb", lambda: stage_kb(cfg, kg, out, progress))
-    gens, teacher_info = timed("teacher", out / "teacher", lambda: stage_teacher(cfg, train, test, out, progress))
-    kept, verify_info = timed("verify", out / "rationales",
-                              lambda: stage_verify(cfg, kg, train, test, gens, out, progress))
-    retrieval, retr_info = timed("retrieval", out / "retrieval",
-                                 lambda: stage_retrieval(cfg, train, test, kept, passages, out, progress))
-    student_path = resolve_model(cfg.train.model.name, cfg.train.model.cache_dir)
-    rows_info = timed("student_rows", out / "rows",
-                      lambda: stage_student_rows(cfg, train, kept, passages, retrieval, student_path, out))
-    train_a, merged_a = timed("train_noknow", out / "student_noknow",
-                              lambda: stage_train_student(cfg, "noknow", out, progress))
-    train_k, merged_k = timed("train_kard", out / "student_kard", lambda: stage_train_student(cfg, "kard", out, progress))
-    rr_info = timed("reranker", out / "reranker",
-                    lambda: stage_reranker(cfg, train, kept, passages, retrieval, out, progress))
-    knowledge, rr_eval = timed("rerank_test", out / "eval" / "knowledge",
-                               lambda: stage_test_knowledge(cfg, test, kept, passages, retrieval, out, progress))
-    ev_a = timed("eval_noknow", out / "eval" / "noknow",
-                 lambda: stage_eval(cfg, "noknow", merged_a, test, passages, knowledge, ["none"], out, progress))
-    ev_k = timed("eval_kard", out / "eval" / "kard",
-                 lambda: stage_eval(cfg, "kard", merged_k, test, passages, knowledge, ["bm25", "reranker"], out, progress))
-    timings["total_this_run"] = round(time.perf_counter() - t_all, 2)
-
-    def tsum(s: dict) -> dict:
-        return {k: s.get(k) for k in ("steps", "samples", "first_loss", "final_loss", "seconds_per_step",
-                                      "wall_seconds", "rejected")}
+    qa_info = run.stage("questions", lambda: stage_questions(cfg, kg(), out, progress), outputs=["qa"],
+                        settings={"qa": to_dict(qa), "kg": to_dict(cfg.kg), "max_train_questions": cfg.max_train_questions,
+                                  "eval.max_questions": ev.max_questions},
+                        inputs=_files(qa.source, qa.test_file, cfg.kg.source, cfg.kg.names))
+    train, test = read_questions(out)
+    kb_info = run.stage("kb", lambda: stage_kb(cfg, kg(), out, progress), settings=to_dict(cfg.kb),
+                        inputs=_files(*cfg.kb.sources), outputs=["kb"])
+    passages = read_jsonl(out / "kb" / "passages.jsonl")
+    teacher_info = run.stage("teacher", lambda: stage_teacher(cfg, train, test, out, progress), outputs=["teacher"],
+                             settings={"model": _model_settings(tc.model), "generation": _gen_settings(tc.generation),
+                                       "num_rationales": tc.num_rationales})
+    gens = read_jsonl(out / "teacher" / "generations.jsonl")
+    verify_info = run.stage("verify", lambda: stage_verify(cfg, kg(), train, test, gens, out, progress),
+                            settings={"verifier": tc.verifier, "length_normalise": tc.length_normalise,
+                                      "verifier_model": tc.verifier_model and _model_settings(tc.verifier_model),
+                                      "require_mention": tc.require_mention,
+                                      "fallback_to_template": tc.fallback_to_template},
+                            outputs=["rationales"])
+    kept = read_kept(out)
+    retr_info = run.stage("retrieval", lambda: stage_retrieval(cfg, train, test, kept, out, progress),
+                          settings={"knowledge_passages": cfg.knowledge_passages, "retrieve_top": ev.retrieve_top,
+                                    "candidates_by_rationale": rc.candidates_by_rationale,
+                                    "candidates_by_question": rc.candidates_by_question},
+                          outputs=["retrieval"])
+    retrieval = json.loads((out / "retrieval" / "retrieval.json").read_text())
+    rows_info = run.stage("student_rows", lambda: stage_student_rows(cfg, train, kept, passages, retrieval, out),
+                          settings={"knowledge_passages": cfg.knowledge_passages, "model": cfg.train.model.name,
+                                    "trust_remote_code": cfg.train.model.trust_remote_code},
+                          outputs=["rows"])
+    trained = {name: run.stage(f"train_{name}", lambda name=name: stage_train_student(cfg, name, out, progress),
+                               settings=training_stage(_train_config(cfg, name, out), f"kard-{name}").settings,
+                               outputs=[f"student_{name}"])
+               for name in ("noknow", "kard")}
+    rr_info = run.stage("reranker", lambda: stage_reranker(cfg, train, kept, passages, retrieval, out, progress),
+                        settings={**without(to_dict(rc), ("encode_batch_size",)), "use_gpu": cfg.train.use_gpu},
+                        outputs=["reranker"])
+    rr_eval = run.stage("rerank_test", lambda: stage_test_knowledge(cfg, test, kept, passages, retrieval, out, progress),
+                        settings={"retrieve_top": ev.retrieve_top}, outputs=["eval/knowledge"])
+    knowledge = read_jsonl(out / "eval" / "knowledge" / "knowledge.jsonl")
+    evals = {}
+    for name, variants in (("noknow", ["none"]), ("kard", ["bm25", "reranker"])):
+        evals[name] = run.stage(
+            f"eval_{name}", lambda name=name, variants=variants: stage_eval(
+                cfg, name, str(out / f"student_{name}" / "merged"), test, passages, knowledge, variants, out, progress),
+            settings={"eval": without(to_dict(ev), [f"generation.{k}" for k in _GEN_NOT_OUTPUT]),
+                      "knowledge_passages": cfg.knowledge_passages, "model": _model_settings(cfg.train.model),
+                      "variants": variants},
+            outputs=[f"eval/{name}"])
+    ev_a, ev_k = evals["noknow"], evals["kard"]
+    timings = {name: (run.seconds[name] if name in run.ran else 0.0) for name in run.seconds}
+    timings["total_this_run"] = round(run.total_seconds(), 2)
 
     metrics = {
-        "student": cfg.train.model.name, "teacher": cfg.teacher.model.name, "reranker_encoder": cfg.reranker.model,
+        "student": cfg.train.model.name, "teacher": tc.model.name, "reranker_encoder": rc.model,
         "machine": machine_info(),
         "questions": qa_info, "kb": kb_info, "teacher_stage": teacher_info, "verifier": verify_info,
         "retrieval": retr_info, "student_rows": rows_info,
-        "train": {"noknow": tsum(train_a), "kard": tsum(train_k)},
+        "train": {name: {k: t.get(k) for k in _TRAIN_SUMMARY} for name, t in trained.items()},
         "reranker_train": rr_info, "reranker_eval": rr_eval,
         "accuracy": {"a_no_knowledge": ev_a["variants"]["none"], "b_kard_bm25": ev_k["variants"]["bm25"],
                      "c_kard_reranker": ev_k["variants"]["reranker"]},
-        "eval": {"noknow": ev_a, "kard": ev_k},
-        "timings": timings, "reused_stages": reused,
-        "stage_seconds_when_run": {"teacher": teacher_info.get("seconds"), "verify": verify_info.get("seconds"),
-                                   "retrieval": retr_info.get("seconds"), "train_noknow": train_a.get("wall_seconds"),
-                                   "train_kard": train_k.get("wall_seconds"), "reranker": rr_info.get("wall_seconds"),
-                                   "rerank_test": rr_eval.get("rerank_seconds"), "eval_noknow": ev_a.get("seconds"),
-                                   "eval_kard": ev_k.get("seconds")},
+        "eval": evals,
+        "timings": timings, "reused_stages": list(run.reused),
+        "stage_seconds_when_run": dict(run.seconds),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    write_json(out / "metrics.json", metrics)
     write_report(out, metrics, cfg)
     acc = metrics["accuracy"]
     progress(f"[kard] done in {timings['total_this_run'] / 60:.1f} min: accuracy (a) {acc['a_no_knowledge']['accuracy']:.3f}, "

@@ -9,6 +9,7 @@ starts dominate (two students, the reranker, teacher + two evaluations).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -25,7 +26,7 @@ def _lines(p: Path) -> list[dict]:
     return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
 
 
-def test_kard_recipe_tiny(ray_local, tmp_path):
+def test_kard_recipe_tiny(ray_local, tmp_path, capsys):
     from kale_ray.kard.recipe import run_kard
 
     corpus = tmp_path / "corpus.jsonl"
@@ -118,3 +119,21 @@ def test_kard_recipe_tiny(ray_local, tmp_path):
     assert set(again["reused_stages"]) >= {"questions", "kb", "teacher", "verify", "retrieval", "student_rows",
                                            "train_noknow", "train_kard", "reranker", "rerank_test", "eval_noknow",
                                            "eval_kard"}
+
+    # a changed setting of an early stage: refused at that stage, naming the key, before anything is
+    # written or started (config.yaml, questions and metrics untouched); the CLI says it in one line, exit 2
+    from kale_ray import cli
+    from kale_ray.runtime.stages import StaleOutputError
+
+    before = {p: (out / p).read_bytes() for p in ("config.yaml", "qa/train.jsonl", "stages/questions.json",
+                                                  "metrics.json")}
+    changed = load_config(KARDJobConfig, None, [f"out={out}", "qa.num_questions=41"])
+    with pytest.raises(StaleOutputError, match=r"qa\.num_questions: 40 -> 41.*on_change=overwrite"):
+        run_kard(dataclasses.replace(cfg, qa=changed.qa))
+    capsys.readouterr()  # drop the logs of the runs above
+    assert cli.main(["kard", f"--config={out / 'config.yaml'}", "qa.num_questions=41"]) == 2
+    err = capsys.readouterr().err.splitlines()  # Ray's log thread (this test's Ray) may print around it
+    said = [x for x in err if x.startswith("kale-ray kard: ")]
+    assert len(said) == 1 and "qa.num_questions: 40 -> 41" in said[0] and "on_change=overwrite" in said[0], err
+    assert not any("Traceback" in x for x in err)
+    assert {p: (out / p).read_bytes() for p in before} == before

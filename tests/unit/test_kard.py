@@ -394,3 +394,74 @@ def test_choice_logprobs_rejects_rows_it_cannot_score():
         choice_logprobs(None, tok, "p", ["a", ""])
     with pytest.raises(ScoringInputError, match="no room"):
         choice_logprobs(None, tok, "p", ["abcdef"], max_len=6)
+
+
+# --------------------------------------------------------------------------- the recipe's stages
+
+
+class _Stop(Exception):
+    """Raised by a patched stage: the recipe goes no further (no Ray, no model)."""
+
+
+def _questions_only(monkeypatch):
+    """run_kard runs its real questions stage, then stops at the knowledge base; starting Ray fails the test."""
+    import kale_ray.kard.recipe as recipe
+    import kale_ray.ray_init
+
+    def stop(*a, **k):
+        raise _Stop()
+
+    def boom(*a, **k):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(recipe, "stage_kb", stop)
+    monkeypatch.setattr(recipe, "_init_ray", boom)
+    monkeypatch.setattr(kale_ray.ray_init, "init_ray", boom)
+    return recipe.run_kard
+
+
+def _snapshot(out):
+    return {p: (out / p).read_bytes() for p in ("config.yaml", "qa/train.jsonl", "qa/test.jsonl", "stages/questions.json")}
+
+
+def test_kard_rerun_with_other_settings_is_refused_or_recomputed(monkeypatch, tmp_path, capsys):
+    from kale_ray import cli
+    from kale_ray.config import load_config
+    from kale_ray.kard.config import KARDJobConfig
+    from kale_ray.kard.recipe import _train_config
+    from kale_ray.runtime.stages import StaleOutputError
+
+    run_kard = _questions_only(monkeypatch)
+    out = tmp_path / "kard"
+    base = [f"out={out}", "qa.num_questions=30", "eval.max_questions=4"]
+    cfg = load_config(KARDJobConfig, None, base)
+    assert cfg.on_change == "error" and _train_config(cfg, "kard", out).on_change == cfg.train.on_change
+    with pytest.raises(_Stop):
+        run_kard(cfg, progress=lambda m: None)
+    record = json.loads((out / "stages" / "questions.json").read_text())
+    assert record["status"] == "complete" and record["result"]["test"] == 4
+    before = _snapshot(out)
+
+    # another seed: refused at the first stage, naming the key; nothing written
+    with pytest.raises(StaleOutputError, match=r"qa\.seed: 0 -> 1.*on_change=overwrite"):
+        run_kard(load_config(KARDJobConfig, None, base + ["qa.seed=1"]), progress=lambda m: None)
+    assert _snapshot(out) == before
+    # the CLI: exit 2, one line, nothing written
+    assert cli.main(["kard", *base, "qa.seed=1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("kale-ray kard: ") and "qa.seed: 0 -> 1" in err, err
+    assert _snapshot(out) == before
+
+    # overwrite: the questions are made again with the new seed (and reach the trainer's own record)
+    over = load_config(KARDJobConfig, None, base + ["qa.seed=1", "on_change=overwrite"])
+    assert _train_config(over, "kard", out).on_change == "overwrite"
+    with pytest.raises(_Stop):
+        run_kard(over, progress=lambda m: None)
+    after = _snapshot(out)
+    assert after["qa/train.jsonl"] != before["qa/train.jsonl"] and after["config.yaml"] != before["config.yaml"]
+    assert json.loads(after["stages/questions.json"])["settings"]["settings"]["qa"]["seed"] == 1
+    # the same settings again: the questions are reused, not remade
+    said = []
+    with pytest.raises(_Stop):
+        run_kard(over, progress=said.append)
+    assert any("questions: reusing" in m for m in said) and _snapshot(out)["qa/train.jsonl"] == after["qa/train.jsonl"]
