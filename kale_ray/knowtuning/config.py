@@ -53,6 +53,9 @@ class KnowTuningDPOJobConfig:
     # After training, score the training pairs with the trained policy: implicit-reward accuracy and margin.
     score_after: bool = True
     ray_address: str | None = None  # None: RAY_ADDRESS or a local Ray
+    # A rerun whose settings differ from those behind out's outputs (runtime.stages.Run): "error" stops
+    # and names the changed keys; "overwrite" deletes that stage's outputs and redoes it and every later one.
+    on_change: Literal["error", "overwrite"] = "error"
 
     def __post_init__(self) -> None:
         if self.train.loss != "dpo":
@@ -181,6 +184,9 @@ class KnowTuningJobConfig:
     # Run the recipe up to and including this stage (the per-stage entry points), or everything.
     stop_after: Literal["qa", "stage1_data", "stage1", "stage2", "all"] = "all"
     ray_address: str | None = None
+    # A rerun whose settings differ from those behind out's outputs (runtime.stages.Run): "error" stops
+    # and names the changed keys; "overwrite" deletes that stage's outputs and redoes it and every later one.
+    on_change: Literal["error", "overwrite"] = "error"
 
     def __post_init__(self) -> None:
         if self.generation.backend not in ("vllm", "http", "template"):

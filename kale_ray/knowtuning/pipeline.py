@@ -15,34 +15,34 @@
 7. ``out/metrics.json`` and ``out/report.md``: the fact-level metrics side by side, the
    rejects of every step by reason, and the time of every stage.
 
-A rerun reuses every finished stage (each writes its summary last); delete a stage's folder to redo it.
+Each step is a stage of a :class:`~kale_ray.runtime.stages.Run` over ``out`` (its settings and their
+hash, chained through the earlier stages, under ``out/stages/``): a rerun with the same settings
+reuses every finished stage; one with other settings stops before writing anything, naming the
+changed keys (``on_change: error``), or redoes the first changed stage and every later one
+(``on_change: overwrite``).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from kale_ray.config import dump_config
+from kale_ray.config import to_dict
+from kale_ray.core.io import read_jsonl, write_json, write_jsonl
 from kale_ray.core.rejects import Rejects
 from kale_ray.knowtuning.config import KnowTuningDPOJobConfig, KnowTuningJobConfig, PairsConfig
+from kale_ray.runtime.stages import without
 
-
-def _done(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+# Settings that change how fast a generation goes, not what it writes (as in kale_ray.synth.pipeline).
+_GEN_SPEED = ("batch_size", "concurrency", "max_concurrency", "http_timeout_s", "num_gpus_per_replica",
+              "gpu_memory_utilization", "tensor_parallel_size", "pipeline_parallel_size")
+_STAGE1_DATA_OUTPUTS = ["stage1/facts.jsonl", "stage1/facts_rejects.jsonl", "stage1/ppl.jsonl", "stage1/rewrites.jsonl",
+                        "stage1/rewrite_rejects.jsonl", "stage1/data", "stage1/summary.json"]
 
 
 def _init_ray(cfg: KnowTuningJobConfig) -> None:
@@ -52,6 +52,46 @@ def _init_ray(cfg: KnowTuningJobConfig) -> None:
     init_ray(cfg.ray_address, cfg.stage1.train.num_workers, runtime_env=QUIET_ENV)
 
 
+# --------------------------------------------------------------------------- settings per stage
+
+
+def _teacher_settings(cfg: KnowTuningJobConfig) -> dict[str, Any]:
+    """What of the teacher decides a teacher step's output (nothing with the template backend)."""
+    if cfg.generation.backend == "template":
+        return {"backend": "template"}
+    return {"model": without(to_dict(cfg.teacher), ["cache_dir"]), "generation": without(to_dict(cfg.generation),
+                                                                                         _GEN_SPEED)}
+
+
+def qa_settings(cfg: KnowTuningJobConfig) -> dict[str, Any]:
+    settings: dict[str, Any] = {"qa": to_dict(cfg.qa)}
+    if cfg.qa.answers == "teacher" and cfg.generation.backend != "template":
+        x = cfg.stage1.extract
+        settings["teacher"] = {**_teacher_settings(cfg), "max_attempts": x.max_attempts,
+                               "retry_temperature": x.retry_temperature, "max_tokens": x.max_tokens}
+    return settings
+
+
+def stage1_data_settings(cfg: KnowTuningJobConfig) -> dict[str, Any]:
+    s1 = cfg.stage1
+    return {"stage1": without(to_dict(s1), ["train", "ppl_batch_size", "ppl_with"]),
+            "student": {"model": without(to_dict(s1.train.model), ["cache_dir"]), "max_seq_len": s1.train.max_seq_len},
+            "teacher": _teacher_settings(cfg)}
+
+
+def stage2_settings(cfg: KnowTuningJobConfig) -> dict[str, Any]:
+    """Stage II's config (its own stages record the rest under ``out/stage2/stages/``)."""
+    from kale_ray.train.trainer import _NOT_OUTPUT_SETTINGS
+
+    return without(to_dict(cfg.stage2), ["reference_with", *[f"train.{k}" for k in _NOT_OUTPUT_SETTINGS
+                                                             if k != "max_steps"]])
+
+
+def eval_settings(cfg: KnowTuningJobConfig, models: dict[str, str]) -> dict[str, Any]:
+    return {"eval": without(to_dict(cfg.eval), ["parallel_models", *[f"generation.{k}" for k in _GEN_SPEED]]),
+            "models": sorted(models), "teacher": _teacher_settings(cfg) if cfg.eval.extractor == "teacher" else None}
+
+
 # --------------------------------------------------------------------------- stages
 
 
@@ -59,7 +99,7 @@ def build_qa(cfg: KnowTuningJobConfig, out: Path, progress: Callable[[str], None
     """Questions + reference facts -> ``out/qa/``; teacher-written answers with ``qa.answers: teacher``."""
     from kale_ray.knowtuning import atomic
     from kale_ray.knowtuning.longform import kg_long_form_qa, read_long_form_jsonl, split_qa
-    from kale_ray.knowtuning.stage1 import load_kg_cached, write_jsonl
+    from kale_ray.knowtuning.stage1 import load_kg_cached
 
     q = cfg.qa
     kg = load_kg_cached(q.kg)
@@ -80,6 +120,7 @@ def build_qa(cfg: KnowTuningJobConfig, out: Path, progress: Callable[[str], None
     if q.answers == "teacher" and cfg.generation.backend != "template":
         from kale_ray.knowtuning.teacher import teacher_step
 
+        _init_ray(cfg)
         items = [{"key": x["id"], "facts": [f["text"] for f in x["facts"]],
                   "messages": atomic.answer_messages(x["question"], [f["text"] for f in x["facts"]])} for x in train]
         res = teacher_step(items, lambda it, text: atomic.parse_long_answer(text, it["facts"]), cfg.teacher,
@@ -101,134 +142,142 @@ def build_qa(cfg: KnowTuningJobConfig, out: Path, progress: Callable[[str], None
                "facts_per_answer": float(np.mean([len(x["facts"]) for x in train + test])),
                "with_subject": sum(1 for x in train + test if x.get("subject")), "answers": answer_stats,
                "rejected": rejects.counts(), "example": train[0]}
-    _write_json(out / "qa" / "summary.json", summary)
+    write_json(out / "qa" / "summary.json", summary)
     return summary
 
 
-def _train(tcfg, data_dir: Path, out_dir: Path, run_name: str, progress) -> tuple[dict, str, bool]:
-    """``(train summary, merged folder, reused)``: a run with its ``train_summary.json`` is reused."""
+def _train(cfg: KnowTuningJobConfig, tcfg, run_name: str, progress: Callable[[str], None]) -> dict[str, Any]:
+    """One SFT run of ``tcfg`` (data and out_dir set): its summary and merged model."""
+    from kale_ray.knowtuning.recipe import TRAIN_SUMMARY_KEYS
     from kale_ray.train.trainer import run_training
 
-    done = _done(out_dir / "train_summary.json")
-    if done is None:
-        cfg = dataclasses.replace(copy.deepcopy(tcfg), data=str(data_dir), out_dir=str(out_dir))
-        progress(f"[knowtuning] {run_name}: {cfg.loss} on Ray Train + DeepSpeed ZeRO-{cfg.zero_stage}, "
-                 f"{cfg.num_workers} workers")
-        res = run_training(cfg, run_name=run_name)
-        done, merged, reused = res.summary, res.merged_dir, False
-    else:
-        merged, reused = str(out_dir / "merged"), True
-    if not merged or not Path(merged).exists():
-        raise RuntimeError(f"{run_name}: no merged model under {out_dir} (set save_merged=true)")
-    return done, merged, reused
-
-
-def run_knowtuning(cfg: KnowTuningJobConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    from kale_ray.knowtuning.evaluate import evaluate_facts
-    from kale_ray.knowtuning.recipe import run_dpo_stage
-    from kale_ray.knowtuning.stage1 import build_stage1_rows, read_jsonl, write_jsonl
-    from kale_ray.models import resolve_model
-    from kale_ray.report import machine_info
-
-    out = Path(cfg.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
-    timings: dict[str, float] = {}
-    reused: list[str] = []
-    t_all = time.perf_counter()
     _init_ray(cfg)
+    progress(f"[knowtuning] {run_name}: {tcfg.loss} on Ray Train + DeepSpeed ZeRO-{tcfg.zero_stage}, "
+             f"{tcfg.num_workers} workers")
+    res = run_training(tcfg, run_name=run_name)
+    return {"summary": {k: res.summary.get(k) for k in TRAIN_SUMMARY_KEYS}, "merged": res.merged_dir}
 
-    def stage(name: str, path: Path, fn: Callable[[], dict]) -> dict:
-        done = _done(path)
-        if done is not None:
-            reused.append(name)
-            timings[name] = float(done.get("_seconds", 0.0))
-            return done
-        t = time.perf_counter()
-        res = fn()
-        res["_seconds"] = round(time.perf_counter() - t, 2)
-        _write_json(path, res)
-        timings[name] = res["_seconds"]
-        return res
 
-    qa = stage("qa", out / "qa" / "summary.json", lambda: build_qa(cfg, out, progress))
-    train_qas, test_qas = read_jsonl(out / "qa" / "train.jsonl"), read_jsonl(out / "qa" / "test.jsonl")
-    progress(f"[knowtuning] {len(train_qas)} training / {len(test_qas)} held-out long-form questions")
-    if cfg.stop_after == "qa":
-        return {"qa": qa, "timings": timings, "reused_stages": reused}
-    s1 = stage("stage1_data", out / "stage1" / "summary.json",
-               lambda: build_stage1_rows(cfg, train_qas, out / "stage1", progress))
+def _model(merged: str | None, what: str, where: Path) -> str:
+    if not merged or not Path(merged).exists():
+        raise RuntimeError(f"{what}: no merged model under {where} (set save_merged=true)")
+    return merged
 
-    if cfg.stop_after == "stage1_data":
-        return {"qa": qa, "stage1": s1, "timings": timings, "reused_stages": reused}
-    trained: dict[str, dict] = {}
-    models: dict[str, str] = {}
-    if cfg.eval.include_base:
-        models["base"] = resolve_model(cfg.stage1.train.model.name, cfg.stage1.train.model.cache_dir)
-    if cfg.baseline == "sft":
-        rows = [r for r in read_jsonl(out / "stage1" / "data" / "train.jsonl") if r["kind"] == "original"]
-        write_jsonl(out / "baseline" / "data" / "train.jsonl", rows)
-        t = time.perf_counter()
-        summ, merged, was = _train(cfg.stage1.train, out / "baseline" / "data", out / "baseline" / "train",
-                                   "baseline_sft", progress)
-        timings["baseline_sft"] = float(summ.get("wall_seconds") or 0.0) if was else time.perf_counter() - t
-        reused += ["baseline_sft"] if was else []
-        trained["sft"], models["sft"] = summ, merged
-    # The trainer keeps the rows' order (a resume skips exactly the rows it trained on), so original and
-    # rewritten QA are mixed here, with a seeded shuffle: else the rewrites would all come last.
+
+def write_baseline_rows(out: Path) -> dict[str, int]:
+    """The baseline's SFT rows: the original QA only."""
+    rows = read_jsonl(out / "stage1" / "data" / "train.jsonl")
+    return {"rows": write_jsonl(out / "baseline" / "data" / "train.jsonl", [r for r in rows if r["kind"] == "original"])}
+
+
+def write_stage1_rows(cfg: KnowTuningJobConfig, out: Path) -> dict[str, int]:
+    """Stage I's SFT rows. The trainer keeps the rows' order (a resume skips exactly the rows it trained
+    on), so original and rewritten QA are mixed here, with a seeded shuffle: else the rewrites would all
+    come last."""
     rows = read_jsonl(out / "stage1" / "data" / "train.jsonl")
     order = np.random.default_rng([cfg.stage1.train.seed, 2]).permutation(len(rows))
-    write_jsonl(out / "stage1" / "train_rows" / "train.jsonl", [rows[i] for i in order])
-    t = time.perf_counter()
-    summ, stage1_merged, was = _train(cfg.stage1.train, out / "stage1" / "train_rows", out / "stage1" / "train",
-                                      "stage1", progress)
-    timings["stage1_train"] = float(summ.get("wall_seconds") or 0.0) if was else time.perf_counter() - t
-    reused += ["stage1_train"] if was else []
-    trained["stage1"] = summ
-    if cfg.baseline == "none":
-        models["stage1"] = stage1_merged
+    return {"rows": write_jsonl(out / "stage1" / "train_rows" / "train.jsonl", [rows[i] for i in order])}
 
-    if cfg.stop_after == "stage1":
-        return {"qa": qa, "stage1": s1, "train": trained, "models": models, "timings": timings,
-                "reused_stages": reused}
+
+def dpo_config(cfg: KnowTuningJobConfig, out: Path, stage1_merged: str) -> KnowTuningDPOJobConfig:
+    """Stage II's job: pairs from the training QA's facts, DPO from the Stage I model."""
     s2 = cfg.stage2
-    dpo_cfg = KnowTuningDPOJobConfig(
+    return KnowTuningDPOJobConfig(
         out=str(out / "stage2"),
         pairs=PairsConfig(kg=cfg.qa.kg, source=str(out / "qa" / "train_facts.jsonl"), beta=s2.beta,
                           kinds=list(s2.kinds), seed=cfg.qa.seed),
         train=dataclasses.replace(copy.deepcopy(s2.train),
                                   model=dataclasses.replace(s2.train.model, name=stage1_merged)),
         reference_batch_size=s2.reference_batch_size, reference_with=s2.reference_with, score_after=s2.score_after,
-        ray_address=cfg.ray_address)
-    stage2 = _done(out / "stage2" / "summary.json")
-    if stage2 is None:
-        progress("[knowtuning] stage2: comparison pairs -> reference pass -> DPO")
-        t = time.perf_counter()
-        stage2 = run_dpo_stage(dpo_cfg)
-        timings["stage2"] = time.perf_counter() - t
-    else:
-        reused.append("stage2")
-        timings["stage2"] = float(sum((stage2.get("seconds") or {}).values()))
-    if not stage2.get("merged") or not Path(stage2["merged"]).exists():
-        raise RuntimeError(f"stage2 wrote no merged model under {out / 'stage2'}")
-    models["knowtuning"] = stage2["merged"]
-    if cfg.stop_after == "stage2":
-        return {"qa": qa, "stage1": s1, "train": trained, "stage2": stage2, "models": models, "timings": timings,
-                "reused_stages": reused}
+        ray_address=cfg.ray_address, on_change=cfg.on_change)
 
-    ev = stage("eval", out / "eval" / "metrics.json", lambda: evaluate_facts(cfg, test_qas, models, out / "eval",
-                                                                             progress))
-    timings["total_this_run"] = time.perf_counter() - t_all
+
+def run_knowtuning(cfg: KnowTuningJobConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    from kale_ray.knowtuning.evaluate import evaluate_facts
+    from kale_ray.knowtuning.recipe import run_dpo_stage, train_on_change, train_settings
+    from kale_ray.knowtuning.stage1 import build_stage1_rows
+    from kale_ray.models import resolve_model
+    from kale_ray.report import machine_info
+    from kale_ray.runtime.stages import Run
+
+    out = Path(cfg.out).expanduser().resolve()
+    run = Run(out, cfg, on_change=cfg.on_change, stop_after=cfg.stop_after, progress=progress, label="knowtuning")
+
+    def result(**parts: Any) -> dict[str, Any]:
+        return {**parts, "timings": run.timings(), "reused_stages": run.reused}
+
+    def stage1_data() -> dict:
+        _init_ray(cfg)
+        info = build_stage1_rows(cfg, read_jsonl(out / "qa" / "train.jsonl"), out / "stage1", progress)
+        write_json(out / "stage1" / "summary.json", info)
+        return info
+
+    def train_cfg(tcfg, data: str, to: str):
+        return dataclasses.replace(copy.deepcopy(tcfg), data=str(out / data), out_dir=str(out / to),
+                                   on_change=train_on_change(cfg.on_change, tcfg))
+
+    def train(name: str, tcfg, run_name: str, to: str) -> dict:
+        return run.stage(name, lambda: _train(cfg, tcfg, run_name, progress), settings=train_settings(tcfg, run_name),
+                         outputs=[to])
+
+    def dpo_stage() -> dict:
+        _init_ray(cfg)
+        progress("[knowtuning] stage2: comparison pairs -> reference pass -> DPO")
+        return run_dpo_stage(dpo_cfg, progress)
+
+    def evaluate() -> dict:
+        _init_ray(cfg)
+        ev = evaluate_facts(cfg, read_jsonl(out / "qa" / "test.jsonl"), models, out / "eval", progress)
+        write_json(out / "eval" / "metrics.json", ev)
+        return ev
+
+    qa_files = [f for f in (None if cfg.qa.source == "kg" else cfg.qa.source, cfg.qa.test_file) if f]
+    qa = run.stage("qa", lambda: build_qa(cfg, out, progress), settings=qa_settings(cfg), content_inputs=qa_files,
+                   outputs=["qa"])
+    progress(f"[knowtuning] {qa['train']} training / {qa['test']} held-out long-form questions")
+    if run.stops_after("qa"):
+        return result(qa=qa)
+    s1 = run.stage("stage1_data", stage1_data, settings=stage1_data_settings(cfg), outputs=_STAGE1_DATA_OUTPUTS)
+    if run.stops_after("stage1_data"):
+        return result(qa=qa, stage1=s1)
+
+    models: dict[str, str] = {}
+    if cfg.eval.include_base:
+        models["base"] = resolve_model(cfg.stage1.train.model.name, cfg.stage1.train.model.cache_dir)
+    trained: dict[str, dict] = {}
+    if cfg.baseline == "sft":  # beside Stage I (after its data): switching the baseline on or off redoes only eval
+        run.stage("baseline_rows", lambda: write_baseline_rows(out), settings={}, outputs=["baseline/data"],
+                  after="stage1_data")
+        t = train("baseline_sft", train_cfg(cfg.stage1.train, "baseline/data", "baseline/train"), "baseline_sft",
+                  "baseline/train")
+        trained["sft"], models["sft"] = t["summary"], _model(t["merged"], "baseline_sft", out / "baseline" / "train")
+    run.stage("stage1_rows", lambda: write_stage1_rows(cfg, out), settings={"seed": cfg.stage1.train.seed},
+              outputs=["stage1/train_rows"], after="stage1_data")
+    t = train("stage1_train", train_cfg(cfg.stage1.train, "stage1/train_rows", "stage1/train"), "stage1",
+              "stage1/train")
+    trained["stage1"], stage1_merged = t["summary"], _model(t["merged"], "stage1", out / "stage1" / "train")
+    if cfg.baseline == "none":
+        models["stage1"] = stage1_merged
+    if run.stops_after("stage1"):
+        return result(qa=qa, stage1=s1, train=trained, models=models)
+
+    dpo_cfg = dpo_config(cfg, out, stage1_merged)
+    stage2 = run.stage("stage2", dpo_stage, settings=stage2_settings(cfg), outputs=["stage2"], after="stage1_train")
+    models["knowtuning"] = _model(stage2.get("merged"), "stage2", out / "stage2")
+    if run.stops_after("stage2"):
+        return result(qa=qa, stage1=s1, train=trained, stage2=stage2, models=models)
+
+    ev = run.stage("eval", evaluate, settings=eval_settings(cfg, models), outputs=["eval"],
+                   after=["qa", "stage2", *(["baseline_sft"] if "sft" in models else [])])
+    timings = run.timings()
     metrics = {
         "teacher": cfg.teacher.name, "student": cfg.stage1.train.model.name, "machine": machine_info(),
         "qa": {k: v for k, v in qa.items() if k != "example"}, "qa_example": qa.get("example"),
-        "stage1": s1, "train": {k: {x: v.get(x) for x in ("steps", "samples", "first_loss", "final_loss",
-                                                           "seconds_per_step", "wall_seconds", "rejected")}
-                                for k, v in trained.items()},
+        "stage1": s1, "train": trained,
         "stage2": {k: stage2.get(k) for k in ("pairs", "reference", "train", "rewards_after", "seconds")},
-        "eval": ev, "timings": timings, "reused_stages": reused,
+        "eval": ev, "timings": timings, "reused_stages": run.reused,
     }
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     write_report(out, metrics)
     res = ev["results"]
     progress("[knowtuning] done in {:.1f} min; ".format(timings["total_this_run"] / 60) + "; ".join(

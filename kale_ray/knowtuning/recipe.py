@@ -11,32 +11,29 @@
 5. ``score_after``: the trained policy scores the same pairs: implicit-reward accuracy and margin,
    overall and per kind -> ``out/summary.json`` with the time of every stage.
 
+Steps 1-2 (``pairs``), 3 (``reference``), 4 (``train``) and 5 (``score_after``) are stages of a
+:class:`~kale_ray.runtime.stages.Run` over ``out``: a rerun with the same settings reuses them, one
+with other settings stops naming the changed keys (``on_change: error``) or redoes the first
+changed stage and every later one (``on_change: overwrite``).
+
 The whole recipe (Stage I, this stage from the Stage I model, the fact-level evaluation) is
 :func:`kale_ray.knowtuning.pipeline.run_knowtuning`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from kale_ray.config import dump_config
+from kale_ray.config import to_dict
+from kale_ray.core.io import read_jsonl, write_json, write_jsonl
 from kale_ray.core.rejects import Rejects
 from kale_ray.knowtuning.config import KnowTuningDPOJobConfig
 
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, default=str) + "\n")
-    tmp.replace(path)
+TRAIN_SUMMARY_KEYS = ("steps", "samples", "first_loss", "final_loss", "seconds_per_step", "rejected", "wall_seconds")
 
 
 def _init_ray(cfg: KnowTuningDPOJobConfig) -> None:
@@ -89,56 +86,79 @@ def score_pairs(rows: list[dict], base_path: str, policy_path: str, adapter: str
     return out
 
 
-def run_dpo_stage(cfg: KnowTuningDPOJobConfig) -> dict[str, Any]:
+def train_on_change(job_on_change: str, tcfg) -> str:
+    """The trainer's ``on_change``: the job's ``overwrite`` reaches it, else its own."""
+    return "overwrite" if job_on_change == "overwrite" else tcfg.on_change
+
+
+def train_settings(tcfg, run_name: str) -> dict[str, Any]:
+    """A training stage's settings for ``Run``: the trainer's own record (its config without the safety
+    knobs, the content of its data) plus ``max_steps`` (a complete stage is not run again, so more steps
+    must count as a change here; the trainer itself would resume)."""
+    from kale_ray.train.trainer import training_stage
+
+    return {**training_stage(tcfg, run_name).settings, "max_steps": tcfg.max_steps}
+
+
+def run_dpo_stage(cfg: KnowTuningDPOJobConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Pairs -> (reference pass) -> DPO -> (reward check); returns and writes ``out/summary.json``."""
     from kale_ray.knowtuning.data import render_pair_rows
     from kale_ray.knowtuning.dpo import add_reference_logps
     from kale_ray.models import load_tokenizer, resolve_model
+    from kale_ray.runtime.stages import Run
     from kale_ray.train.trainer import run_training
 
     out = Path(cfg.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
-    seconds: dict[str, float] = {}
+    run = Run(out, cfg, on_change=cfg.on_change, progress=progress, label="knowtuning-dpo")
+    t = cfg.train
+    model_path = resolve_model(t.model.name, t.model.cache_dir)
 
-    t0 = time.perf_counter()
-    pairs, rejects, pair_info = make_pairs(cfg)
-    if not pairs:
-        raise ValueError(f"no comparison pairs could be made (rejected: {rejects.counts()})")
-    _write_jsonl(out / "pairs.jsonl", pairs)
-    rejects.write_jsonl(out / "pair_rejects.jsonl")
-    model_path = resolve_model(cfg.train.model.name, cfg.train.model.cache_dir)
-    rows = render_pair_rows(pairs, load_tokenizer(model_path, cfg.train.model.trust_remote_code))
-    seconds["pairs"] = round(time.perf_counter() - t0, 2)
+    def pairs() -> dict:
+        rows, rejects, info = make_pairs(cfg)
+        if not rows:
+            raise ValueError(f"no comparison pairs could be made (rejected: {rejects.counts()})")
+        write_jsonl(out / "pairs.jsonl", rows)
+        rejects.write_jsonl(out / "pair_rejects.jsonl")
+        return info
 
-    _init_ray(cfg)
-    reference: dict[str, Any] = {"mode": cfg.train.dpo.reference}
-    if cfg.train.dpo.reference == "precomputed":
-        t0 = time.perf_counter()
-        rows, ref_summary = add_reference_logps(rows, model_path, cfg.train, cfg.reference_batch_size,
-                                                cfg.reference_with)
-        reference.update(ref_summary)
-        seconds["reference"] = round(time.perf_counter() - t0, 2)
-    _write_jsonl(out / "data" / "train.jsonl", rows)
+    def reference() -> dict:
+        rows = render_pair_rows(read_jsonl(out / "pairs.jsonl"), load_tokenizer(model_path, t.model.trust_remote_code))
+        info: dict[str, Any] = {"mode": t.dpo.reference}
+        if t.dpo.reference == "precomputed":
+            _init_ray(cfg)
+            rows, ref_summary = add_reference_logps(rows, model_path, t, cfg.reference_batch_size, cfg.reference_with)
+            info.update(ref_summary)
+        write_jsonl(out / "data" / "train.jsonl", rows)
+        return info
 
-    t0 = time.perf_counter()
-    train_cfg = dataclasses.replace(cfg.train, data=str(out / "data"), out_dir=str(out / "train"))
-    result = run_training(train_cfg, run_name="dpo")
-    seconds["train"] = round(time.perf_counter() - t0, 2)
+    train_cfg = dataclasses.replace(t, data=str(out / "data"), out_dir=str(out / "train"),
+                                    on_change=train_on_change(cfg.on_change, t))
 
-    summary: dict[str, Any] = {"pairs": pair_info, "reference": reference,
-                               "train": {k: result.summary.get(k) for k in (
-                                   "steps", "samples", "first_loss", "final_loss", "seconds_per_step",
-                                   "rejected", "wall_seconds")},
-                               "first_step": result.history[0] if result.history else None,
-                               "last_step": result.history[-1] if result.history else None,
-                               "adapter": result.adapter_dir, "merged": result.merged_dir}
-    if cfg.score_after:
-        t0 = time.perf_counter()
+    def train() -> dict:
+        _init_ray(cfg)
+        progress(f"[knowtuning-dpo] train: dpo on Ray Train + DeepSpeed ZeRO-{t.zero_stage}, {t.num_workers} workers")
+        res = run_training(train_cfg, run_name="dpo")
+        return {"train": {k: res.summary.get(k) for k in TRAIN_SUMMARY_KEYS},
+                "first_step": res.history[0] if res.history else None,
+                "last_step": res.history[-1] if res.history else None,
+                "adapter": res.adapter_dir, "merged": res.merged_dir}
+
+    def score() -> dict:
+        _init_ray(cfg)
         # LoRA: the base + the adapter (the merged folder is the same model); full fine-tuning: merged/.
-        policy = model_path if result.adapter_dir else result.merged_dir
-        summary["rewards_after"] = score_pairs(rows, model_path, policy, result.adapter_dir, cfg)
-        seconds["score_after"] = round(time.perf_counter() - t0, 2)
-    summary["seconds"] = seconds
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        policy = model_path if trained["adapter"] else trained["merged"]
+        return score_pairs(read_jsonl(out / "data" / "train.jsonl"), model_path, policy, trained["adapter"], cfg)
+
+    user_file = [] if cfg.pairs.source == "neighbourhood" else [cfg.pairs.source]
+    pair_info = run.stage("pairs", pairs, settings=to_dict(cfg.pairs), content_inputs=user_file,
+                          outputs=["pairs.jsonl", "pair_rejects.jsonl"])
+    reference_info = run.stage("reference", reference, outputs=["data"], settings={
+        "model": {k: v for k, v in to_dict(t.model).items() if k != "cache_dir"}, "reference": t.dpo.reference,
+        "max_seq_len": t.max_seq_len})
+    trained = run.stage("train", train, settings=train_settings(train_cfg, "dpo"), outputs=["train"])
+    summary: dict[str, Any] = {"pairs": pair_info, "reference": reference_info, **trained}
+    if cfg.score_after:
+        summary["rewards_after"] = run.stage("score_after", score, settings={})
+    summary["seconds"] = dict(run.seconds)
+    write_json(out / "summary.json", summary)
     return summary

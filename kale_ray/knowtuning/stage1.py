@@ -16,7 +16,6 @@ Torch at import (the scorer); Ray lazily.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections import Counter
@@ -26,24 +25,12 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from kale_ray.core.io import read_jsonl, write_jsonl  # noqa: F401  (re-exported: evaluate.py reads them here)
 from kale_ray.core.prompts import completion_text, render_chat
 from kale_ray.core.rejects import Rejects
 from kale_ray.knowtuning import atomic
 from kale_ray.knowtuning.data import long_form_messages
 from kale_ray.train.collators import build_sequence, pad_views, rows_from_columns, tokenizer_adds_bos
-
-
-def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, default=str) + "\n")
-    tmp.replace(path)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 # --------------------------------------------------------------------------- perplexity

@@ -1,9 +1,9 @@
 """Teacher and student generation for KnowTuning on Ray Data, with bounded retries: the thin layer.
 
-:func:`generate` sends rendered prompts through the ``ray.data.llm`` vLLM processor of
-:mod:`kale_ray.llm` (guided JSON decoding when a schema is given) or the OpenAI-compatible
-HTTP backend (the step's JSON schema sent as ``response_format={"type": "json_schema"}``);
-every row comes back with its text or its error.
+:func:`generate` is :func:`kale_ray.runtime.generate.generate` (the one generation path: the
+``ray.data.llm`` vLLM processor with guided JSON decoding when a schema is given, or the
+OpenAI-compatible HTTP backend with ``response_format={"type": "json_schema"}``); every row
+comes back with its text or its error.
 
 :func:`teacher_step` runs one teacher step over items: render each item's chat messages with
 the teacher's template (too long -> rejected ``prompt_too_long``), generate, parse with a pure
@@ -15,7 +15,6 @@ last generation. Each attempt is one pass (one engine start on vLLM).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections import Counter
 from typing import Any, Callable, Sequence
@@ -29,35 +28,12 @@ _STRUCTURED = ("vllm", "http")
 
 def generate(rows: Sequence[dict[str, Any]], model_path: str, gen: GenerationConfig, model: ModelConfig,
              max_tokens: int | None = None, json_schema: dict | None = None) -> dict[str, dict[str, Any]]:
-    """``{key: {"text", "tokens", "error"}}`` for rows ``{key, prompt, messages}`` (Ray must be up)."""
-    import ray
+    """``{key: {"text", "tokens", "error"}}`` for rows ``{key, prompt, messages}`` (Ray must be up): the
+    project's one generation path, :func:`kale_ray.runtime.generate.generate`, with the positional
+    signature :func:`teacher_step`'s ``generate_fn`` takes."""
+    from kale_ray.runtime.generate import generate as generate_rows
 
-    from kale_ray.llm import HttpGenerator, build_vllm_processor
-
-    if not rows:
-        return {}
-    g = dataclasses.replace(gen, max_tokens=int(max_tokens or gen.max_tokens))
-    items = [{"key": str(r["key"]), "prompt": r["prompt"], "messages_json": json.dumps(r.get("messages") or [])}
-             for r in rows]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(32, len(items) // max(1, g.batch_size))))
-    if g.backend == "vllm":
-        proc = build_vllm_processor(model_path, g, model.max_model_len, model.trust_remote_code,
-                                    json_schema=json_schema)
-        out = proc(ds.drop_columns(["messages_json"]))
-    elif g.backend == "http":
-        out = ds.map_batches(HttpGenerator, fn_constructor_args=(g, model.name, json_schema), batch_size=g.batch_size,
-                             concurrency=g.concurrency, batch_format="numpy")
-    else:
-        raise ValueError(f"generation backend {g.backend!r} does not generate (use vllm or http)")
-    got: dict[str, dict[str, Any]] = {}
-    for row in out.iter_rows():
-        err = row.get("gen_error") or row.get("__inference_error__") or ""
-        got[str(row["key"])] = {"text": str(row.get("generation") or ""), "tokens": int(row.get("gen_tokens") or 0),
-                                "error": "" if err in (None, "None") else str(err)}
-    lost = [r["key"] for r in items if r["key"] not in got]
-    for k in lost:  # never silently: a row the engine lost is a failed generation
-        got[k] = {"text": "", "tokens": 0, "error": "row lost by the generation pipeline"}
-    return got
+    return generate_rows(rows, model_path, gen, model, max_tokens=max_tokens, json_schema=json_schema)
 
 
 @dataclasses.dataclass

@@ -3,10 +3,11 @@
 The random tiny teacher's JSON does not parse, so this exercises the reject paths: rejects with reasons, the sentence fallback of the extractor and the template fallback of the
 rewriter. Then: perplexity pass (Ray Data actor), Stage I SFT (2 gloo workers, DeepSpeed ZeRO-2,
 LoRA), Stage II DPO from the Stage I model with a precomputed reference, answers by both models
-through vLLM (engines in parallel), KG fact checks, report; and a rerun that reuses every stage.
+through vLLM (engines in parallel), KG fact checks, report; and reruns (below).
 
 Cost (2 cores): ~4 min, most of it 4 vLLM engine starts (~30 s each: extraction, rewrite, two
-models' answers) and 2 Ray Train runs (~25 s each).
+models' answers) and 2 Ray Train runs (~25 s each). Then reruns: one that reuses every stage, two with
+one changed setting that are refused (the qa stage, Stage II) and leave the folder as it was.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 
 from kale_ray.config import load_config
 from kale_ray.knowtuning.config import KnowTuningJobConfig
+from kale_ray.runtime.stages import StaleOutputError
 
 pytestmark = pytest.mark.integration
 
@@ -119,3 +121,13 @@ def test_knowtuning_whole_recipe_and_rerun(ray_local, tmp_path):
     m2 = run_knowtuning(cfg)
     assert set(m2["reused_stages"]) >= {"qa", "stage1_data", "stage1_train", "stage2", "eval"}
     assert json.dumps(m2["eval"]["results"], sort_keys=True) == json.dumps(m["eval"]["results"], sort_keys=True)
+
+    # a changed setting is refused at the first stage it decides, before anything is written (the folder
+    # still describes its outputs): qa here, Stage II there (every stage before it reused, nothing run)
+    watched = [out / "config.yaml", out / "qa" / "train.jsonl", out / "stage2" / "summary.json"]
+    before = {p: p.read_bytes() for p in watched}
+    for change, key in (("qa.num_questions=6", r"holds qa outputs .*settings\.qa\.num_questions: 8 -> 6"),
+                        ("stage2.train.lr=0.01", r"holds stage2 outputs .*settings\.train\.lr: 0\.005 -> 0\.01")):
+        with pytest.raises(StaleOutputError, match=key):
+            run_knowtuning(load_config(KnowTuningJobConfig, CONFIG, [*overrides, change]))
+        assert {p: p.read_bytes() for p in watched} == before

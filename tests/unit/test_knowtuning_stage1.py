@@ -234,6 +234,49 @@ def test_split_qa_is_disjoint_and_seeded():
     assert len(split_qa(qas[:2], 0.01, 0)[1]) == 1  # at least one held-out question
 
 
+
+# --------------------------------------------------------------------------- the recipe's stages (qa only: no Ray)
+
+
+def _qa_job(out, *overrides):
+    from kale_ray.config import load_config
+    from kale_ray.knowtuning.config import KnowTuningJobConfig
+
+    return load_config(KnowTuningJobConfig, None, [f"out={out}", "qa.num_questions=8", "qa.facts_per_answer=3",
+                                                   "stop_after=qa", *overrides])
+
+
+def test_knowtuning_rerun_reuses_refuses_a_changed_qa_setting_and_overwrites_on_request(tmp_path):
+    from kale_ray.knowtuning.pipeline import run_knowtuning
+    from kale_ray.runtime.stages import StaleOutputError
+
+    out = tmp_path / "kt"
+    quiet = dict(progress=lambda s: None)
+    m = run_knowtuning(_qa_job(out), **quiet)
+    assert m["reused_stages"] == [] and m["qa"]["train"] + m["qa"]["test"] == 8 and set(m["timings"]) >= {"qa"}
+    watched = [out / "config.yaml", out / "qa" / "train.jsonl", out / "qa" / "test.jsonl", out / "stages" / "qa.json"]
+    before = {p: p.read_bytes() for p in watched}
+
+    # same settings: the recorded result comes back, nothing is written
+    m2 = run_knowtuning(_qa_job(out), **quiet)
+    assert m2["reused_stages"] == ["qa"] and json.dumps(m2["qa"], sort_keys=True) == json.dumps(m["qa"], sort_keys=True)
+    assert {p: p.read_bytes() for p in watched} == before
+
+    # one changed setting that decides the questions: refused before anything is written, naming the key
+    for change, key in (("qa.seed=1", r"qa\.seed: 0 -> 1"), ("qa.num_questions=6", r"qa\.num_questions: 8 -> 6")):
+        with pytest.raises(StaleOutputError, match=key + ".*on_change=overwrite"):
+            run_knowtuning(_qa_job(out, change), **quiet)
+        assert {p: p.read_bytes() for p in watched} == before
+
+    # on_change=overwrite: the qa stage is deleted and computed again under the new settings
+    m3 = run_knowtuning(_qa_job(out, "qa.seed=1", "on_change=overwrite"), **quiet)
+    assert m3["reused_stages"] == [] and m3["qa"]["train"] + m3["qa"]["test"] == 8
+    assert (out / "qa" / "train.jsonl").read_bytes() != before[out / "qa" / "train.jsonl"]
+    assert "seed: 1" in (out / "config.yaml").read_text()
+    assert json.loads((out / "stages" / "qa.json").read_text())["settings"]["settings"]["qa"]["seed"] == 1
+    assert run_knowtuning(_qa_job(out, "qa.seed=1"), **quiet)["reused_stages"] == ["qa"]
+
+
 # --------------------------------------------------------------------------- teacher retries (fake generator)
 
 
