@@ -20,15 +20,18 @@ from kale_ray.core.rejects import Rejects
 from kale_ray.knowtuning import atomic
 from kale_ray.knowtuning.data import long_form_messages
 from kale_ray.knowtuning.factcheck import FactChecker, aggregate, answer_metrics
-from kale_ray.knowtuning.stage1 import extract_facts, load_kg_cached, read_jsonl, write_jsonl
+from kale_ray.core.io import read_jsonl, write_jsonl
+from kale_ray.knowtuning.stage1 import extract_facts, load_kg_cached
 
 
 def generate_answers(qas: Sequence[dict], model_path: str, cfg, label: str, out: Path,
                      progress: Callable[[str], None]) -> dict[str, dict]:
-    from kale_ray.knowtuning.teacher import generate
     from kale_ray.models import load_tokenizer
+    from kale_ray.runtime.generate import generate
 
     path = out / label / "generations.jsonl"
+    # A killed evaluation resumes here (its Run.stage record matched); other settings never reach
+    # this folder: the stage is refused or its folder deleted first.
     if path.exists():
         return {r["id"]: r for r in read_jsonl(path)}
     t0 = time.perf_counter()
@@ -36,7 +39,7 @@ def generate_answers(qas: Sequence[dict], model_path: str, cfg, label: str, out:
     tok = load_tokenizer(model_path, mcfg.trust_remote_code)
     rows = [{"key": q["id"], "prompt": render_chat(long_form_messages(q["question"]), tok)} for q in qas]
     gen = dataclasses.replace(cfg.eval.generation, backend="vllm")
-    got = generate(rows, model_path, gen, mcfg)
+    got = generate(rows, model_path, gen, mcfg, tokenizer=tok)
     res = [{"id": q["id"], "question": q["question"], "generation": got[q["id"]]["text"].strip(),
             "tokens": got[q["id"]]["tokens"], "error": got[q["id"]]["error"]} for q in qas]
     write_jsonl(path, res)
