@@ -570,7 +570,31 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         if _annotation_at(cls, key) is str and not isinstance(value, str) and value is not None:
             value = raw
         _set_path(tree, key, value)
-    return _build(cls, tree)
+    cfg = _build(cls, tree)
+    _check_loss_sections(cfg, tree)
+    return cfg
+
+
+# A loss's own settings section of TrainConfig, and the losses that read it. A section given for a
+# job that trains another loss is a misplaced key (e.g. ``train.kalm.tau`` in a KARD job): refused
+# when it differs from the section's defaults.
+LOSS_SECTIONS: dict[str, tuple[str, ...]] = {"ka": ("kale",), "kalm": ("kalm",), "dpo": ("dpo",)}
+
+
+def _check_loss_sections(cfg: Any, tree: Any, prefix: str = "") -> None:
+    if not dataclasses.is_dataclass(cfg) or not isinstance(tree, dict):
+        return
+    if isinstance(cfg, TrainConfig):
+        for section, owners in LOSS_SECTIONS.items():
+            value = getattr(cfg, section)
+            # a dumped config.yaml holds every section at its defaults: only a changed one is misplaced
+            if section in tree and cfg.loss not in owners and value != type(value)():
+                raise ConfigError(f"{prefix}{section}: settings of loss {' / '.join(map(repr, owners))}, but "
+                                  f"{prefix}loss is {cfg.loss!r} (nothing reads them: remove them or set "
+                                  f"{prefix}loss)")
+    for f in dataclasses.fields(cfg):
+        if f.name in tree:
+            _check_loss_sections(getattr(cfg, f.name), tree[f.name], f"{prefix}{f.name}.")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -240,3 +240,16 @@ def test_train_and_eval_defaults_point_at_what_prepare_and_synthesis_write():
     assert f"--out {rows}" in readme and f"data={rows}" in readme
     # synthesis writes out_dir/qa/{train,test}.jsonl
     assert EvalConfig().data == f"{SynthConfig().out_dir}/qa/test.jsonl"
+
+
+def test_a_loss_section_for_a_loss_the_job_does_not_train_is_refused_on_load():
+    from kale_ray.config import ConfigError, TrainConfig, load_config
+    from kale_ray.kard.config import KARDJobConfig
+    from kale_ray.kalm.config import KaLMJobConfig
+
+    with pytest.raises(ConfigError, match=r"^train\.kalm: settings of loss 'kalm', but train\.loss is 'sft'"):
+        load_config(KARDJobConfig, None, ["train.kalm.tau=0.1"])
+    with pytest.raises(ConfigError, match=r"^ka: settings of loss 'kale', but loss is 'sft'"):
+        load_config(TrainConfig, None, ["loss=sft", "ka.lam=2"])
+    assert load_config(TrainConfig, None, ["loss=kale", "ka.lam=2"]).ka.lam == 2
+    assert load_config(KaLMJobConfig, None, ["train.kalm.tau=0.1"]).train.kalm.tau == 0.1
