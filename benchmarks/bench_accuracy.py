@@ -4,7 +4,7 @@
     python benchmarks/bench_accuracy.py --size full --seeds 0,1,2  # UMLS, SmolLM2-135M, vLLM teacher (~25+ min per seed on 2 cores)
     python benchmarks/bench_accuracy.py --size full --seeds 0 key=value ...   # any DemoConfig override
 
-Each seed is one whole run of the demo's pipeline (``kale_ray.demo.run_demo``: synthesis on
+Each seed is one whole run of the demo's pipeline (``kale_ray.methods.kale.recipe.run_demo``: synthesis on
 Ray Data + vLLM, SFT and KALE with the same rows / steps / LoRA budget on Ray Train +
 DeepSpeed, evaluation through vLLM with the hop-fact probes) under
 ``runs/bench_accuracy/<size>/seed<k>``; the seed sets the question generation and split
@@ -65,7 +65,7 @@ PAPER = "KALE papers: up to +11.72 accuracy points, +4.18 on average over SFT"
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
-    from kale_ray.eval.metrics import wilson_interval
+    from kale_ray.runtime.report import wilson_interval
 
     return list(wilson_interval(k, n, z))
 
@@ -121,7 +121,7 @@ def paired(a: dict, b: dict) -> dict:
 
 def run_seed(size: str, seed: int, extra: list[str], out_root: Path) -> dict:
     from kale_ray.config import DemoConfig, load_config
-    from kale_ray.demo import run_demo
+    from kale_ray.methods.kale.recipe import run_demo
 
     out = out_root / size / f"seed{seed}"
     overrides = SIZES[size] + [f"out={out}", f"synth.qa.seed={seed}", f"synth.paths.seed={seed}", f"train.seed={seed}"] + extra

@@ -1,4 +1,4 @@
-"""DPO training step: the project's ``dpo`` loss (kale_ray.knowtuning.dpo) vs TRL's ``DPOTrainer``.
+"""DPO training step: the project's ``dpo`` loss (kale_ray.methods.knowtuning.dpo) vs TRL's ``DPOTrainer``.
 
     python benchmarks/bench_dpo.py            # SmolLM2-135M-Instruct, LoRA r8 q/v, 4 pairs/step, 8 timed steps x 2 rounds
     python benchmarks/bench_dpo.py --quick    # tiny Llama, 4 timed steps x 1 round
@@ -6,7 +6,7 @@
 
 Same model and initial weights (LoRA adapters seeded alike; the check is a hash of the
 trainable tensors), same KnowTuning comparison pairs (UMLS neighbourhood answers with
-deleted / KG-revised / shuffled facts, built by ``kale_ray.knowtuning``), same batches in the
+deleted / KG-revised / shuffled facts, built by ``kale_ray.methods.knowtuning``), same batches in the
 same order (TRL's ``train_sampling_strategy="sequential"``), same sequence lengths, sigmoid
 loss with beta 0.1 and no SFT term (``gamma 0``; TRL's ``loss_type=["sigmoid"]``), AdamW
 lr 1e-5 constant, weight decay 0, gradient clipping 1.0, fp32, one process on the CPU,
@@ -71,9 +71,9 @@ TARGET = 1.3  # ours / TRL samples (pairs) per second
 
 def make_rows(n: int, tok, seed: int) -> tuple[list[dict], dict]:
     """``n`` KnowTuning comparison pairs on UMLS, rendered with the model's chat template."""
-    from kale_ray.knowtuning.config import KnowTuningDPOJobConfig
-    from kale_ray.knowtuning.data import render_pair_rows
-    from kale_ray.knowtuning.recipe import make_pairs
+    from kale_ray.methods.knowtuning.config import KnowTuningDPOJobConfig
+    from kale_ray.methods.knowtuning.data import render_pair_rows
+    from kale_ray.methods.knowtuning.recipe import make_pairs
 
     cfg = KnowTuningDPOJobConfig()
     cfg.pairs.kg.source = "builtin:umls"
@@ -202,7 +202,7 @@ def run_ours_deepspeed(args, model_path, tok, rows, reference: str) -> dict:
 
 
 def precompute_ours(args, model_path, rows) -> tuple[list[dict], float]:
-    from kale_ray.knowtuning.dpo import REF_CHOSEN, REF_REJECTED, PairScorer
+    from kale_ray.methods.knowtuning.dpo import REF_CHOSEN, REF_REJECTED, PairScorer
 
     t = time.perf_counter()
     scorer = PairScorer(model_path, args.max_seq_len, batch_size=args.batch)

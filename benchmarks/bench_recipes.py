@@ -187,17 +187,17 @@ def table_kalm(m: dict, out: Path) -> dict[str, Any]:
 
 def _runner(method: str) -> tuple[type, Callable[..., dict], Callable[[dict, Path], dict]]:
     if method == "knowtuning":
-        from kale_ray.knowtuning.config import KnowTuningJobConfig
-        from kale_ray.knowtuning.pipeline import run_knowtuning
+        from kale_ray.methods.knowtuning.config import KnowTuningJobConfig
+        from kale_ray.methods.knowtuning.pipeline import run_knowtuning
 
         return KnowTuningJobConfig, run_knowtuning, table_knowtuning
     if method == "kard":
-        from kale_ray.kard.config import KARDJobConfig
-        from kale_ray.kard.recipe import run_kard
+        from kale_ray.methods.kard.config import KARDJobConfig
+        from kale_ray.methods.kard.recipe import run_kard
 
         return KARDJobConfig, run_kard, table_kard
-    from kale_ray.kalm.config import KaLMJobConfig
-    from kale_ray.kalm.recipe import run_kalm
+    from kale_ray.methods.kalm.config import KaLMJobConfig
+    from kale_ray.methods.kalm.recipe import run_kalm
 
     return KaLMJobConfig, run_kalm, table_kalm
 

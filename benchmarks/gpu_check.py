@@ -51,7 +51,7 @@ PYDANTIC = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection")
 # Present with torch / transformers / peft; not fetched.
 BASE_MODULES = ("torch", "transformers", "peft", "numpy", "packaging", "psutil", "tqdm", "yaml", "safetensors")
 NEEDED_FILES = {
-    "losses": ("kale_ray/core/losses.py", "kale_ray/kalm/losses.py", "tests/unit/test_losses.py",
+    "losses": ("kale_ray/core/losses.py", "kale_ray/methods/kalm/losses.py", "tests/unit/test_losses.py",
                "tests/unit/test_kalm.py"),
     "zero2": ("kale_ray/train/loop.py", "kale_ray/train/heads.py", "kale_ray/train/registry.py",
               "kale_ray/models.py"),
@@ -339,7 +339,7 @@ class LossChecks:
         torch = self.torch
         t0 = time.perf_counter()
         from kale_ray.core import losses as L
-        from kale_ray.kalm import losses as K
+        from kale_ray.methods.kalm import losses as K
 
         self.heavy_imports = sorted(m for m in ("ray", "vllm", "deepspeed") if m in sys.modules)
         self.goldens(L)

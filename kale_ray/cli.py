@@ -33,9 +33,9 @@ from typing import Any, Callable
 from kale_ray.runtime.stages import StaleOutputError
 from kale_ray.runtime.storage import StorageError
 from kale_ray.config import ConfigError, DemoConfig, EvalConfig, SynthConfig, TrainConfig, load_config, to_dict
-from kale_ray.kalm.config import KaLMJobConfig
-from kale_ray.kard.config import KARDJobConfig
-from kale_ray.knowtuning.config import KnowTuningDPOJobConfig, KnowTuningJobConfig
+from kale_ray.methods.kalm.config import KaLMJobConfig
+from kale_ray.methods.kard.config import KARDJobConfig
+from kale_ray.methods.knowtuning.config import KnowTuningDPOJobConfig, KnowTuningJobConfig
 from kale_ray.runtime.preflight import PreflightError, preflight
 
 
@@ -63,7 +63,7 @@ def _print(obj: Any) -> None:
 
 
 def run_kale(cfg: DemoConfig, args: argparse.Namespace) -> None:
-    from kale_ray.demo import run_demo
+    from kale_ray.methods.kale.recipe import run_demo
 
     _ray(cfg.ray_address, cfg.train.num_workers, job="kale")
     m = run_demo(cfg)
@@ -99,7 +99,7 @@ def run_train(cfg: TrainConfig, args: argparse.Namespace) -> None:
 
 
 def run_evaluate(cfg: EvalConfig, args: argparse.Namespace) -> None:
-    from kale_ray.eval.evaluate import evaluate
+    from kale_ray.methods.kale.evaluate import evaluate
 
     _ray(job="evaluate")
     m = evaluate(cfg, label=cfg.model.name)
@@ -108,28 +108,28 @@ def run_evaluate(cfg: EvalConfig, args: argparse.Namespace) -> None:
 
 
 def run_kalm_job(cfg: KaLMJobConfig, args: argparse.Namespace) -> None:
-    from kale_ray.kalm.recipe import run_kalm
+    from kale_ray.methods.kalm.recipe import run_kalm
 
     m = run_kalm(cfg)  # starts (or joins) Ray itself
     _print({label: ev["kg_completion"]["both"] for label, ev in m["eval"].items()})
 
 
 def run_kard_job(cfg: KARDJobConfig, args: argparse.Namespace) -> None:
-    from kale_ray.kard.recipe import run_kard
+    from kale_ray.methods.kard.recipe import run_kard
 
     m = run_kard(cfg)  # starts (or joins) Ray itself
     _print({k: v["accuracy"] for k, v in m["accuracy"].items()})
 
 
 def run_knowtuning_job(cfg: KnowTuningJobConfig, args: argparse.Namespace) -> None:
-    from kale_ray.knowtuning.pipeline import run_knowtuning
+    from kale_ray.methods.knowtuning.pipeline import run_knowtuning
 
     m = run_knowtuning(cfg)  # starts (or joins) Ray itself
     _print(m["eval"]["results"] if "eval" in m else m["timings"])
 
 
 def run_knowtuning_dpo(cfg: KnowTuningDPOJobConfig, args: argparse.Namespace) -> None:
-    from kale_ray.knowtuning.recipe import run_dpo_stage
+    from kale_ray.methods.knowtuning.recipe import run_dpo_stage
 
     summary = run_dpo_stage(cfg)  # starts (or joins) Ray itself
     _print({k: summary.get(k) for k in ("pairs", "train", "rewards_after", "seconds")})
@@ -223,7 +223,7 @@ def _input_error_types() -> tuple[type, ...]:
     """The errors that mean bad input or config, not a bug: one line and exit 2 (the readers raise them)."""
     from kale_ray.core.kg import KGFormatError
     from kale_ray.core.qa import QAFormatError
-    from kale_ray.kard.kb import CorpusFormatError
+    from kale_ray.methods.kard.kb import CorpusFormatError
     from kale_ray.synth.pipeline import TeacherFailureError
 
     return (ConfigError, PreflightError, StaleOutputError, StorageError, KGFormatError, QAFormatError, CorpusFormatError,

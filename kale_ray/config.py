@@ -298,7 +298,7 @@ class DPOConfig:
     label_smoothing: float = num(0.0, ge=0, lt=0.5)  # conservative DPO (sigmoid only)
     # "adapter_disabled": a no-grad forward of the same LoRA model with the adapter off, every step;
     # "precomputed": rows carry ref_chosen_logp / ref_rejected_logp from one batch pass before
-    # training (kale_ray.knowtuning.dpo.add_reference_logps); rows without them are rejected.
+    # training (kale_ray.methods.knowtuning.dpo.add_reference_logps); rows without them are rejected.
     reference: Literal["adapter_disabled", "precomputed"] = "adapter_disabled"
 
     def __post_init__(self) -> None:  # ranges: num(...) above, checked on load

@@ -35,8 +35,8 @@ class PreflightError(ValueError):
 
 # Per section class: (field, values that are not files). ``*`` marks a list of sources.
 def _input_fields() -> dict[type, list[tuple[str, tuple[str, ...]]]]:
-    from kale_ray.kard.config import KBConfig
-    from kale_ray.knowtuning.config import LongFormQAConfig, PairsConfig
+    from kale_ray.methods.kard.config import KBConfig
+    from kale_ray.methods.knowtuning.config import LongFormQAConfig, PairsConfig
 
     return {
         KGConfig: [("source", ()), ("names", ())],

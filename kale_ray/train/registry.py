@@ -51,7 +51,7 @@ from kale_ray.core.losses import IGNORE_INDEX, ka_loss, sft_loss
 from kale_ray.train.collators import kale_collator, sft_collator
 
 # Modules that register losses on import; get_loss()/list_losses() import them lazily.
-LOSS_MODULES: list[str] = ["kale_ray.kalm.losses", "kale_ray.knowtuning.dpo"]
+LOSS_MODULES: list[str] = ["kale_ray.methods.kalm.losses", "kale_ray.methods.knowtuning.dpo"]
 
 
 @dataclasses.dataclass(frozen=True)

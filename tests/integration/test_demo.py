@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_demo_tiny(tmp_path):
-    from kale_ray.demo import run_demo
+    from kale_ray.methods.kale.recipe import run_demo
 
     cfg = load_config(DemoConfig, "configs/demo.yaml", [
         f"out={tmp_path}", "synth.teacher.name=builtin:tiny-llama", "train.model.name=builtin:tiny-llama",

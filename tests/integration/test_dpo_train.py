@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kale_ray.config import TrainConfig, load_config
-from kale_ray.knowtuning.config import KnowTuningDPOJobConfig
+from kale_ray.methods.knowtuning.config import KnowTuningDPOJobConfig
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def check_export(out: Path, base_path: str) -> None:
 
 
 def test_knowtuning_dpo_recipe_and_adapter_disabled_reference(ray_local, tmp_path):
-    from kale_ray.knowtuning.recipe import run_dpo_stage
+    from kale_ray.methods.knowtuning.recipe import run_dpo_stage
     from kale_ray.models import resolve_model
     from kale_ray.train.trainer import run_training
 

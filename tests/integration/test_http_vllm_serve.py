@@ -173,8 +173,8 @@ def ray2():
 
 def test_knowtuning_generate_structured_output_on_ray(vllm_server, ray2, monkeypatch):
     """KnowTuning's generate (Ray Data map_batches over HttpGenerator actors) with the facts schema."""
-    from kale_ray.knowtuning.atomic import extraction_messages, facts_schema
-    from kale_ray.knowtuning.teacher import generate
+    from kale_ray.methods.knowtuning.atomic import extraction_messages, facts_schema
+    from kale_ray.methods.knowtuning.teacher import generate
 
     monkeypatch.setenv("KALE_VLLM_KEY", KEY)
     rows = [{"key": f"k{i}", "prompt": "", "messages": extraction_messages(f"What causes fever {i}?", "An infection.")}

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 from kale_ray.config import load_config
-from kale_ray.kalm.config import KaLMJobConfig
+from kale_ray.methods.kalm.config import KaLMJobConfig
 from kale_ray.runtime.stages import StaleOutputError
 
 pytestmark = pytest.mark.integration
 
 
 def test_kalm_recipe_tiny(ray_local, tmp_path):
-    from kale_ray.kalm.recipe import run_kalm
+    from kale_ray.methods.kalm.recipe import run_kalm
 
     overrides = [
         f"out={tmp_path / 'kalm'}",

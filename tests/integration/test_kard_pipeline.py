@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kale_ray.config import load_config
-from kale_ray.kard.config import KARDJobConfig
+from kale_ray.methods.kard.config import KARDJobConfig
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ def _lines(p: Path) -> list[dict]:
 
 
 def test_kard_recipe_tiny(ray_local, tmp_path, capsys):
-    from kale_ray.kard.recipe import run_kard
+    from kale_ray.methods.kard.recipe import run_kard
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(json.dumps({"id": "u1", "title": "Alga note", "text": "alga is a plant living in water"})

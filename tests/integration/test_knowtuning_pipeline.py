@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kale_ray.config import load_config
-from kale_ray.knowtuning.config import KnowTuningJobConfig
+from kale_ray.methods.knowtuning.config import KnowTuningJobConfig
 from kale_ray.runtime.stages import StaleOutputError
 
 pytestmark = pytest.mark.integration
@@ -35,8 +35,8 @@ def _jsonl(path: Path) -> list[dict]:
 
 def test_knowtuning_whole_recipe_and_rerun(ray_local, tmp_path):
     from kale_ray.core.kg import load_kg
-    from kale_ray.knowtuning.atomic import difficult_count
-    from kale_ray.knowtuning.pipeline import run_knowtuning
+    from kale_ray.methods.knowtuning.atomic import difficult_count
+    from kale_ray.methods.knowtuning.pipeline import run_knowtuning
 
     out = tmp_path / "kt"
     overrides = [f"out={out}", "qa.num_questions=8", "qa.facts_per_answer=3", f"teacher.name={TINY}",

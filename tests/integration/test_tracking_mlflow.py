@@ -135,7 +135,7 @@ def test_demo_run_gets_every_metric_and_its_outputs_as_artifacts(mlflow_server, 
     """The demo's own tracking (its jobs are covered above): stages replaced by their outputs, to stay short."""
     import json
 
-    from kale_ray import demo
+    from kale_ray.methods.kale import recipe as demo
     from kale_ray.config import DemoConfig
 
     uri, _ = mlflow_server.ready()

@@ -244,8 +244,8 @@ def test_train_and_eval_defaults_point_at_what_prepare_and_synthesis_write():
 
 def test_a_loss_section_for_a_loss_the_job_does_not_train_is_refused_on_load():
     from kale_ray.config import ConfigError, TrainConfig, load_config
-    from kale_ray.kard.config import KARDJobConfig
-    from kale_ray.kalm.config import KaLMJobConfig
+    from kale_ray.methods.kard.config import KARDJobConfig
+    from kale_ray.methods.kalm.config import KaLMJobConfig
 
     with pytest.raises(ConfigError, match=r"^train\.kalm: settings of loss 'kalm', but train\.loss is 'sft'"):
         load_config(KARDJobConfig, None, ["train.kalm.tau=0.1"])

@@ -29,18 +29,21 @@ def _core_modules() -> list[str]:
 
 OPTIONAL = ["kale_ray.runtime.storage"]
 PURE = sorted(set(_core_modules()) | {
-    "kale_ray.config", "kale_ray.cli", "kale_ray.eval.metrics",
-    "kale_ray.kard.config", "kale_ray.kard.data", "kale_ray.kard.kb", "kale_ray.kard.losses", "kale_ray.kard.prompts",
-    "kale_ray.kard.retrieval", "kale_ray.kard.scoring", "kale_ray.kard.verify",
-    "kale_ray.kalm.config", "kale_ray.kalm.data", "kale_ray.kalm.evaluate", "kale_ray.kalm.losses",
-    "kale_ray.knowtuning.atomic", "kale_ray.knowtuning.config", "kale_ray.knowtuning.corrupt",
-    "kale_ray.knowtuning.data", "kale_ray.knowtuning.dpo", "kale_ray.knowtuning.factcheck",
-    "kale_ray.knowtuning.longform",
+    "kale_ray.config", "kale_ray.cli", "kale_ray.methods.kale.metrics", "kale_ray.methods.kale.evaluate",
+    "kale_ray.runtime.stages", "kale_ray.runtime.generate", "kale_ray.runtime.report",
+    "kale_ray.methods.kard.config", "kale_ray.methods.kard.data", "kale_ray.methods.kard.kb",
+    "kale_ray.methods.kard.losses", "kale_ray.methods.kard.prompts",
+    "kale_ray.methods.kard.retrieval", "kale_ray.methods.kard.scoring", "kale_ray.methods.kard.verify",
+    "kale_ray.methods.kalm.config", "kale_ray.methods.kalm.data", "kale_ray.methods.kalm.evaluate",
+    "kale_ray.methods.kalm.losses",
+    "kale_ray.methods.knowtuning.atomic", "kale_ray.methods.knowtuning.config", "kale_ray.methods.knowtuning.corrupt",
+    "kale_ray.methods.knowtuning.data", "kale_ray.methods.knowtuning.dpo", "kale_ray.methods.knowtuning.factcheck",
+    "kale_ray.methods.knowtuning.longform",
     "kale_ray.train.collators", "kale_ray.train.heads", "kale_ray.train.loop", "kale_ray.train.registry",
 } | {m for m in OPTIONAL if importlib.util.find_spec(m) is not None})
 # Modules whose job is tensor maths: torch is theirs to import (the rest must not pull it).
-TORCH_OK = {"kale_ray.core.losses", "kale_ray.kard.losses", "kale_ray.kalm.evaluate", "kale_ray.kalm.losses",
-            "kale_ray.knowtuning.dpo", "kale_ray.train.collators", "kale_ray.train.heads", "kale_ray.train.loop",
+TORCH_OK = {"kale_ray.core.losses", "kale_ray.methods.kard.losses", "kale_ray.methods.kalm.evaluate", "kale_ray.methods.kalm.losses",
+            "kale_ray.methods.knowtuning.dpo", "kale_ray.train.collators", "kale_ray.train.heads", "kale_ray.train.loop",
             "kale_ray.train.registry"}
 
 _SCRIPT = """

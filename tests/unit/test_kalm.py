@@ -14,8 +14,8 @@ from kale_ray.config import ConfigError, TrainConfig, load_config
 from kale_ray.core.kg import KnowledgeGraph
 from kale_ray.core.losses import info_nce
 from kale_ray.core.rejects import Rejects
-from kale_ray.kalm.config import KaLMJobConfig
-from kale_ray.kalm.data import (
+from kale_ray.methods.kalm.config import KaLMJobConfig
+from kale_ray.methods.kalm.data import (
     FALSE,
     TRUE,
     KGText,
@@ -26,8 +26,8 @@ from kale_ray.kalm.data import (
     training_rows,
     with_inverse,
 )
-from kale_ray.kalm.evaluate import completion_queries, embedding_ranks, filtered_ranks, ranking_metrics
-from kale_ray.kalm.losses import (
+from kale_ray.methods.kalm.evaluate import completion_queries, embedding_ranks, filtered_ranks, ranking_metrics
+from kale_ray.methods.kalm.losses import (
     KaLMCollator,
     exp_loss_sum,
     false_negative_mask,
@@ -395,7 +395,7 @@ def _fake_heavy_stages(monkeypatch) -> list[tuple[str, str]]:
     from pathlib import Path
 
     from kale_ray.core.io import read_jsonl, write_json, write_jsonl
-    from kale_ray.kalm import evaluate, recipe
+    from kale_ray.methods.kalm import evaluate, recipe
     from kale_ray.train import trainer
 
     calls: list[tuple[str, str]] = []
@@ -425,7 +425,7 @@ def _fake_heavy_stages(monkeypatch) -> list[tuple[str, str]]:
 
 
 def test_rerun_reuses_refuses_or_recomputes_stages(tmp_path, monkeypatch):
-    from kale_ray.kalm.recipe import run_kalm
+    from kale_ray.methods.kalm.recipe import run_kalm
     from kale_ray.runtime.stages import StaleOutputError
 
     calls = _fake_heavy_stages(monkeypatch)
@@ -473,7 +473,7 @@ def test_rerun_reuses_refuses_or_recomputes_stages(tmp_path, monkeypatch):
 
 def test_kgqa_goes_through_the_one_generation_path(umls_kg, monkeypatch):
     from kale_ray.config import GenerationConfig, ModelConfig
-    from kale_ray.kalm.evaluate import kgqa_summary, run_kgqa
+    from kale_ray.methods.kalm.evaluate import kgqa_summary, run_kgqa
     from kale_ray.models import resolve_model
     from kale_ray.runtime import generate as gen_mod
 

@@ -9,12 +9,12 @@ import torch
 
 from kale_ray.core.qa import QAExample
 from kale_ray.core.rejects import Rejects
-from kale_ray.kard import data as kd
-from kale_ray.kard.kb import CorpusFormatError, build_kb, hpo_passages, kg_passages, read_corpus_jsonl
-from kale_ray.kard.losses import maxsim, maxsim_paired, rerank_ce_loss, rerank_kl_loss
-from kale_ray.kard.prompts import majority_vote, parse_student_answer, student_completion, student_messages
-from kale_ray.kard.retrieval import BM25Index
-from kale_ray.kard.verify import verify_by_scores, verify_rationale
+from kale_ray.methods.kard import data as kd
+from kale_ray.methods.kard.kb import CorpusFormatError, build_kb, hpo_passages, kg_passages, read_corpus_jsonl
+from kale_ray.methods.kard.losses import maxsim, maxsim_paired, rerank_ce_loss, rerank_kl_loss
+from kale_ray.methods.kard.prompts import majority_vote, parse_student_answer, student_completion, student_messages
+from kale_ray.methods.kard.retrieval import BM25Index
+from kale_ray.methods.kard.verify import verify_by_scores, verify_rationale
 
 CHOICES = ["plant", "fungus", "animal", "virus"]
 
@@ -271,7 +271,7 @@ class _CharTok:
 def test_choice_logprobs_cached_equals_full_forward():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kale_ray.kard.scoring import choice_logprobs
+    from kale_ray.methods.kard.scoring import choice_logprobs
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -296,9 +296,9 @@ def test_reranker_lora_save_load_roundtrip_and_collate(tmp_path):
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from kale_ray.config import LoRAConfig
-    from kale_ray.kard.config import RerankerConfig
-    from kale_ray.kard.rerank_train import collate
-    from kale_ray.kard.reranker import build_reranker, encode, load_reranker, rerank_scores, resolve_encoder, save_reranker
+    from kale_ray.methods.kard.config import RerankerConfig
+    from kale_ray.methods.kard.rerank_train import collate
+    from kale_ray.methods.kard.reranker import build_reranker, encode, load_reranker, rerank_scores, resolve_encoder, save_reranker
 
     tok = AutoTokenizer.from_pretrained(resolve_encoder("builtin:minilm"))
     torch.manual_seed(0)
@@ -334,7 +334,7 @@ def test_kard_config_file_and_validation():
     from pathlib import Path
 
     from kale_ray.config import ConfigError, load_config
-    from kale_ray.kard.config import KARDJobConfig
+    from kale_ray.methods.kard.config import KARDJobConfig
 
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(KARDJobConfig, root / "configs" / "kard_umls.yaml", ["teacher.num_rationales=3"])
@@ -347,7 +347,7 @@ def test_kard_config_file_and_validation():
 
 
 def _scorer(monkeypatch, fn):
-    import kale_ray.kard.scoring as scoring
+    import kale_ray.methods.kard.scoring as scoring
 
     monkeypatch.setattr(scoring, "choice_logprobs", fn)
     scorer = object.__new__(scoring.ChoiceScorer)  # no model load: the per-row handling alone
@@ -372,7 +372,7 @@ def test_choice_scorer_lets_an_unexpected_error_propagate(monkeypatch):
 
 
 def test_choice_scorer_marks_a_row_that_cannot_be_scored(monkeypatch):
-    from kale_ray.kard.scoring import ScoringInputError
+    from kale_ray.methods.kard.scoring import ScoringInputError
 
     def fn(model, tok, prompt, conts, norm, max_len):
         if prompt == "p2":
@@ -385,7 +385,7 @@ def test_choice_scorer_marks_a_row_that_cannot_be_scored(monkeypatch):
 
 
 def test_choice_logprobs_rejects_rows_it_cannot_score():
-    from kale_ray.kard.scoring import ScoringInputError, choice_logprobs
+    from kale_ray.methods.kard.scoring import ScoringInputError, choice_logprobs
 
     tok = _CharTok()
     with pytest.raises(ScoringInputError, match="no choices"):
@@ -405,7 +405,7 @@ class _Stop(Exception):
 
 def _questions_only(monkeypatch):
     """run_kard runs its real questions stage, then stops at the knowledge base; starting Ray fails the test."""
-    import kale_ray.kard.recipe as recipe
+    import kale_ray.methods.kard.recipe as recipe
     import kale_ray.ray_init
 
     def stop(*a, **k):
@@ -427,8 +427,8 @@ def _snapshot(out):
 def test_kard_rerun_with_other_settings_is_refused_or_recomputed(monkeypatch, tmp_path, capsys):
     from kale_ray import cli
     from kale_ray.config import load_config
-    from kale_ray.kard.config import KARDJobConfig
-    from kale_ray.kard.recipe import _train_config
+    from kale_ray.methods.kard.config import KARDJobConfig
+    from kale_ray.methods.kard.recipe import _train_config
     from kale_ray.runtime.stages import StaleOutputError
 
     run_kard = _questions_only(monkeypatch)

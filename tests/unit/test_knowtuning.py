@@ -14,7 +14,7 @@ import torch
 from kale_ray.config import ConfigError, TrainConfig, load_config
 from kale_ray.core.losses import dpo_loss, select_positions, sequence_logprobs
 from kale_ray.core.rejects import Rejects
-from kale_ray.knowtuning.corrupt import (
+from kale_ray.methods.knowtuning.corrupt import (
     NO_REVISABLE_FACT,
     NO_TRIPLE,
     TOO_FEW_FACTS,
@@ -27,7 +27,7 @@ from kale_ray.knowtuning.corrupt import (
     revise_facts,
     shuffle_facts,
 )
-from kale_ray.knowtuning.data import build_pairs, neighbourhood_qa, read_fact_qa_jsonl
+from kale_ray.methods.knowtuning.data import build_pairs, neighbourhood_qa, read_fact_qa_jsonl
 from kale_ray.train.registry import StepContext, get_loss, list_losses
 
 
@@ -169,7 +169,7 @@ def test_fact_text_and_users_fact_files(umls_kg, tmp_path):
 
 
 def test_job_config_file_loads_and_checks_the_loss():
-    from kale_ray.knowtuning.config import KnowTuningDPOJobConfig
+    from kale_ray.methods.knowtuning.config import KnowTuningDPOJobConfig
 
     path = Path(__file__).resolve().parents[2] / "configs" / "knowtuning_dpo.yaml"
     first = path.read_text().splitlines()[0]
@@ -224,7 +224,7 @@ def dpo_cfg(**dpo) -> TrainConfig:
 def test_dpo_compute_golden_values():
     """Policy-minus-reference margins [0, 10, 20] with beta 0.1 give -log sigmoid([0, 1, 2])."""
     input_ids, labels, pc, pr = golden_batch()
-    from kale_ray.knowtuning.dpo import answer_logps
+    from kale_ray.methods.knowtuning.dpo import answer_logps
 
     # labels at positions 2(,3) are predicted by tokens at 1(,2): check the hand log-probs first
     sums, counts = answer_logps(TableModel(), {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
@@ -307,7 +307,7 @@ def test_dpo_is_registered_and_configured():
 
 
 def test_pair_collator_one_batch_of_chosen_then_rejected(tiny):
-    from kale_ray.knowtuning.dpo import PairCollator
+    from kale_ray.methods.knowtuning.dpo import PairCollator
 
     _, tok, _ = tiny
     collate = PairCollator(tok, max_seq_len=20)
@@ -336,7 +336,7 @@ def test_pair_collator_one_batch_of_chosen_then_rejected(tiny):
 
 def test_answer_logps_equal_sequence_logprobs_and_gamma_zero_is_pure_dpo(tiny):
     """The answer-position path gives sequence_logprobs of the full logits; gamma=0 is dpo_loss alone."""
-    from kale_ray.knowtuning.dpo import answer_logps
+    from kale_ray.methods.knowtuning.dpo import answer_logps
     from kale_ray.train.heads import AnswerLogits
 
     _, tok, lm = tiny
@@ -360,7 +360,7 @@ def test_answer_logps_equal_sequence_logprobs_and_gamma_zero_is_pure_dpo(tiny):
 
 
 def test_adapter_disabled_reference_is_the_base_model(tiny, peft_lm):
-    from kale_ray.knowtuning.dpo import answer_logps, reference_logps
+    from kale_ray.methods.knowtuning.dpo import answer_logps, reference_logps
     from kale_ray.train.heads import AnswerLogits
 
     _, tok, lm = tiny
@@ -377,7 +377,7 @@ def test_adapter_disabled_reference_is_the_base_model(tiny, peft_lm):
 
 
 def test_precomputed_reference_pass_matches_the_base_model(tiny):
-    from kale_ray.knowtuning.dpo import REF_CHOSEN, REF_REJECTED, add_reference_logps, answer_logps
+    from kale_ray.methods.knowtuning.dpo import REF_CHOSEN, REF_REJECTED, add_reference_logps, answer_logps
     from kale_ray.train.heads import AnswerLogits
 
     path, tok, lm = tiny

@@ -9,9 +9,9 @@ import pytest
 
 from kale_ray.core.kg import KnowledgeGraph
 from kale_ray.core.rejects import Rejects
-from kale_ray.knowtuning import atomic
-from kale_ray.knowtuning.factcheck import CORRECT, INCORRECT, UNVERIFIABLE, FactChecker, aggregate, answer_metrics
-from kale_ray.knowtuning.longform import kg_long_form_qa, read_long_form_jsonl, split_qa
+from kale_ray.methods.knowtuning import atomic
+from kale_ray.methods.knowtuning.factcheck import CORRECT, INCORRECT, UNVERIFIABLE, FactChecker, aggregate, answer_metrics
+from kale_ray.methods.knowtuning.longform import kg_long_form_qa, read_long_form_jsonl, split_qa
 
 
 @pytest.fixture
@@ -240,14 +240,14 @@ def test_split_qa_is_disjoint_and_seeded():
 
 def _qa_job(out, *overrides):
     from kale_ray.config import load_config
-    from kale_ray.knowtuning.config import KnowTuningJobConfig
+    from kale_ray.methods.knowtuning.config import KnowTuningJobConfig
 
     return load_config(KnowTuningJobConfig, None, [f"out={out}", "qa.num_questions=8", "qa.facts_per_answer=3",
                                                    "stop_after=qa", *overrides])
 
 
 def test_knowtuning_rerun_reuses_refuses_a_changed_qa_setting_and_overwrites_on_request(tmp_path):
-    from kale_ray.knowtuning.pipeline import run_knowtuning
+    from kale_ray.methods.knowtuning.pipeline import run_knowtuning
     from kale_ray.runtime.stages import StaleOutputError
 
     out = tmp_path / "kt"
@@ -292,7 +292,7 @@ class _Tok:
 
 def test_teacher_step_retries_with_new_seed_then_rejects():
     from kale_ray.config import GenerationConfig, ModelConfig
-    from kale_ray.knowtuning.teacher import teacher_step
+    from kale_ray.methods.knowtuning.teacher import teacher_step
 
     calls = []
 

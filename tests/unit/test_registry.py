@@ -200,8 +200,8 @@ def test_every_loss_the_trainer_can_train_has_a_golden_value_test():
     a test named after it with ``golden`` in the name (a hand-computed value), in any tests/unit file."""
     from typing import get_type_hints
 
-    from kale_ray.kard import losses as kard_losses
-    from kale_ray.kard.config import RerankerConfig
+    from kale_ray.methods.kard import losses as kard_losses
+    from kale_ray.methods.kard.config import RerankerConfig
 
     names = _unit_test_names()
     registered = [n for n in list_losses() if get_loss(n).compute.__module__.startswith("kale_ray.")]

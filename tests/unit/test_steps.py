@@ -350,8 +350,8 @@ def test_question_warnings_small_kg():
 
 
 def test_eval_reports_accuracy_without_unlinked_answers(tmp_path):
-    from kale_ray.eval.evaluate import unlinked_ids, with_linked
-    from kale_ray.eval.metrics import summarize
+    from kale_ray.methods.kale.evaluate import unlinked_ids, with_linked
+    from kale_ray.methods.kale.metrics import summarize
 
     p = tmp_path / "test.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in [

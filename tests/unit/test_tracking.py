@@ -141,7 +141,7 @@ def test_unreachable_mlflow_stops_at_start_in_one_line(tmp_path):
 def test_cli_train_and_demo_refuse_an_unreachable_mlflow_before_any_work(tmp_path, capsys):
     pytest.importorskip("mlflow")
     from kale_ray.cli import main
-    from kale_ray.demo import run_demo
+    from kale_ray.methods.kale.recipe import run_demo
 
     uri = f"http://127.0.0.1:{_free_port()}"
     (tmp_path / "rows").mkdir()

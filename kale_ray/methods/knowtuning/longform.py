@@ -5,7 +5,7 @@
   triples of the chosen relations (``has_phenotype``), one sentence per fact; every fact keeps
   its triple, so Stage II can revise it exactly and the evaluation knows what a complete answer holds;
 * :func:`read_long_form_jsonl`: users' files, one ``{"id"?, "question", "subject"?, "answer"?,
-  "facts"}`` per line (facts as in :func:`kale_ray.knowtuning.corrupt.as_facts`); a bad line is
+  "facts"}`` per line (facts as in :func:`kale_ray.methods.knowtuning.corrupt.as_facts`); a bad line is
   rejected with file, line and reason, never silently dropped;
 * :func:`split_qa`: a seeded train / held-out split of the questions.
 
@@ -22,7 +22,7 @@ import numpy as np
 from kale_ray.core.kg import KnowledgeGraph
 from kale_ray.core.qa import EntityLinker
 from kale_ray.core.rejects import Rejects
-from kale_ray.knowtuning.corrupt import answer_text, as_facts, fact_from_triple, facts_json
+from kale_ray.methods.knowtuning.corrupt import answer_text, as_facts, fact_from_triple, facts_json
 
 
 def kg_long_form_qa(kg: KnowledgeGraph, num_questions: int, facts_per_answer: int, rng: np.random.Generator,

@@ -11,7 +11,7 @@ Rank of the gold entity = ``1 + #(higher) + #(tied) / 2`` (the "realistic" rank:
 of the optimistic and pessimistic ranks, so a model that embeds everything the same gets
 the middle rank, not rank 1). MR, MRR, Hits@1/3/10 per direction and both together.
 
-**KGQA.** Multiple-choice questions (:func:`kale_ray.kalm.data.kgqa_items`): tail, head
+**KGQA.** Multiple-choice questions (:func:`kale_ray.methods.kalm.data.kgqa_items`): tail, head
 and relation prediction, triple classification (true vs corrupted), plus open tail
 prediction with the training instruction; rendered with the model's chat template,
 generated greedily through :func:`kale_ray.runtime.generate.generate` (vLLM by default), scored with
@@ -34,7 +34,7 @@ from kale_ray.config import KaLMEvalConfig, ModelConfig
 from kale_ray.core.io import write_json, write_jsonl
 from kale_ray.core.parse import is_correct
 from kale_ray.core.rejects import Rejects
-from kale_ray.kalm.data import KGQA_TASKS, KGSplit, KGText, key_text, kgqa_items, kgqa_messages, query_text
+from kale_ray.methods.kalm.data import KGQA_TASKS, KGSplit, KGText, key_text, kgqa_items, kgqa_messages, query_text
 
 HITS_AT = (1, 3, 10)
 ScoreBlock = Callable[[slice, slice], torch.Tensor]
@@ -167,7 +167,7 @@ class TextEmbedder:
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        from kale_ray.kalm.losses import last_token_pool
+        from kale_ray.methods.kalm.losses import last_token_pool
 
         out = []
         for i in range(0, len(texts), self.batch_size):

@@ -8,7 +8,7 @@ import dataclasses
 from typing import Literal
 
 from kale_ray.config import ConfigError, GenerationConfig, KGConfig, ModelConfig, TrainConfig, num
-from kale_ray.knowtuning.corrupt import KINDS
+from kale_ray.methods.knowtuning.corrupt import KINDS
 
 
 @dataclasses.dataclass

@@ -39,9 +39,9 @@ from kale_ray.config import to_dict
 from kale_ray.core.io import read_jsonl, write_json, write_jsonl
 from kale_ray.core.qa import QAExample, generate_questions, read_qa_jsonl, split_questions, write_qa_jsonl
 from kale_ray.core.rejects import Rejects
-from kale_ray.kard import data as kd
-from kale_ray.kard.config import KARDJobConfig
-from kale_ray.kard.prompts import (VERIFIER_ANSWER_PREFIX, majority_vote, parse_student_answer, teacher_messages,
+from kale_ray.methods.kard import data as kd
+from kale_ray.methods.kard.config import KARDJobConfig
+from kale_ray.methods.kard.prompts import (VERIFIER_ANSWER_PREFIX, majority_vote, parse_student_answer, teacher_messages,
                                    verifier_messages)
 from kale_ray.runtime.generate import generate, num_blocks
 from kale_ray.runtime.stages import Run, without
@@ -109,7 +109,7 @@ def read_kept(out: Path) -> dict[str, list[dict]]:
 def bm25_over_ray(index_dir: Path, queries: list[tuple[str, str]], k: int, batch_size: int = 256
                   ) -> dict[str, list[tuple[int, float]]]:
     """``{key: [(passage index, score), ...]}`` for ``[(key, query text)]``, BM25 in Ray Data actors."""
-    from kale_ray.kard.retrieval import BM25Retriever
+    from kale_ray.methods.kard.retrieval import BM25Retriever
 
     if not queries:
         return {}
@@ -128,7 +128,7 @@ class RerankActor:
     def __init__(self, model_dir: str, max_query_len: int, max_passage_len: int, batch_size: int) -> None:
         import torch
 
-        from kale_ray.kard.reranker import load_reranker
+        from kale_ray.methods.kard.reranker import load_reranker
 
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         self.model, self.tok, _ = load_reranker(model_dir)
@@ -138,7 +138,7 @@ class RerankActor:
         self.cache: dict[str, object] = {}
 
     def __call__(self, batch: dict) -> dict:
-        from kale_ray.kard.reranker import encode, rerank_scores
+        from kale_ray.methods.kard.reranker import encode, rerank_scores
 
         lists = [json.loads(ps) for ps in batch["passages"]]
         new = list(dict.fromkeys(p for ps in lists for p in ps if p not in self.cache))
@@ -187,8 +187,8 @@ def stage_questions(cfg: KARDJobConfig, kg, out: Path, progress) -> dict:
 
 
 def stage_kb(cfg: KARDJobConfig, kg, out: Path, progress) -> dict:
-    from kale_ray.kard.kb import build_kb
-    from kale_ray.kard.retrieval import BM25Index
+    from kale_ray.methods.kard.kb import build_kb
+    from kale_ray.methods.kard.retrieval import BM25Index
 
     folder = out / "kb"
     t = time.perf_counter()
@@ -239,8 +239,8 @@ def stage_teacher(cfg: KARDJobConfig, train, test, out: Path, progress) -> dict:
 def stage_verify(cfg: KARDJobConfig, kg, train, test, gens: list[dict], out: Path, progress) -> dict:
     """Verified rationales per question (train and test), template fallback flagged; rejects aside."""
     from kale_ray.core.prompts import render_chat
-    from kale_ray.kard.scoring import ChoiceScorer
-    from kale_ray.kard.verify import text_checks
+    from kale_ray.methods.kard.scoring import ChoiceScorer
+    from kale_ray.methods.kard.verify import text_checks
     from kale_ray.models import load_tokenizer, resolve_model
 
     folder = out / "rationales"
@@ -364,8 +364,8 @@ def stage_train_student(cfg: KARDJobConfig, name: str, out: Path, progress) -> d
 
 
 def stage_reranker(cfg: KARDJobConfig, train, kept, passages, retrieval, out: Path, progress) -> dict:
-    from kale_ray.kard.retrieval import BM25Index
-    from kale_ray.kard.rerank_train import train_reranker
+    from kale_ray.methods.kard.retrieval import BM25Index
+    from kale_ray.methods.kard.rerank_train import train_reranker
 
     folder = out / "reranker"
     rc = cfg.reranker
@@ -396,7 +396,7 @@ def stage_reranker(cfg: KARDJobConfig, train, kept, passages, retrieval, out: Pa
 
 def stage_test_knowledge(cfg: KARDJobConfig, test, kept, passages, retrieval, out: Path, progress) -> dict:
     """Per test question: BM25 top-N by question, reranked order, and hit@k of the rationale-best passage."""
-    from kale_ray.kard.retrieval import BM25Index
+    from kale_ray.methods.kard.retrieval import BM25Index
 
     _init_ray(cfg)
     t = time.perf_counter()
@@ -449,8 +449,8 @@ def stage_eval(cfg: KARDJobConfig, name: str, model_dir: str, test, passages, kn
                variants: list[str], out: Path, progress) -> dict:
     """Sample ``eval.num_samples`` rationales+answers per question and variant, majority vote, accuracy."""
     from kale_ray.core.prompts import render_chat
-    from kale_ray.eval.metrics import wilson_interval
-    from kale_ray.kard.prompts import student_messages
+    from kale_ray.runtime.report import wilson_interval
+    from kale_ray.methods.kard.prompts import student_messages
     from kale_ray.models import load_tokenizer
 
     _init_ray(cfg)
@@ -500,7 +500,7 @@ def stage_eval(cfg: KARDJobConfig, name: str, model_dir: str, test, passages, kn
 
 def run_kard(cfg: KARDJobConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     from kale_ray.core.kg import load_kg
-    from kale_ray.report import machine_info
+    from kale_ray.runtime.report import machine_info
     from kale_ray.train.trainer import training_stage
 
     out = Path(cfg.out).expanduser().resolve()

@@ -4,13 +4,13 @@
 
 1. **qa**: long-form questions from the KG (or a user's file), each answer with the facts it was
    built from; a seeded held-out split -> ``out/qa/{train,test}.jsonl``
-2. **stage1 data** (:mod:`kale_ray.knowtuning.stage1`): atomic facts (teacher), perplexity under
+2. **stage1 data** (:mod:`kale_ray.methods.knowtuning.stage1`): atomic facts (teacher), perplexity under
    the student, the alpha most difficult facts, rewritten QA around them -> ``out/stage1/data/``
 3. **baseline**: SFT on the original QA only -> ``out/baseline/train/`` (``baseline: sft``)
 4. **stage1**: SFT on original + rewritten QA (shuffled together, ``out/stage1/train_rows/``) -> ``out/stage1/train/``
 5. **stage2**: comparison pairs (delete / KG-exact revise / shuffle) and DPO from the Stage I model,
-   reference precomputed once (:func:`kale_ray.knowtuning.recipe.run_dpo_stage`) -> ``out/stage2/``
-6. **eval** (:mod:`kale_ray.knowtuning.evaluate`): answers to the held-out questions by SFT and
+   reference precomputed once (:func:`kale_ray.methods.knowtuning.recipe.run_dpo_stage`) -> ``out/stage2/``
+6. **eval** (:mod:`kale_ray.methods.knowtuning.evaluate`): answers to the held-out questions by SFT and
    KnowTuning, atomic facts, KG checks -> ``out/eval/``
 7. ``out/metrics.json`` and ``out/report.md``: the fact-level metrics side by side, the
    rejects of every step by reason, and the time of every stage.
@@ -35,7 +35,7 @@ import numpy as np
 from kale_ray.config import to_dict
 from kale_ray.core.io import read_jsonl, write_json, write_jsonl
 from kale_ray.core.rejects import Rejects
-from kale_ray.knowtuning.config import KnowTuningDPOJobConfig, KnowTuningJobConfig, PairsConfig
+from kale_ray.methods.knowtuning.config import KnowTuningDPOJobConfig, KnowTuningJobConfig, PairsConfig
 from kale_ray.runtime.stages import without
 
 # Settings that change how fast a generation goes, not what it writes (as in kale_ray.synth.pipeline).
@@ -97,9 +97,9 @@ def eval_settings(cfg: KnowTuningJobConfig, models: dict[str, str]) -> dict[str,
 
 def build_qa(cfg: KnowTuningJobConfig, out: Path, progress: Callable[[str], None]) -> dict[str, Any]:
     """Questions + reference facts -> ``out/qa/``; teacher-written answers with ``qa.answers: teacher``."""
-    from kale_ray.knowtuning import atomic
-    from kale_ray.knowtuning.longform import kg_long_form_qa, read_long_form_jsonl, split_qa
-    from kale_ray.knowtuning.stage1 import load_kg_cached
+    from kale_ray.methods.knowtuning import atomic
+    from kale_ray.methods.knowtuning.longform import kg_long_form_qa, read_long_form_jsonl, split_qa
+    from kale_ray.methods.knowtuning.stage1 import load_kg_cached
 
     q = cfg.qa
     kg = load_kg_cached(q.kg)
@@ -118,7 +118,7 @@ def build_qa(cfg: KnowTuningJobConfig, out: Path, progress: Callable[[str], None
         raise ValueError(f"{len(train)} training questions (rejected: {rejects.counts()}); KnowTuning needs >= 2")
     answer_stats: dict[str, Any] = {"mode": q.answers}
     if q.answers == "teacher" and cfg.generation.backend != "template":
-        from kale_ray.knowtuning.teacher import teacher_step
+        from kale_ray.methods.knowtuning.teacher import teacher_step
 
         _init_ray(cfg)
         items = [{"key": x["id"], "facts": [f["text"] for f in x["facts"]],
@@ -148,7 +148,7 @@ def build_qa(cfg: KnowTuningJobConfig, out: Path, progress: Callable[[str], None
 
 def _train(cfg: KnowTuningJobConfig, tcfg, run_name: str, progress: Callable[[str], None]) -> dict[str, Any]:
     """One SFT run of ``tcfg`` (data and out_dir set): its summary and merged model."""
-    from kale_ray.knowtuning.recipe import TRAIN_SUMMARY_KEYS
+    from kale_ray.methods.knowtuning.recipe import TRAIN_SUMMARY_KEYS
     from kale_ray.train.trainer import run_training
 
     _init_ray(cfg)
@@ -193,11 +193,11 @@ def dpo_config(cfg: KnowTuningJobConfig, out: Path, stage1_merged: str) -> KnowT
 
 
 def run_knowtuning(cfg: KnowTuningJobConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    from kale_ray.knowtuning.evaluate import evaluate_facts
-    from kale_ray.knowtuning.recipe import run_dpo_stage, train_on_change, train_settings
-    from kale_ray.knowtuning.stage1 import build_stage1_rows
+    from kale_ray.methods.knowtuning.evaluate import evaluate_facts
+    from kale_ray.methods.knowtuning.recipe import run_dpo_stage, train_on_change, train_settings
+    from kale_ray.methods.knowtuning.stage1 import build_stage1_rows
     from kale_ray.models import resolve_model
-    from kale_ray.report import machine_info
+    from kale_ray.runtime.report import machine_info
     from kale_ray.runtime.stages import Run
 
     out = Path(cfg.out).expanduser().resolve()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -83,20 +82,6 @@ def write_report(out: Path, metrics: dict[str, Any]) -> None:
         lines.append(f"| {k} | {v:.1f} |")
     lines += ["", "![plot](plot.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
-
-
-def machine_info() -> dict[str, Any]:
-    import os
-
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
-    try:
-        import torch, transformers, ray, vllm, deepspeed  # noqa: E401
-
-        info.update(torch=torch.__version__, transformers=transformers.__version__, ray=ray.__version__,
-                    vllm=vllm.__version__, deepspeed=deepspeed.__version__)
-    except Exception as e:  # versions are informative only
-        info["versions_error"] = str(e)
-    return info
 
 
 def write_metrics(out: Path, metrics: dict[str, Any]) -> None:

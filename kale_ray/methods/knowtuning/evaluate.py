@@ -4,7 +4,7 @@ For every model: greedy answers to the held-out questions through vLLM (the stud
 template, the prompt Stage I and II trained on) -> ``out/<label>/generations.jsonl``. Then one
 teacher pass splits every answer of every model into atomic facts (``eval.extractor: teacher``;
 an answer whose extraction is rejected is split into sentences, counted), each fact is checked
-against the KG (:class:`~kale_ray.knowtuning.factcheck.FactChecker`) -> ``out/<label>/facts.jsonl``,
+against the KG (:class:`~kale_ray.methods.knowtuning.factcheck.FactChecker`) -> ``out/<label>/facts.jsonl``,
 and the per-model metrics -> ``out/metrics.json``. A model whose generations exist is not
 generated again.
 """
@@ -17,11 +17,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 from kale_ray.core.prompts import render_chat
 from kale_ray.core.rejects import Rejects
-from kale_ray.knowtuning import atomic
-from kale_ray.knowtuning.data import long_form_messages
-from kale_ray.knowtuning.factcheck import FactChecker, aggregate, answer_metrics
+from kale_ray.methods.knowtuning import atomic
+from kale_ray.methods.knowtuning.data import long_form_messages
+from kale_ray.methods.knowtuning.factcheck import FactChecker, aggregate, answer_metrics
 from kale_ray.core.io import read_jsonl, write_jsonl
-from kale_ray.knowtuning.stage1 import extract_facts, load_kg_cached
+from kale_ray.methods.knowtuning.stage1 import extract_facts, load_kg_cached
 
 
 def generate_answers(qas: Sequence[dict], model_path: str, cfg, label: str, out: Path,
@@ -49,7 +49,7 @@ def generate_answers(qas: Sequence[dict], model_path: str, cfg, label: str, out:
 
 def evaluate_facts(cfg, test_qas: Sequence[dict], models: Mapping[str, str], out: Path,
                    progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Per model label: answers, atomic facts, KG checks and :func:`~kale_ray.knowtuning.factcheck.aggregate`."""
+    """Per model label: answers, atomic facts, KG checks and :func:`~kale_ray.methods.knowtuning.factcheck.aggregate`."""
     ev = cfg.eval
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}

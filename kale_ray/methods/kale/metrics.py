@@ -10,16 +10,7 @@ import math
 from collections import defaultdict
 from typing import Any, Iterable
 
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n ((0, 0) for n=0)."""
-    if n == 0:
-        return (0.0, 0.0)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+from kale_ray.runtime.report import wilson_interval
 
 
 def summarize(predictions: Iterable[dict[str, Any]]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ comes back with its text or its error.
 
 :func:`teacher_step` runs one teacher step over items: render each item's chat messages with
 the teacher's template (too long -> rejected ``prompt_too_long``), generate, parse with a pure
-parser from :mod:`kale_ray.knowtuning.atomic`; the items that do not parse go again with
+parser from :mod:`kale_ray.methods.knowtuning.atomic`; the items that do not parse go again with
 another seed (and ``retry_temperature``: greedy decoding would repeat itself), up to
 ``max_attempts``; what still fails is rejected with the last reason, its attempts and its
 last generation. Each attempt is one pass (one engine start on vLLM).
@@ -20,7 +20,7 @@ from collections import Counter
 from typing import Any, Callable, Sequence
 
 from kale_ray.config import GenerationConfig, ModelConfig
-from kale_ray.knowtuning.atomic import GENERATION_FAILED, PROMPT_TOO_LONG
+from kale_ray.methods.knowtuning.atomic import GENERATION_FAILED, PROMPT_TOO_LONG
 
 # Backends that take a JSON schema: vLLM guided decoding, the http teacher's response_format.
 _STRUCTURED = ("vllm", "http")

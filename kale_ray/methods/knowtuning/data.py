@@ -9,7 +9,7 @@
 * :func:`build_pairs`: comparison pairs for every question, each question with its own
   ``rng`` derived from ``(seed, index)``;
 * :func:`render_pair_rows`: pairs -> ``{id, prompt, chosen, rejected, kind}`` with the
-  student's chat template (what :mod:`kale_ray.knowtuning.dpo` collates).
+  student's chat template (what :mod:`kale_ray.methods.knowtuning.dpo` collates).
 
 Pure (numpy + the core) except :func:`render_pair_rows`, which needs a tokenizer.
 """
@@ -24,7 +24,7 @@ import numpy as np
 from kale_ray.core.kg import KnowledgeGraph
 from kale_ray.core.prompts import render_chat, student_messages
 from kale_ray.core.rejects import Rejects
-from kale_ray.knowtuning.corrupt import KINDS, EntitySwapper, Fact, as_facts, comparison_pairs, fact_from_triple
+from kale_ray.methods.knowtuning.corrupt import KINDS, EntitySwapper, Fact, as_facts, comparison_pairs, fact_from_triple
 
 LONG_FORM_SYSTEM = (
     "You answer questions about a knowledge graph. State every relevant fact you know, "

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from kale_ray.kard.config import RerankerConfig
+from kale_ray.methods.kard.config import RerankerConfig
 
 
 def collate(rows: list[dict], tokenizer, cfg: RerankerConfig):
@@ -51,8 +51,8 @@ def train_loop_per_worker(config: dict) -> None:
     from transformers import AutoTokenizer
 
     from kale_ray.config import _build
-    from kale_ray.kard.losses import maxsim_paired, rerank_loss
-    from kale_ray.kard.reranker import build_reranker, save_reranker
+    from kale_ray.methods.kard.losses import maxsim_paired, rerank_loss
+    from kale_ray.methods.kard.reranker import build_reranker, save_reranker
 
     cfg: RerankerConfig = _build(RerankerConfig, config["cfg"])
     ctx = ray.train.get_context()
@@ -125,7 +125,7 @@ def train_reranker(cfg: RerankerConfig, rows_file: str | Path, out_dir: str | Pa
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from kale_ray.kard.reranker import resolve_encoder
+    from kale_ray.methods.kard.reranker import resolve_encoder
 
     t0 = time.time()
     out_dir = Path(out_dir).resolve()

@@ -16,7 +16,7 @@ KnowTuning compares (Lyu et al. 2024, Stage II):
 * **logicality** -- :func:`shuffle_facts`: the same facts in another order.
 
 :func:`comparison_pairs` turns one question and its better answer into the
-``{chosen, rejected, kind}`` rows that DPO trains on (:mod:`kale_ray.knowtuning.dpo`).
+``{chosen, rejected, kind}`` rows that DPO trains on (:mod:`kale_ray.methods.knowtuning.dpo`).
 Every function takes the ``rng`` (a ``numpy.random.Generator``) it draws from: same seed,
 same pairs. A disturbance that cannot be made is skipped with a reason, never silently.
 

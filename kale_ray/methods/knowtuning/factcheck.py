@@ -1,7 +1,7 @@
 """Fact-level evaluation of long-form answers against the KG: link, check exactly, count.
 
 An answer to a question about subject ``s`` is split into atomic facts (by the teacher or
-:func:`~kale_ray.knowtuning.atomic.split_sentences`). Each fact is checked by
+:func:`~kale_ray.methods.knowtuning.atomic.split_sentences`). Each fact is checked by
 :meth:`FactChecker.check`:
 
 1. **link**: KG entities named in the fact (normalised names and aliases, longest n-gram

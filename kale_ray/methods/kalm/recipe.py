@@ -29,8 +29,8 @@ import numpy as np
 
 from kale_ray.config import to_dict
 from kale_ray.core.io import read_jsonl, write_json, write_jsonl
-from kale_ray.kalm.config import KaLMJobConfig
-from kale_ray.kalm.data import KGSplit, KGText, prep_summary, seeded_subset, split_kg, training_rows
+from kale_ray.methods.kalm.config import KaLMJobConfig
+from kale_ray.methods.kalm.data import KGSplit, KGText, prep_summary, seeded_subset, split_kg, training_rows
 from kale_ray.runtime.stages import without
 
 # Eval settings that change how fast, not what comes out.
@@ -111,9 +111,9 @@ def eval_settings(cfg: KaLMJobConfig, kgqa: bool, model: str) -> dict[str, Any]:
 
 
 def run_kalm(cfg: KaLMJobConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    from kale_ray.kalm.evaluate import evaluate_kalm
+    from kale_ray.methods.kalm.evaluate import evaluate_kalm
     from kale_ray.models import resolve_model
-    from kale_ray.report import machine_info
+    from kale_ray.runtime.report import machine_info
     from kale_ray.runtime.stages import Run
     from kale_ray.train.trainer import run_training, training_stage
 

@@ -1,6 +1,6 @@
 """The main job: KALE end to end on the embedded defaults (UMLS + SmolLM2-135M-Instruct).
 
-    kale-ray demo --out runs/demo
+    kale-ray kale --out runs/kale     (or: kale-ray demo --out runs/demo, the same job)
 
 1. synthesis: generated multi-hop QA -> KI paths -> vLLM teacher rationales (Ray Data)
 2. training rows rendered with the student's chat template
@@ -26,7 +26,8 @@ from kale_ray.config import DemoConfig, to_dict
 from kale_ray.core.io import read_jsonl
 from kale_ray.runtime.stages import Run, without
 from kale_ray.runtime.tracking import TrackingConfig, numeric, start_run
-from kale_ray.report import machine_info, plot, write_metrics, write_report
+from kale_ray.methods.kale.report import plot, write_metrics, write_report
+from kale_ray.runtime.report import machine_info
 
 
 def _job_tracking(cfg: DemoConfig, out: Path, job: str) -> TrackingConfig:
@@ -58,7 +59,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
 
 
 def _run_demo(cfg: DemoConfig, progress: Callable[[str], None]) -> dict:
-    from kale_ray.eval.evaluate import evaluate
+    from kale_ray.methods.kale.evaluate import evaluate
     from kale_ray.models import resolve_model
     from kale_ray.synth.format import write_training_rows
     from kale_ray.synth.pipeline import run_synthesis, synthesis_settings

@@ -9,7 +9,7 @@ Checks, in order, each returning ``(ok, reason)``:
    (log-likelihood of each choice as the answer) put a wrong choice first;
    ``verifier_tie``: a wrong choice ties the best gold one (no evidence either way).
 
-Pure Python: the scores are computed elsewhere (:mod:`kale_ray.kard.scoring`).
+Pure Python: the scores are computed elsewhere (:mod:`kale_ray.methods.kard.scoring`).
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ with other settings stops naming the changed keys (``on_change: error``) or redo
 changed stage and every later one (``on_change: overwrite``).
 
 The whole recipe (Stage I, this stage from the Stage I model, the fact-level evaluation) is
-:func:`kale_ray.knowtuning.pipeline.run_knowtuning`.
+:func:`kale_ray.methods.knowtuning.pipeline.run_knowtuning`.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import numpy as np
 from kale_ray.config import to_dict
 from kale_ray.core.io import read_jsonl, write_json, write_jsonl
 from kale_ray.core.rejects import Rejects
-from kale_ray.knowtuning.config import KnowTuningDPOJobConfig
+from kale_ray.methods.knowtuning.config import KnowTuningDPOJobConfig
 
 TRAIN_SUMMARY_KEYS = ("steps", "samples", "first_loss", "final_loss", "seconds_per_step", "rejected", "wall_seconds")
 
@@ -45,7 +45,7 @@ def _init_ray(cfg: KnowTuningDPOJobConfig) -> None:
 def make_pairs(cfg: KnowTuningDPOJobConfig) -> tuple[list[dict], Rejects, dict]:
     """Comparison pairs from the configured answers; rejects (bad input lines, skipped kinds) with reasons."""
     from kale_ray.core.kg import load_kg
-    from kale_ray.knowtuning.data import build_pairs, neighbourhood_qa, read_fact_qa_jsonl
+    from kale_ray.methods.knowtuning.data import build_pairs, neighbourhood_qa, read_fact_qa_jsonl
 
     p = cfg.pairs
     kg = load_kg(p.kg.source, p.kg.names, p.kg.on_error)
@@ -68,7 +68,7 @@ def score_pairs(rows: list[dict], base_path: str, policy_path: str, adapter: str
 
     The reference is the rows' precomputed columns when they have them, else ``base_path`` scored now.
     """
-    from kale_ray.knowtuning.dpo import REF_CHOSEN, REF_REJECTED, pair_logps, reward_stats
+    from kale_ray.methods.knowtuning.dpo import REF_CHOSEN, REF_REJECTED, pair_logps, reward_stats
 
     t = cfg.train
     kw = dict(max_seq_len=t.max_seq_len, batch_size=cfg.reference_batch_size, mode=cfg.reference_with,
@@ -102,8 +102,8 @@ def train_settings(tcfg, run_name: str) -> dict[str, Any]:
 
 def run_dpo_stage(cfg: KnowTuningDPOJobConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Pairs -> (reference pass) -> DPO -> (reward check); returns and writes ``out/summary.json``."""
-    from kale_ray.knowtuning.data import render_pair_rows
-    from kale_ray.knowtuning.dpo import add_reference_logps
+    from kale_ray.methods.knowtuning.data import render_pair_rows
+    from kale_ray.methods.knowtuning.dpo import add_reference_logps
     from kale_ray.models import load_tokenizer, resolve_model
     from kale_ray.runtime.stages import Run
     from kale_ray.train.trainer import run_training

