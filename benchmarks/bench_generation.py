@@ -49,7 +49,7 @@ def gen_config(max_tokens: int):
 def bare_vllm(model: str, prompts: list[str], max_tokens: int) -> dict:
     from vllm import LLM, SamplingParams
 
-    from kale_ray.llm import engine_kwargs, sampling_params
+    from kale_ray.runtime.llm import engine_kwargs, sampling_params
 
     gen = gen_config(max_tokens)
     t = time.perf_counter()
@@ -70,7 +70,7 @@ def bare_vllm(model: str, prompts: list[str], max_tokens: int) -> dict:
 def pipeline(model: str, prompts: list[str], max_tokens: int) -> dict:
     import ray
 
-    from kale_ray.llm import build_vllm_processor
+    from kale_ray.runtime.llm import build_vllm_processor
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     gen = gen_config(max_tokens)

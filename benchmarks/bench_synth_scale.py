@@ -546,7 +546,7 @@ def child_pipeline(a) -> None:
     from kale_ray.synth.pipeline import run_synthesis
 
     try:
-        from kale_ray.llm import QUIET_ENV
+        from kale_ray.runtime.ray import QUIET_ENV
     except ImportError:
         QUIET_ENV = None
     cfg = _synth_cfg(a.overrides)

@@ -51,10 +51,9 @@ class PrepareConfig:
 
 
 def _ray(address: str | None = None, workers: int = 0, job: str = "") -> None:
-    from kale_ray.llm import QUIET_ENV
-    from kale_ray.ray_init import init_ray
+    from kale_ray.runtime.ray import init_ray
 
-    where = init_ray(address, workers, log_to_driver=True, runtime_env=QUIET_ENV)
+    where = init_ray(address, workers)
     print(f"[job] {job or 'kale-ray'}: {where}", flush=True)
 
 

@@ -62,12 +62,12 @@ def generation_stage(ds, model_path: str, gen: GenerationConfig, model: ModelCon
     stages around them). vLLM engines take their resources from ``ray.data.llm``.
     """
     if gen.backend == "vllm":
-        from kale_ray.llm import build_vllm_processor
+        from kale_ray.runtime.llm import build_vllm_processor
 
         return build_vllm_processor(model_path, gen, model.max_model_len, model.trust_remote_code,
                                     json_schema=json_schema)(ds)
     if gen.backend == "http":
-        from kale_ray.llm import HttpGenerator
+        from kale_ray.runtime.llm import HttpGenerator
 
         kw = {} if num_cpus is None else {"num_cpus": num_cpus}
         return ds.map_batches(HttpGenerator, fn_constructor_args=(gen, model.name, json_schema),

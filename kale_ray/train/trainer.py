@@ -77,7 +77,7 @@ def read_training_data(path: str | Path):
 
 
 def _ensure_ray(cfg: TrainConfig) -> None:
-    from kale_ray.ray_init import init_ray
+    from kale_ray.runtime.ray import init_ray
 
     init_ray(train_workers=cfg.num_workers)  # a cluster at RAY_ADDRESS, else local Ray sized for the workers
 

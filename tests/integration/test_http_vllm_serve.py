@@ -1,7 +1,7 @@
 """The http teacher against a real OpenAI-compatible server: ``vllm serve`` (CPU build) on 127.0.0.1
 with ``builtin:tiny-llama`` (random weights), started by this module and killed at its end.
 
-* the teacher callable (:class:`kale_ray.llm.HttpGenerator`): real completions, ``usage`` tokens,
+* the teacher callable (:class:`kale_ray.runtime.llm.HttpGenerator`): real completions, ``usage`` tokens,
   the API key checked by the server (``--api-key``), 401 / 400 / 404 failing their rows at once;
 * KnowTuning's ``generate`` on Ray Data with a JSON schema: the server's structured output;
 * a short synthesis with ``generation.backend=http``.
@@ -120,7 +120,7 @@ def _batch(*users: str) -> dict[str, np.ndarray]:
 
 
 def test_teacher_callable_against_vllm_serve(vllm_server, monkeypatch):
-    from kale_ray.llm import HttpGenerator
+    from kale_ray.runtime.llm import HttpGenerator
 
     monkeypatch.setenv("KALE_VLLM_KEY", KEY)
     g = HttpGenerator(_gen(vllm_server), "unused")

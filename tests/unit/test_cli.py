@@ -39,12 +39,12 @@ def test_shims_are_short_and_carry_their_commands(path):
 @pytest.fixture
 def no_ray(monkeypatch):
     """Any attempt to start Ray or run a job fails the test: the config error must come first."""
-    import kale_ray.ray_init
+    import kale_ray.runtime.ray
 
     def boom(*a, **k):
         raise AssertionError("started before the config was checked")
 
-    monkeypatch.setattr(kale_ray.ray_init, "init_ray", boom)
+    monkeypatch.setattr(kale_ray.runtime.ray, "init_ray", boom)
     for job, (cls, _) in list(cli.JOBS.items()):
         monkeypatch.setitem(cli.JOBS, job, (cls, boom))
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from kale_ray.config import GenerationConfig
-from kale_ray.llm import HttpGenerator, _retry_after_s
+from kale_ray.runtime.llm import HttpGenerator, _retry_after_s
 
 KEY = "sk-test-123-secret"
 

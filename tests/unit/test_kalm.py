@@ -399,7 +399,9 @@ def _fake_heavy_stages(monkeypatch) -> list[tuple[str, str]]:
     from kale_ray.train import trainer
 
     calls: list[tuple[str, str]] = []
-    monkeypatch.setattr(recipe, "_init_ray", lambda cfg: None)
+    import kale_ray.runtime.ray
+
+    monkeypatch.setattr(kale_ray.runtime.ray, "init_ray", lambda *a, **k: "no Ray")
 
     def fake_eval(model_path, split, text, test, cfg, model_cfg, out_dir, label, **kw):
         calls.append((f"eval_{label}", model_path))

@@ -406,7 +406,7 @@ class _Stop(Exception):
 def _questions_only(monkeypatch):
     """run_kard runs its real questions stage, then stops at the knowledge base; starting Ray fails the test."""
     import kale_ray.methods.kard.recipe as recipe
-    import kale_ray.ray_init
+    import kale_ray.runtime.ray
 
     def stop(*a, **k):
         raise _Stop()
@@ -415,8 +415,7 @@ def _questions_only(monkeypatch):
         raise AssertionError("Ray started")
 
     monkeypatch.setattr(recipe, "stage_kb", stop)
-    monkeypatch.setattr(recipe, "_init_ray", boom)
-    monkeypatch.setattr(kale_ray.ray_init, "init_ray", boom)
+    monkeypatch.setattr(kale_ray.runtime.ray, "init_ray", boom)
     return recipe.run_kard
 
 

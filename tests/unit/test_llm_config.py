@@ -5,7 +5,7 @@ Building ``vLLMEngineProcessorConfig`` (a pydantic model) needs no GPU and start
 import pytest
 
 from kale_ray.config import ConfigError, GenerationConfig, SynthConfig, load_config
-from kale_ray.llm import vllm_processor_config
+from kale_ray.runtime.llm import vllm_processor_config
 
 
 def _cfg(**kw):

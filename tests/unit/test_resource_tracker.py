@@ -21,7 +21,7 @@ CHILD = textwrap.dedent("""
     import multiprocessing as mp, os, signal, sys, time
     from multiprocessing import resource_tracker, shared_memory
     if sys.argv[1] == "fix":
-        from kale_ray.ray_init import quiet_resource_tracker
+        from kale_ray.runtime.ray import quiet_resource_tracker
         quiet_resource_tracker()
         quiet_resource_tracker()  # idempotent
     shm = shared_memory.SharedMemory(create=True, size=4096)
@@ -68,7 +68,7 @@ SPAWNED = textwrap.dedent("""
 
     if __name__ == "__main__":
         if sys.argv[1] == "fix":
-            from kale_ray.ray_init import quiet_resource_tracker
+            from kale_ray.runtime.ray import quiet_resource_tracker
             quiet_resource_tracker()
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
@@ -92,6 +92,6 @@ def test_spawned_children_get_the_fix_too(tmp_path, mode, expect):
 
 
 def test_quiet_env_installs_the_hook():
-    from kale_ray.llm import QUIET_ENV
+    from kale_ray.runtime.ray import QUIET_ENV
 
-    assert QUIET_ENV["worker_process_setup_hook"] == "kale_ray.ray_init.quiet_resource_tracker"
+    assert QUIET_ENV["worker_process_setup_hook"] == "kale_ray.runtime.ray.quiet_resource_tracker"

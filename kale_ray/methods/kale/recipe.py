@@ -20,8 +20,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from kale_ray.llm import QUIET_ENV
-from kale_ray.ray_init import init_ray
+from kale_ray.runtime.ray import init_ray_for
 from kale_ray.config import DemoConfig, to_dict
 from kale_ray.core.io import read_jsonl
 from kale_ray.runtime.stages import Run, without
@@ -69,7 +68,7 @@ def _run_demo(cfg: DemoConfig, progress: Callable[[str], None]) -> dict:
     run = Run(out, cfg, on_change=cfg.on_change, progress=progress, label="demo")
     # Local: logical CPUs for the train workers (one each) plus room for Ray Data's read/split
     # tasks; with exactly os.cpu_count() the data feed can starve.
-    init_ray(cfg.ray_address, train_workers=cfg.train.num_workers, log_to_driver=True, runtime_env=QUIET_ENV)
+    init_ray_for(cfg)
     model_path = resolve_model(cfg.train.model.name, cfg.train.model.cache_dir)
     on_change = lambda own: "overwrite" if cfg.on_change == "overwrite" else own  # noqa: E731
 

@@ -32,15 +32,10 @@ from kale_ray.core.io import read_jsonl, write_json, write_jsonl
 from kale_ray.methods.kalm.config import KaLMJobConfig
 from kale_ray.methods.kalm.data import KGSplit, KGText, prep_summary, seeded_subset, split_kg, training_rows
 from kale_ray.runtime.stages import without
+from kale_ray.runtime.ray import init_ray_for
 
 # Eval settings that change how fast, not what comes out.
 _NOT_EVAL_OUTPUT = ("embed_with", "embed_threads", "generation.concurrency", "generation.max_concurrency")
-
-
-def _init_ray(cfg: KaLMJobConfig) -> None:
-    from kale_ray.ray_init import init_ray
-
-    init_ray(cfg.ray_address, cfg.train.num_workers)
 
 
 @dataclasses.dataclass
@@ -133,7 +128,7 @@ def run_kalm(cfg: KaLMJobConfig, progress: Callable[[str], None] = print) -> dic
              f"inverses), {data_summary['evaluated_test_triples']} test triples, {data_summary['entities']} entities")
 
     def evaluate(path: str, label: str, kgqa: bool) -> dict:
-        _init_ray(cfg)
+        init_ray_for(cfg)
         return evaluate_kalm(path, kg().split, kg().text, read_test_triples(out),
                              dataclasses.replace(cfg.eval, kgqa=cfg.eval.kgqa and kgqa), cfg.train.model,
                              out / f"eval_{label}", label, use_gpu=cfg.train.use_gpu,
@@ -150,7 +145,7 @@ def run_kalm(cfg: KaLMJobConfig, progress: Callable[[str], None] = print) -> dic
     tcfg = train_config(cfg, out)
 
     def train() -> dict:
-        _init_ray(cfg)
+        init_ray_for(cfg)
         progress(f"[kalm] aligning on Ray Train + DeepSpeed ZeRO-{tcfg.zero_stage}, {tcfg.num_workers} workers")
         res = run_training(tcfg, run_name="kalm")
         return {"steps": res.summary.get("steps"), "final_loss": res.summary.get("final_loss")}

@@ -45,6 +45,7 @@ from kale_ray.methods.kard.prompts import (VERIFIER_ANSWER_PREFIX, majority_vote
                                    verifier_messages)
 from kale_ray.runtime.generate import generate, num_blocks
 from kale_ray.runtime.stages import Run, without
+from kale_ray.runtime.ray import init_ray_for
 
 # Generation settings that decide how fast, not what is generated.
 _GEN_NOT_OUTPUT = ("batch_size", "concurrency", "max_concurrency", "gpu_memory_utilization", "num_gpus_per_replica",
@@ -54,15 +55,6 @@ _TRAIN_SUMMARY = ("steps", "samples", "first_loss", "final_loss", "seconds_per_s
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def _init_ray(cfg: KARDJobConfig) -> None:
-    """Start (or join) Ray; a no-op once up. Called by the stages that need it: a reused or refused run starts none."""
-    from kale_ray.llm import QUIET_ENV
-    from kale_ray.ray_init import init_ray
-
-    init_ray(cfg.ray_address, max(cfg.train.num_workers, cfg.reranker.num_workers), log_to_driver=True,
-             runtime_env=QUIET_ENV)
 
 
 def _ds(rows: list[dict], batch_size: int):
@@ -210,7 +202,7 @@ def stage_teacher(cfg: KARDJobConfig, train, test, out: Path, progress) -> dict:
     from kale_ray.core.prompts import render_chat
     from kale_ray.models import load_tokenizer, resolve_model
 
-    _init_ray(cfg)
+    init_ray_for(cfg)
     t = time.perf_counter()
     tc = cfg.teacher
     path = resolve_model(tc.model.name, tc.model.cache_dir)
@@ -260,7 +252,7 @@ def stage_verify(cfg: KARDJobConfig, kg, train, test, gens: list[dict], out: Pat
             to_score.append({"key": f"{g['qid']}#{g['sample']}", "choices": json.dumps(q.choices),
                              "prompt": render_chat(verifier_messages(q.question, q.choices, g["text"]), vtok)})
         if to_score:
-            _init_ray(cfg)
+            init_ray_for(cfg)
             ds = _ds(to_score, 8).map_batches(
                 ChoiceScorer, fn_constructor_args=(vpath, VERIFIER_ANSWER_PREFIX, tc.length_normalise, vm.max_model_len, vm.trust_remote_code),
                 batch_size=8, concurrency=1, batch_format="numpy")
@@ -306,7 +298,7 @@ def stage_verify(cfg: KARDJobConfig, kg, train, test, gens: list[dict], out: Pat
 
 def stage_retrieval(cfg: KARDJobConfig, train, test, kept, out: Path, progress) -> dict:
     """BM25 for training knowledge (rationale queries), reranker candidates and test candidates (question queries)."""
-    _init_ray(cfg)
+    init_ray_for(cfg)
     t = time.perf_counter()
     rc = cfg.reranker
     index_dir = out / "kb" / "bm25"
@@ -353,7 +345,7 @@ def stage_train_student(cfg: KARDJobConfig, name: str, out: Path, progress) -> d
     """One student on Ray Train (its own settings record under ``out/student_<name>``: resumes a killed run)."""
     from kale_ray.train.trainer import run_training
 
-    _init_ray(cfg)
+    init_ray_for(cfg)
     tcfg = _train_config(cfg, name, out)
     progress(f"[kard] training student '{name}' on Ray Train + DeepSpeed ZeRO-{tcfg.zero_stage}, "
              f"{tcfg.num_workers} workers")
@@ -387,7 +379,7 @@ def stage_reranker(cfg: KARDJobConfig, train, kept, passages, retrieval, out: Pa
     progress(f"[kard] reranker: {len(rows)} training questions x <= "
              f"{rc.candidates_by_rationale + rc.candidates_by_question} candidates; skipped {dict(skipped) or 0}; "
              f"Ray Train, {rc.num_workers} workers")
-    _init_ray(cfg)
+    init_ray_for(cfg)
     summary = train_reranker(rc, folder / "rows" / "train.jsonl", folder, use_gpu=cfg.train.use_gpu)
     summary["skipped"] = dict(skipped)
     write_json(folder / "reranker_summary.json", summary)
@@ -398,7 +390,7 @@ def stage_test_knowledge(cfg: KARDJobConfig, test, kept, passages, retrieval, ou
     """Per test question: BM25 top-N by question, reranked order, and hit@k of the rationale-best passage."""
     from kale_ray.methods.kard.retrieval import BM25Index
 
-    _init_ray(cfg)
+    init_ray_for(cfg)
     t = time.perf_counter()
     rc = cfg.reranker
     top_n = cfg.eval.retrieve_top
@@ -453,7 +445,7 @@ def stage_eval(cfg: KARDJobConfig, name: str, model_dir: str, test, passages, kn
     from kale_ray.methods.kard.prompts import student_messages
     from kale_ray.models import load_tokenizer
 
-    _init_ray(cfg)
+    init_ray_for(cfg)
     t = time.perf_counter()
     ev = cfg.eval
     gen = ev.generation if ev.num_samples > 1 else dataclasses.replace(ev.generation, temperature=0.0)

@@ -37,19 +37,13 @@ from kale_ray.core.io import read_jsonl, write_json, write_jsonl
 from kale_ray.core.rejects import Rejects
 from kale_ray.methods.knowtuning.config import KnowTuningDPOJobConfig, KnowTuningJobConfig, PairsConfig
 from kale_ray.runtime.stages import without
+from kale_ray.runtime.ray import init_ray_for
 
 # Settings that change how fast a generation goes, not what it writes (as in kale_ray.synth.pipeline).
 _GEN_SPEED = ("batch_size", "concurrency", "max_concurrency", "http_timeout_s", "num_gpus_per_replica",
               "gpu_memory_utilization", "tensor_parallel_size", "pipeline_parallel_size")
 _STAGE1_DATA_OUTPUTS = ["stage1/facts.jsonl", "stage1/facts_rejects.jsonl", "stage1/ppl.jsonl", "stage1/rewrites.jsonl",
                         "stage1/rewrite_rejects.jsonl", "stage1/data", "stage1/summary.json"]
-
-
-def _init_ray(cfg: KnowTuningJobConfig) -> None:
-    from kale_ray.llm import QUIET_ENV
-    from kale_ray.ray_init import init_ray
-
-    init_ray(cfg.ray_address, cfg.stage1.train.num_workers, runtime_env=QUIET_ENV)
 
 
 # --------------------------------------------------------------------------- settings per stage
@@ -120,7 +114,7 @@ def build_qa(cfg: KnowTuningJobConfig, out: Path, progress: Callable[[str], None
     if q.answers == "teacher" and cfg.generation.backend != "template":
         from kale_ray.methods.knowtuning.teacher import teacher_step
 
-        _init_ray(cfg)
+        init_ray_for(cfg)
         items = [{"key": x["id"], "facts": [f["text"] for f in x["facts"]],
                   "messages": atomic.answer_messages(x["question"], [f["text"] for f in x["facts"]])} for x in train]
         res = teacher_step(items, lambda it, text: atomic.parse_long_answer(text, it["facts"]), cfg.teacher,
@@ -151,7 +145,7 @@ def _train(cfg: KnowTuningJobConfig, tcfg, run_name: str, progress: Callable[[st
     from kale_ray.methods.knowtuning.recipe import TRAIN_SUMMARY_KEYS
     from kale_ray.train.trainer import run_training
 
-    _init_ray(cfg)
+    init_ray_for(cfg)
     progress(f"[knowtuning] {run_name}: {tcfg.loss} on Ray Train + DeepSpeed ZeRO-{tcfg.zero_stage}, "
              f"{tcfg.num_workers} workers")
     res = run_training(tcfg, run_name=run_name)
@@ -207,7 +201,7 @@ def run_knowtuning(cfg: KnowTuningJobConfig, progress: Callable[[str], None] = p
         return {**parts, "timings": run.timings(), "reused_stages": run.reused}
 
     def stage1_data() -> dict:
-        _init_ray(cfg)
+        init_ray_for(cfg)
         info = build_stage1_rows(cfg, read_jsonl(out / "qa" / "train.jsonl"), out / "stage1", progress)
         write_json(out / "stage1" / "summary.json", info)
         return info
@@ -221,12 +215,12 @@ def run_knowtuning(cfg: KnowTuningJobConfig, progress: Callable[[str], None] = p
                          outputs=[to])
 
     def dpo_stage() -> dict:
-        _init_ray(cfg)
+        init_ray_for(cfg)
         progress("[knowtuning] stage2: comparison pairs -> reference pass -> DPO")
         return run_dpo_stage(dpo_cfg, progress)
 
     def evaluate() -> dict:
-        _init_ray(cfg)
+        init_ray_for(cfg)
         ev = evaluate_facts(cfg, read_jsonl(out / "qa" / "test.jsonl"), models, out / "eval", progress)
         write_json(out / "eval" / "metrics.json", ev)
         return ev

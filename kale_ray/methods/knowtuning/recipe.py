@@ -32,14 +32,9 @@ from kale_ray.config import to_dict
 from kale_ray.core.io import read_jsonl, write_json, write_jsonl
 from kale_ray.core.rejects import Rejects
 from kale_ray.methods.knowtuning.config import KnowTuningDPOJobConfig
+from kale_ray.runtime.ray import init_ray_for
 
 TRAIN_SUMMARY_KEYS = ("steps", "samples", "first_loss", "final_loss", "seconds_per_step", "rejected", "wall_seconds")
-
-
-def _init_ray(cfg: KnowTuningDPOJobConfig) -> None:
-    from kale_ray.ray_init import init_ray
-
-    init_ray(cfg.ray_address, cfg.train.num_workers)
 
 
 def make_pairs(cfg: KnowTuningDPOJobConfig) -> tuple[list[dict], Rejects, dict]:
@@ -125,7 +120,7 @@ def run_dpo_stage(cfg: KnowTuningDPOJobConfig, progress: Callable[[str], None] =
         rows = render_pair_rows(read_jsonl(out / "pairs.jsonl"), load_tokenizer(model_path, t.model.trust_remote_code))
         info: dict[str, Any] = {"mode": t.dpo.reference}
         if t.dpo.reference == "precomputed":
-            _init_ray(cfg)
+            init_ray_for(cfg)
             rows, ref_summary = add_reference_logps(rows, model_path, t, cfg.reference_batch_size, cfg.reference_with)
             info.update(ref_summary)
         write_jsonl(out / "data" / "train.jsonl", rows)
@@ -135,7 +130,7 @@ def run_dpo_stage(cfg: KnowTuningDPOJobConfig, progress: Callable[[str], None] =
                                     on_change=train_on_change(cfg.on_change, t))
 
     def train() -> dict:
-        _init_ray(cfg)
+        init_ray_for(cfg)
         progress(f"[knowtuning-dpo] train: dpo on Ray Train + DeepSpeed ZeRO-{t.zero_stage}, {t.num_workers} workers")
         res = run_training(train_cfg, run_name="dpo")
         return {"train": {k: res.summary.get(k) for k in TRAIN_SUMMARY_KEYS},
@@ -144,7 +139,7 @@ def run_dpo_stage(cfg: KnowTuningDPOJobConfig, progress: Callable[[str], None] =
                 "adapter": res.adapter_dir, "merged": res.merged_dir}
 
     def score() -> dict:
-        _init_ray(cfg)
+        init_ray_for(cfg)
         # LoRA: the base + the adapter (the merged folder is the same model); full fine-tuning: merged/.
         policy = model_path if trained["adapter"] else trained["merged"]
         return score_pairs(read_jsonl(out / "data" / "train.jsonl"), model_path, policy, trained["adapter"], cfg)

@@ -1,16 +1,28 @@
-"""Connect a job's driver to Ray: the cluster at ``address`` / ``RAY_ADDRESS`` when there is one
-(``ray job submit`` sets it), else a local Ray sized for the job's training workers."""
+"""The one Ray start of every job: the cluster at ``address`` / ``RAY_ADDRESS`` when there is one
+(``ray job submit`` sets it), else a local Ray sized for the job's training workers.
+
+Recipes call :func:`init_ray` from the stages that need Ray (a reused or refused run starts none);
+it is a no-op once Ray is up. ``QUIET_ENV`` is the workers' runtime env for local runs.
+"""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from typing import Any
 
+# Worker env for local runs: progress lines from training reach the driver, vLLM's
+# per-request INFO chatter does not, nor the resource tracker's KeyError lines when a vLLM
+# actor exits (see quiet_resource_tracker below).
+QUIET_ENV = {"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"},
+             "worker_process_setup_hook": "kale_ray.runtime.ray.quiet_resource_tracker"}
 
-def init_ray(address: str | None = None, train_workers: int = 0, log_to_driver: bool = False,
-             runtime_env: dict[str, Any] | None = None) -> str:
-    """Says where the driver runs (``cluster at ADDRESS`` / ``local Ray``). No-op when Ray is already initialised. Locally: one logical CPU per training worker plus two
-    for Ray Data (reads, vLLM and scoring actors), at least the machine's core count."""
+
+def init_ray(address: str | None = None, train_workers: int = 0, log_to_driver: bool = True,
+             runtime_env: dict[str, Any] | None = QUIET_ENV) -> str:
+    """Says where the driver runs (``cluster at ADDRESS`` / ``local Ray``). No-op when Ray is already
+    initialised. Locally: one logical CPU per training worker plus two for Ray Data (reads, vLLM and
+    scoring actors), at least the machine's core count."""
     import ray
 
     if ray.is_initialized():
@@ -27,6 +39,20 @@ def init_ray(address: str | None = None, train_workers: int = 0, log_to_driver: 
         return f"cluster at {address}"
     ray.init(num_cpus=max(os.cpu_count() or 1, train_workers + 2), include_dashboard=False, **kwargs)
     return "local Ray"
+
+
+def init_ray_for(job_config: Any) -> str:
+    """:func:`init_ray` for a job: its ``ray_address`` and the most training workers any of its
+    sections asks for (``num_workers`` anywhere in the config tree). The recipes' one Ray start."""
+    return init_ray(getattr(job_config, "ray_address", None), _train_workers(job_config))
+
+
+def _train_workers(node: Any) -> int:
+    if not dataclasses.is_dataclass(node):
+        return 0
+    own = getattr(node, "num_workers", 0)
+    return max([own if isinstance(own, int) else 0] + [_train_workers(getattr(node, f.name))
+                                                       for f in dataclasses.fields(node)])
 
 
 def quiet_resource_tracker() -> None:

@@ -23,12 +23,6 @@ import numpy as np
 
 from kale_ray.config import ConfigError, GenerationConfig
 
-# Worker env for local runs: progress lines from training reach the driver, vLLM's
-# per-request INFO chatter does not, nor the resource tracker's KeyError lines when a vLLM
-# actor exits (see kale_ray.ray_init.quiet_resource_tracker).
-QUIET_ENV = {"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"},
-             "worker_process_setup_hook": "kale_ray.ray_init.quiet_resource_tracker"}
-
 
 def _on_gpu(gen: GenerationConfig) -> bool:
     return gen.num_gpus_per_replica > 0
