@@ -22,20 +22,25 @@ in :mod:`kale_ray.core.losses` does exactly that). ``metrics`` are 0-d tensors o
 with the same additive meaning (``ce``, ``kl``, ...): the trainer sums them over micro-batches
 and all-reduces them over workers, and logs the result as the step's value.
 
-Adding a loss (e.g. KnowTuning's DPO, KaLM's contrastive alignment)::
+Adding a loss: a method's package registers it (as ``kale_ray/methods/knowtuning/dpo.py`` does
+for DPO and ``kale_ray/methods/kalm/losses.py`` for KaLM)::
 
-    # kale_ray/train/losses_dpo.py
+    # my_pkg/losses.py
     from kale_ray.train.registry import register_loss
 
-    @register_loss("dpo", collator_factory=my_pair_collator, count_fn=lambda b: b["chosen_input_ids"].shape[0])
-    def dpo_compute(model, batch, cfg, dist):
+    @register_loss("my_loss", collator_factory=my_pair_collator, count_fn=lambda b: b["chosen_input_ids"].shape[0])
+    def my_compute(model, batch, cfg, dist):
         ...
-        return loss, {"dpo": loss.detach()}
+        return loss, {"my_loss": loss.detach()}
 
-then add ``"kale_ray.train.losses_dpo"`` to :data:`LOSS_MODULES` below, so that
-:func:`get_loss` imports it in every process (driver and Ray workers) before looking the
-name up. A frozen reference model for DPO can be the same PEFT model under
-``model.module.lm.disable_adapter()``.
+and names the module in its package's entry points, group ``kale_ray.losses``::
+
+    [project.entry-points."kale_ray.losses"]
+    my_loss = "my_pkg.losses"
+
+:func:`get_loss` imports every module of that group in each process (driver and Ray workers)
+before looking a name up, so the trainer names no method (no train -> method import). A frozen
+reference model for DPO can be the same PEFT model under ``model.module.lm.disable_adapter()``.
 
 Pure torch: imports no Ray or DeepSpeed.
 """
@@ -50,8 +55,9 @@ import torch
 from kale_ray.core.losses import IGNORE_INDEX, ka_loss, sft_loss
 from kale_ray.train.collators import kale_collator, sft_collator
 
-# Modules that register losses on import; get_loss()/list_losses() import them lazily.
-LOSS_MODULES: list[str] = ["kale_ray.methods.kalm.losses", "kale_ray.methods.knowtuning.dpo"]
+# The entry-point group of modules that register losses on import (pyproject.toml);
+# get_loss()/list_losses() import them lazily.
+LOSS_ENTRY_POINTS = "kale_ray.losses"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +106,20 @@ def register_loss(
     return decorator
 
 
+def loss_modules() -> dict[str, str]:
+    """``{entry-point name: module}`` of the installed packages' loss plug-ins."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.value.split(":")[0] for ep in entry_points(group=LOSS_ENTRY_POINTS)}
+
+
 def _import_loss_modules() -> None:
-    for module in LOSS_MODULES:
-        importlib.import_module(module)
+    for name, module in loss_modules().items():
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ImportError(f"loss plug-in {name!r} ({LOSS_ENTRY_POINTS} entry point): cannot import "
+                              f"{module!r}: {e}") from e
 
 
 def list_losses() -> list[str]:
@@ -113,7 +130,9 @@ def list_losses() -> list[str]:
 def get_loss(name: str) -> LossSpec:
     _import_loss_modules()
     if name not in _REGISTRY:
-        raise KeyError(f"unknown loss '{name}'; known losses: {', '.join(sorted(_REGISTRY))}")
+        raise KeyError(f"unknown loss '{name}'; known losses: {', '.join(sorted(_REGISTRY))} (plug-ins come from "
+                       f"the installed packages' {LOSS_ENTRY_POINTS!r} entry points: is kale-ray installed, "
+                       f"`pip install -e .`?)")
     return _REGISTRY[name]
 
 

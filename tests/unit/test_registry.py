@@ -55,6 +55,37 @@ def test_registry_is_open_for_new_losses():
         register_loss("unit_test_loss", collator_factory=lambda tok, cfg: None)(lambda *a: None)
 
 
+def test_method_losses_come_from_entry_points_not_from_the_trainer():
+    """kalm and dpo are registered by their methods' packages (the kale_ray.losses entry points)."""
+    from kale_ray.train import registry
+
+    mods = registry.loss_modules()
+    assert mods["kalm"] == "kale_ray.methods.kalm.losses" and mods["dpo"] == "kale_ray.methods.knowtuning.dpo"
+    assert {"sft", "kale", "kalm", "dpo"} <= set(list_losses())
+    src = open(registry.__file__).read()
+    assert "kale_ray.methods" not in src.split("Pure torch")[1]  # the trainer's registry names no method
+
+
+def test_a_plug_in_package_registers_its_loss_by_entry_point(tmp_path, monkeypatch):
+    """A package installed beside kale-ray adds a loss through its own entry point."""
+    import sys
+
+    (tmp_path / "my_loss_pkg.py").write_text(
+        "import torch\nfrom kale_ray.train.registry import register_loss\n"
+        "@register_loss('plugin_loss', collator_factory=lambda tok, cfg: None)\n"
+        "def compute(model, batch, cfg, dist):\n    'A plug-in loss.'\n    return torch.tensor(0.0), {}\n")
+    dist = tmp_path / "my_loss_pkg-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-loss-pkg\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[kale_ray.losses]\nplugin_loss = my_loss_pkg\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_loss_pkg", raising=False)
+    assert get_loss("plugin_loss").description == "A plug-in loss."
+    (dist / "entry_points.txt").write_text("[kale_ray.losses]\nbroken = no_such_module_xyz\n")
+    with pytest.raises(ImportError, match="loss plug-in 'broken'.*no_such_module_xyz"):
+        list_losses()
+
+
 @pytest.mark.parametrize("peft", [False, True])
 def test_answer_logits_equal_full_logits_at_answer_positions(tiny, peft):
     tok, lm = tiny
