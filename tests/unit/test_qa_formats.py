@@ -111,7 +111,7 @@ def test_an_unknown_format_is_a_config_error():
 def _convert(tmp_path, source, *extra):
     from kale_ray.config import SynthConfig, load_config
     from kale_ray.runtime.storage import Storage
-    from kale_ray.synth.pipeline import CONVERTED_QA, convert_qa_source
+    from kale_ray.synth.qa_source import CONVERTED_QA, convert_qa_source
 
     out = tmp_path / "out"
     cfg = load_config(SynthConfig, None, [f"out_dir={out}", f"qa.source={source}", *extra])
@@ -224,12 +224,12 @@ def test_a_test_file_in_another_format_is_converted_too(tmp_path):
 
     from kale_ray.config import SynthConfig, load_config
     from kale_ray.core.rejects import Rejects
-    from kale_ray.synth.pipeline import _read_test_file
+    from kale_ray.synth.qa_source import read_test_file
 
     src = tmp_path / "dev.parquet"
     pq.write_table(pa.Table.from_pylist(_csqa_rows(3, 1)), src)
     cfg = load_config(SynthConfig, None, [f"qa.source={src}", f"qa.test_file={src}"])
     rej = Rejects()
-    got = _read_test_file(cfg, rej)
+    got = read_test_file(cfg, rej)
     assert [(q.id, q.answer, q.all_answers) for q in got] == [("c0", "sky", ["sky"]), ("c2", "sky", ["sky"])]
     assert rej.counts() == {"answer_not_in_choices": 1} and rej.rows[0]["row"] == 1

@@ -305,7 +305,7 @@ def test_answer_linked(umls_kg):
 
 
 def test_duplicate_id_lines_finds_every_reuse_in_one_small_scan(tmp_path):
-    from kale_ray.synth.pipeline import _dups_by_shard, duplicate_id_lines
+    from kale_ray.synth.ids import dups_by_shard, duplicate_id_lines
 
     lines = [
         '\ufeff{"id": "t1", "question": "a?", "answer": "x"}',  # 1: BOM on the first line
@@ -327,7 +327,7 @@ def test_duplicate_id_lines_finds_every_reuse_in_one_small_scan(tmp_path):
     dups = duplicate_id_lines(str(p))
     assert dups == {"t1": (1, [1, 3]), 'q"1': (4, [4, 7]), "7": (5, [5, 8]), "t2": (2, [2, 11])}
     assert duplicate_id_lines(str(p), max_lines=6) == {"t1": (1, [1, 3])}
-    by_shard = _dups_by_shard(dups, [(0, 10, 1), (10, 20, 5), (20, 30, 9)])
+    by_shard = dups_by_shard(dups, [(0, 10, 1), (10, 20, 5), (20, 30, 9)])
     assert json.loads(by_shard[0]) == {"t1": [1, [1, 3]], 'q"1': [4, [4]], "t2": [2, [2]]}
     assert json.loads(by_shard[1]) == {'q"1': [4, [7]], "7": [5, [5, 8]]}
     assert json.loads(by_shard[2]) == {"t2": [2, [11]]}
