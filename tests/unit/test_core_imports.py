@@ -2,8 +2,9 @@
 
 Each module is imported alone in a fresh interpreter (run two at a time) and must not pull Ray,
 vLLM, DeepSpeed, transformers or networkx; the modules that do no tensor work must not pull
-torch either. Every ``kale_ray.core.*`` module is found automatically; the pure modules of the
-methods and of the trainer are listed below (a module listed as optional is checked once it exists).
+torch either. Every ``kale_ray.core.*`` module (subpackages such as ``core.search`` included) is
+found automatically; the pure modules of the methods and of the trainer are listed below (a module
+listed as optional is checked once it exists).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ HEAVY = ("ray", "vllm", "deepspeed", "transformers", "networkx")
 def _core_modules() -> list[str]:
     import kale_ray.core
 
-    return ["kale_ray.core"] + sorted(f"kale_ray.core.{m.name}" for m in pkgutil.iter_modules(kale_ray.core.__path__))
+    return ["kale_ray.core"] + sorted(m.name for m in pkgutil.walk_packages(kale_ray.core.__path__, "kale_ray.core."))
 
 
 OPTIONAL = ["kale_ray.runtime.storage"]
@@ -85,7 +86,8 @@ def test_pure_module_imports_no_heavy_framework(mod, pulled):
 
 def test_the_list_covers_the_pure_modules_named_in_the_layout():
     assert {"kale_ray.config", "kale_ray.core.losses", "kale_ray.core.parse", "kale_ray.core.prompts",
-            "kale_ray.core.kg", "kale_ray.core.qa", "kale_ray.core.paths"} <= set(PURE)
+            "kale_ray.core.kg", "kale_ray.core.qa", "kale_ray.core.paths", "kale_ray.core.search",
+            "kale_ray.core.search.bidirectional", "kale_ray.core.search.numba_kernel"} <= set(PURE)
     assert TORCH_OK <= set(PURE)
 
 

@@ -46,6 +46,7 @@ def test_in_memory_kg_travels_as_arrays(tmp_path):
 def test_landmark_table_is_built_once_into_the_cache_folder(tmp_path, monkeypatch):
     """heuristic=landmark: the landmark distances live beside the KG's arrays; a worker's open maps them."""
     from kale_ray.core import paths
+    from kale_ray.core.search import landmark
 
     monkeypatch.setenv("KALE_RAY_CACHE", str(tmp_path / "cache"))
     kgf = tmp_path / "kg.tsv"
@@ -55,7 +56,7 @@ def test_landmark_table_is_built_once_into_the_cache_folder(tmp_path, monkeypatc
     kg, _ = pipeline.load_shared_kg(cfg)
     assert (Path(kg.path) / "lm_dist.npy").exists()
     built = []
-    monkeypatch.setattr(paths, "build_landmark_table", lambda *a, **k: built.append(1))
+    monkeypatch.setattr(landmark, "build_landmark_table", lambda *a, **k: built.append(1))  # the defining module
     worker = pipeline._open_shared(pipeline._share(kg, cfg))
     table = paths.landmark_table(worker.index(True), build=False)
     assert table is not None and isinstance(table.dist.base, np.memmap) and built == []
