@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kale_ray.runtime.report import Markdown, fmt
+
 
 def plot(out_png: Path, histories: dict[str, list[dict]], evals: dict[str, dict]) -> None:
     import matplotlib
@@ -43,45 +45,33 @@ def plot(out_png: Path, histories: dict[str, list[dict]], evals: dict[str, dict]
     plt.close(fig)
 
 
-def _fmt(x: Any) -> str:
-    return f"{x:.3f}" if isinstance(x, float) else str(x)
-
-
 def write_report(out: Path, metrics: dict[str, Any]) -> None:
-    ev = metrics["eval"]
-    lines = [
-        "# KALE demo report", "",
-        f"KG: `{metrics['synthesis']['kg']['source']}` ({metrics['synthesis']['kg']['entities']} entities, "
-        f"{metrics['synthesis']['kg']['triples']} triples); model: `{metrics['model']}`; "
-        f"machine: {metrics['machine']['cpus']} CPUs, {metrics['machine']['platform']}.", "",
-        "## Held-out multi-hop questions", "",
-        "| model | accuracy | 95% CI | probe (hop fact) accuracy | known & incorrect rate | K&I given known | n |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, m in ev.items():
-        lines.append(f"| {name} | {m['accuracy']:.3f} | [{m['accuracy_ci95'][0]:.3f}, {m['accuracy_ci95'][1]:.3f}] | "
-                     f"{m['probe_accuracy']:.3f} | {m['known_and_incorrect_rate']:.3f} | "
-                     f"{m['known_and_incorrect_given_known']:.3f} | {m['n_questions']} |")
+    ev, s = metrics["eval"], metrics["synthesis"]
+    md = Markdown("KALE demo report")
+    md.para(f"KG: `{s['kg']['source']}` ({s['kg']['entities']} entities, {s['kg']['triples']} triples); "
+            f"model: `{metrics['model']}`; machine: {metrics['machine']['cpus']} CPUs, {metrics['machine']['platform']}.")
+    md.section("Held-out multi-hop questions")
+    md.table(["model", "accuracy", "95% CI", "probe (hop fact) accuracy", "known & incorrect rate", "K&I given known", "n"],
+             [[name, m["accuracy"], f"[{fmt(m['accuracy_ci95'][0])}, {fmt(m['accuracy_ci95'][1])}]", m["probe_accuracy"],
+               m["known_and_incorrect_rate"], m["known_and_incorrect_given_known"], m["n_questions"]]
+              for name, m in ev.items()])
     if "sft" in ev and "kale" in ev:
         d = ev["kale"]["accuracy"] - ev["sft"]["accuracy"]
-        lines += ["", f"KALE - SFT accuracy: **{d * 100:+.1f} points** (same data, steps, seed and LoRA budget). "
-                      "With this many questions, differences inside the CIs are not significant."]
-    s = metrics["synthesis"]
-    lines += ["", "## Synthesis", "",
-              f"- rows in {s['rows_in']}, out {s['rows_out']}, rejected {s['rejected'] or 0}",
-              f"- rationales by teacher: {s['teacher_counts']}",
-              f"- teacher outputs that failed verification (replaced by the template rationale): {s['teacher_rejected'] or 0}",
-              f"- tokens generated: {s['tokens_generated']}",
-              f"- questions: {s['qa']}", "",
-              "## Training", ""]
-    for name, t in metrics["train"].items():
-        lines.append(f"- {name}: {t.get('steps')} steps, final loss {_fmt(t.get('final_loss'))}, "
-                     f"{_fmt(t.get('samples_per_s'))} samples/s, {_fmt(t.get('seconds_per_step'))} s/step, {_fmt(t.get('wall_seconds'))} s")
-    lines += ["", "## Time per stage (s)", "", "| stage | seconds |", "|---|---|"]
-    for k, v in metrics["timings"].items():
-        lines.append(f"| {k} | {v:.1f} |")
-    lines += ["", "![plot](plot.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+        md.para(f"KALE - SFT accuracy: **{d * 100:+.1f} points** (same data, steps, seed and LoRA budget). "
+                "With this many questions, differences inside the CIs are not significant.")
+    md.section("Synthesis")
+    md.bullets([f"rows in {s['rows_in']}, out {s['rows_out']}, rejected {s['rejected'] or 0}",
+                f"rationales by teacher: {s['teacher_counts']}",
+                f"teacher outputs that failed verification (replaced by the template rationale): {s['teacher_rejected'] or 0}",
+                f"tokens generated: {s['tokens_generated']}",
+                f"questions: {s['qa']}"])
+    md.section("Training")
+    md.bullets(f"{name}: {t.get('steps')} steps, final loss {fmt(t.get('final_loss'))}, {fmt(t.get('samples_per_s'))} "
+               f"samples/s, {fmt(t.get('seconds_per_step'))} s/step, {fmt(t.get('wall_seconds'))} s"
+               for name, t in metrics["train"].items())
+    md.timings(metrics["timings"])
+    md.para("![plot](plot.png)")
+    md.write(out)
 
 
 def write_metrics(out: Path, metrics: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ from kale_ray.config import to_dict
 from kale_ray.core.io import read_jsonl, write_json, write_jsonl
 from kale_ray.methods.kalm.config import KaLMJobConfig
 from kale_ray.methods.kalm.data import KGSplit, KGText, prep_summary, seeded_subset, split_kg, training_rows
+from kale_ray.methods.kalm.report import write_report
 from kale_ray.runtime.stages import without
 from kale_ray.runtime.ray import init_ray_for
 
@@ -184,92 +185,3 @@ def run_kalm(cfg: KaLMJobConfig, progress: Callable[[str], None] = print) -> dic
              + (f" (before {evals['before']['kg_completion']['both']['mrr']:.4f})" if "before" in evals else "")
              + f"; report: {out / 'report.md'}")
     return metrics
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _cell(ev: dict | None, *keys: str) -> float | None:
-    node: Any = ev
-    for k in keys:
-        if not isinstance(node, dict) or k not in node:
-            return None
-        node = node[k]
-    return node
-
-
-def _f(x: float | None, digits: int = 4) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def _delta(a: float | None, b: float | None, digits: int = 4) -> str:
-    return "-" if a is None or b is None else f"{b - a:+.{digits}f}"
-
-
-def write_report(out: Path, metrics: dict[str, Any], cfg: KaLMJobConfig) -> None:
-    ev = metrics["eval"]
-    before, after = ev.get("before"), ev["after"]
-    d = metrics["data"]
-    kc = cfg.train.kalm
-    lines = [
-        "# KaLM report", "",
-        f"KG `{d['kg']['source']}`: {d['entities']} entities, {d['relations']} relations; "
-        f"{d['train_triples']} training triples ({d['training_rows']} rows with inverses), "
-        f"{d['evaluated_test_triples']} test triples evaluated (of {d['test_triples']}). "
-        f"Model `{metrics['model']}`, LoRA r={cfg.train.lora.r} on {', '.join(cfg.train.lora.target_modules)}; "
-        f"L = L_exp + {kc.lm_weight} L_LM, tau {kc.tau}, margin {kc.margin}, "
-        f"{'gathered' if kc.gather_negatives else 'per-worker'} in-batch negatives "
-        f"(micro-batch {cfg.train.micro_batch_size} x {cfg.train.num_workers} workers). "
-        f"Machine: {metrics['machine'].get('cpus')} CPUs.", "",
-        "## KG completion (filtered, cosine ranking over all entities)", "",
-        "| direction | metric | before | after | change |", "|---|---|---|---|---|",
-    ]
-    for direction in ("tail", "head", "both"):
-        for m in ("mrr", "mr", "hits@1", "hits@3", "hits@10"):
-            a = _cell(before, "kg_completion", direction, m)
-            b = _cell(after, "kg_completion", direction, m)
-            digits = 1 if m == "mr" else 4
-            lines.append(f"| {direction} | {m.upper() if m in ('mr', 'mrr') else m} | {_f(a, digits)} | "
-                         f"{_f(b, digits)} | {_delta(a, b, digits)} |")
-    n_q = _cell(after, "kg_completion", "both", "n")
-    n_e = _cell(after, "kg_completion", "num_entities")
-    if n_q and n_e:
-        lines += ["", f"{n_q} queries; a random ranking of {n_e} entities has MRR about "
-                      f"{float(np.mean(1.0 / np.arange(1, n_e + 1))):.4f} and MR about {(n_e + 1) / 2:.1f}."]
-    if _cell(after, "kgqa"):
-        lines += ["", "## KGQA (multiple choice, generated through vLLM, greedy)", "",
-                  "| task | before | after | change | chance | n |", "|---|---|---|---|---|---|"]
-        for task in ("tail", "head", "relation", "triple", "tail_open", "all"):
-            a = _cell(before, "kgqa", task, "accuracy")
-            b = _cell(after, "kgqa", task, "accuracy")
-            if b is None:
-                continue
-            chance = _cell(after, "kgqa", task, "chance")
-            lines.append(f"| {task} | {_f(a, 3)} | {_f(b, 3)} | {_delta(a, b, 3)} | {_f(chance, 3)} | "
-                         f"{_cell(after, 'kgqa', task, 'n')} |")
-        lines += ["", "tail/head/relation: 4 choices, triple: true/false, tail_open: the training instruction "
-                      "with no choices (right if any known tail of (h, r); chance = share of right entities). "
-                      "Answers that name no choice count as wrong; parse rate before -> after: "
-                      + ", ".join(f"{t} {_f(_cell(before, 'kgqa', t, 'parsed'), 2)} -> "
-                                  f"{_f(_cell(after, 'kgqa', t, 'parsed'), 2)}"
-                                  for t in ("tail", "head", "relation", "triple") if _cell(after, "kgqa", t))]
-    tr = metrics["train"]
-    first, last = metrics.get("train_first_step") or {}, metrics.get("train_last_step") or {}
-    lines += ["", "## Training", "",
-              f"- {tr.get('steps')} steps, {tr.get('samples')} rows, {_f(tr.get('seconds_per_step'), 2)} s/step, "
-              f"{_f(tr.get('wall_seconds'), 1)} s wall; rejected rows: {tr.get('rejected') or 0}",
-              f"- loss {_f(first.get('loss'))} -> {_f(last.get('loss'))}; L_exp {_f(first.get('exp'))} -> "
-              f"{_f(last.get('exp'))}; L_LM {_f(first.get('lm'))} -> {_f(last.get('lm'))}; "
-              f"positive-pair cosine {_f(first.get('pos_cos'))} -> {_f(last.get('pos_cos'))}; "
-              f"unmasked negatives per row {_f(last.get('negatives'), 1)}",
-              "", "## Time per stage (s)", "",
-              "Stages reused from an earlier run show that run's time"
-              + (f" (reused here: {', '.join(metrics['reused_stages'])})." if metrics.get("reused_stages") else "."),
-              "", "| stage | seconds |", "|---|---|"]
-    for k, v in metrics["timings"].items():
-        lines.append(f"| {k} | {v:.1f} |")
-    for label, e in ev.items():
-        for k, v in (e.get("seconds") or {}).items():
-            lines.append(f"| eval_{label}.{k} | {v:.1f} |")
-    lines.append("")
-    (out / "report.md").write_text("\n".join(lines))

@@ -43,6 +43,7 @@ from kale_ray.methods.kard import data as kd
 from kale_ray.methods.kard.config import KARDJobConfig
 from kale_ray.methods.kard.prompts import (VERIFIER_ANSWER_PREFIX, majority_vote, parse_student_answer, teacher_messages,
                                    verifier_messages)
+from kale_ray.methods.kard.report import write_report
 from kale_ray.runtime.generate import generate, num_blocks
 from kale_ray.runtime.stages import Run, without
 from kale_ray.runtime.ray import init_ray_for
@@ -572,73 +573,3 @@ def run_kard(cfg: KARDJobConfig, progress: Callable[[str], None] = print) -> dic
              f"(b) {acc['b_kard_bm25']['accuracy']:.3f}, (c) {acc['c_kard_reranker']['accuracy']:.3f}; "
              f"report: {out / 'report.md'}")
     return metrics
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _f(x, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def write_report(out: Path, m: dict, cfg: KARDJobConfig) -> None:
-    acc = m["accuracy"]
-    v = m["verifier"]
-    rr = m["reranker_eval"]
-    n_test = m["questions"]["test"]
-    lines = [
-        "# KARD report", "",
-        f"Student `{m['student']}` (LoRA r={cfg.train.lora.r}, 'sft' loss on Explanation + Answer), teacher "
-        f"`{m['teacher']}` ({cfg.teacher.num_rationales} rationales per training question, verifier: "
-        f"{v['verifier']}), reranker `{m['reranker_encoder']}` (max-sim, LoRA r={cfg.reranker.lora.r}, loss "
-        f"{cfg.reranker.loss}, t1={cfg.reranker.t1}, t2={cfg.reranker.t2}). Knowledge base: {m['kb']['passages']} "
-        f"passages {m['kb']['per_source']}. KG `{cfg.kg.source}`; {m['questions']['train']} training questions, "
-        f"{n_test} held-out multiple-choice questions ({cfg.qa.num_choices} choices, by hops "
-        f"{m['questions'].get('test_by_hops')}). Machine: {m['machine'].get('cpus')} CPUs.", "",
-        f"## Accuracy on the same {n_test} held-out questions "
-        f"({cfg.eval.num_samples} samples, majority vote, {cfg.knowledge_passages} passage(s))", "",
-        "| model | knowledge at inference | accuracy | 95% CI | parse rate |", "|---|---|---|---|---|",
-    ]
-    for label, key, know in (("(a) student, reasoning distillation only", "a_no_knowledge", "none"),
-                             ("(b) KARD", "b_kard_bm25", f"BM25 top-{cfg.knowledge_passages} by question"),
-                             ("(c) KARD", "c_kard_reranker",
-                              f"BM25 top-{cfg.eval.retrieve_top} by question, reranked")):
-        a = acc[key]
-        ci = a["accuracy_ci95"]
-        lines.append(f"| {label} | {know} | {_f(a['accuracy'])} | {_f(ci[0])}-{_f(ci[1])} | {_f(a['parse_rate'], 2)} |")
-    lines += ["", f"Chance is {1 / cfg.qa.num_choices:.3f}. One seed; differences inside overlapping CIs are not evidence.",
-              "", "## Reranker vs BM25 (the rationale-best passage among the question's BM25 candidates)", "",
-              f"For each held-out question, the reference is its verified teacher rationale (or the template "
-              f"fallback: {rr.get('reference_by_teacher')}); the gold passage is the candidate with the highest BM25 "
-              f"score against it, among BM25's top-{rr['candidates']} by question. n={rr['n']} "
-              f"(excluded: {rr.get('excluded') or 'none'}).", "",
-              "| ranking | hit@1 | hit@3 | hit@10 |", "|---|---|---|---|"]
-    for name in ("bm25", "reranker"):
-        lines.append(f"| {'BM25 by question' if name == 'bm25' else 'reranker'} | {_f(rr.get(name + '_hit@1'))} | "
-                     f"{_f(rr.get(name + '_hit@3'))} | {_f(rr.get(name + '_hit@10'))} |")
-    tr = m["train"]
-    rt = m["reranker_train"]
-    lines += ["", "## Data", "",
-              f"- teacher: {m['teacher_stage']['rows']} generations ({m['teacher_stage']['tokens']} tokens); "
-              f"verified teacher rationales kept: {v['teacher_rationales_verified']}; rejected by reason: "
-              f"{v['rejected'] or 'none'}",
-              f"- kept rationales by source: {v['by_teacher']} (template-fallback = the exact KG chain, used when "
-              "no teacher rationale passed)",
-              f"- student rows: {m['student_rows']['rows']} ({m['student_rows']['by_teacher']})",
-              "", "## Training", "",
-              f"- student (a) no knowledge: {tr['noknow']['steps']} steps, loss {_f(tr['noknow']['first_loss'])} -> "
-              f"{_f(tr['noknow']['final_loss'])}, {_f(tr['noknow']['seconds_per_step'], 2)} s/step",
-              f"- student KARD: {tr['kard']['steps']} steps, loss {_f(tr['kard']['first_loss'])} -> "
-              f"{_f(tr['kard']['final_loss'])}, {_f(tr['kard']['seconds_per_step'], 2)} s/step",
-              f"- reranker: {rt['rows']} questions, {rt['steps']} steps on {rt['workers']} Ray Train workers, loss "
-              f"{_f(rt['first_loss'], 4)} -> {_f(rt['final_loss'], 4)}, {_f(rt['seconds_per_step'], 2)} s/step; "
-              f"skipped {rt.get('skipped') or 'none'}",
-              "", "## Time per stage (s)", "",
-              "This run" + (f" (reused: {', '.join(m['reused_stages'])})" if m["reused_stages"] else "")
-              + "; the second column is the time when the stage ran.", "",
-              "| stage | this run | when run |", "|---|---|---|"]
-    when = m["stage_seconds_when_run"]
-    for k, val in m["timings"].items():
-        lines.append(f"| {k} | {val:.1f} | {_f(when.get(k), 1)} |")
-    lines.append("")
-    (out / "report.md").write_text("\n".join(lines))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +35,7 @@ from kale_ray.config import to_dict
 from kale_ray.core.io import read_jsonl, write_json, write_jsonl
 from kale_ray.core.rejects import Rejects
 from kale_ray.methods.knowtuning.config import KnowTuningDPOJobConfig, KnowTuningJobConfig, PairsConfig
+from kale_ray.methods.knowtuning.report import write_report
 from kale_ray.runtime.stages import without
 from kale_ray.runtime.ray import init_ray_for
 
@@ -278,109 +278,3 @@ def run_knowtuning(cfg: KnowTuningJobConfig, progress: Callable[[str], None] = p
         f"{k}: {v['correct_facts_per_answer']:.2f} correct facts/answer, error rate {v['factual_error_rate']:.3f}"
         for k, v in res.items()) + f"; report: {out / 'report.md'}")
     return metrics
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _f(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not np.isfinite(x)):
-        return "-"
-    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-
-
-def _examples(eval_dir: Path, labels: list[str], n: int = 2) -> list[str]:
-    """The first ``n`` held-out questions: each model's answer and the verdict on each of its facts."""
-    per = {}
-    for label in labels:
-        path = eval_dir / label / "facts.jsonl"
-        if path.exists():
-            per[label] = [json.loads(x) for x in path.read_text().splitlines()[:n] if x.strip()]
-    if not per:
-        return []
-    lines = ["### Examples", ""]
-    for i in range(min(len(v) for v in per.values())):
-        first = next(iter(per.values()))[i]
-        lines.append(f"**{first['question']}**")
-        for label, rows in per.items():
-            r = rows[i]
-            verdicts = ", ".join(f"{f['status']}" for f in r["checks"]) or "no facts"
-            text = r["generation"].replace("\n", " ")
-            lines.append(f"- {label}: \"{text[:400]}{'...' if len(text) > 400 else ''}\" -> {verdicts}")
-        lines.append("")
-    return lines
-
-
-def write_report(out: Path, m: dict[str, Any]) -> None:
-    ev, qa, s1, s2 = m["eval"], m["qa"], m["stage1"], m["stage2"]
-    labels = list(ev["results"])
-    rows = [("answers", "answers", 0), ("atomic facts per answer", "facts_per_answer", 2),
-            ("**# correct facts per answer**", "correct_facts_per_answer", 2),
-            ("total correct / incorrect / unverifiable", None, 0),
-            ("**share correct** (of verifiable)", "share_correct", 3),
-            ("**factual error rate** (of verifiable)", "factual_error_rate", 3),
-            ("unverifiable share (of all facts)", "unverifiable_share", 3),
-            ("**completeness** (reference facts covered, mean)", "completeness", 3),
-            ("completeness (micro)", "completeness_micro", 3), ("empty answers", "empty_answers", 0),
-            ("mean answer tokens", "mean_answer_tokens", 1)]
-    lines = ["# KnowTuning report", "",
-             f"KG `{qa['kg']['source']}` ({qa['kg']['entities']} entities, {qa['kg']['triples']} triples); "
-             f"{qa['train']} training / {qa['test']} held-out long-form questions, "
-             f"{_f(qa['facts_per_answer'], 1)} reference facts per answer. Student `{m['student']}`, "
-             f"teacher `{m['teacher']}`. Machine: {m['machine'].get('cpus')} CPUs.", "",
-             f"## Fact-level evaluation on the same {ev['questions']} held-out questions", "",
-             "| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    for title, key, d in rows:
-        if key is None:
-            cells = [f"{r['total_correct']} / {r['total_incorrect']} / {r['total_unverifiable']}"
-                     for r in ev["results"].values()]
-        else:
-            cells = [_f(r.get(key), d) if d else str(r.get(key)) for r in ev["results"].values()]
-        lines.append(f"| {title} | " + " | ".join(cells) + " |")
-    lines += ["", "A fact is checked by linking the KG entities it names (names + exact synonyms) and looking up the "
-                  "triple between the question's subject and each of them (either direction). Correct = every such "
-                  "triple is in the KG; incorrect = one is not; unverifiable = it names no entity but the subject "
-                  "(counted apart, not in the shares). Completeness = share of the question's reference triples "
-                  "whose entity a correct fact names.",
-              f"Fact extraction of the answers: {ev['extract'].get('by_extractor', ev['extract'])}; rejected "
-              f"extractions by reason: {ev.get('extract_rejected') or {}}.", ""]
-    lines += _examples(out / "eval", labels)
-    lines += [
-              "## Stage I: fine-grained knowledge augmentation", "",
-              f"- atomic facts: {s1['atomic_facts']} from {s1['answers']} answers "
-              f"({_f(s1['facts_per_answer'], 2)} per answer); extractor: {s1['extract'].get('by_extractor')}; "
-              f"teacher passes {s1['extract'].get('passes', 0)}, parsed by attempt "
-              f"{s1['extract'].get('parsed_by_attempt', {})}; rejected by reason: {s1['extract'].get('rejected_by_reason')}",
-              f"- perplexity under `{s1['perplexity']['model']}` (context: {s1['perplexity']['context']}): "
-              f"mean {_f(s1['perplexity']['mean'], 2)}, median {_f(s1['perplexity']['median'], 2)}; "
-              f"difficult (alpha {s1['alpha']}, {s1['scope']}): {s1['difficult']} facts, ppl >= "
-              f"{_f(s1['perplexity']['difficult_threshold'], 2)}",
-              f"- rewrites: {s1['rewrite'].get('by_rewriter')} (teacher passes {s1['rewrite'].get('passes', 0)}); "
-              f"rejected by reason: {s1['rewrite'].get('rejected_by_reason')}",
-              f"- SFT rows: {s1['rows']}", "", "## Training", "",
-              "| run | steps | rows seen | loss first -> last | s/step | wall s |", "|---|---|---|---|---|---|"]
-    for k, t in m["train"].items():
-        lines.append(f"| {k} (sft) | {t['steps']} | {t['samples']} | {_f(t['first_loss'])} -> {_f(t['final_loss'])} | "
-                     f"{_f(t['seconds_per_step'], 2)} | {_f(t['wall_seconds'], 1)} |")
-    t2 = s2.get("train") or {}
-    lines.append(f"| stage2 (dpo) | {t2.get('steps')} | {t2.get('samples')} | {_f(t2.get('first_loss'))} -> "
-                 f"{_f(t2.get('final_loss'))} | {_f(t2.get('seconds_per_step'), 2)} | {_f(t2.get('wall_seconds'), 1)} |")
-    pairs = s2.get("pairs") or {}
-    ra = s2.get("rewards_after") or {}
-    lines += ["", f"Stage II pairs: {pairs.get('pairs')} ({pairs.get('by_kind')}), skipped by reason "
-                  f"{pairs.get('rejected')}; implicit-reward accuracy after DPO on its training pairs "
-                  f"{_f(ra.get('reward_accuracy'))}, margin {_f(ra.get('reward_margin'), 4)}.", "",
-              "## Time per stage (s)", "",
-              "Stages reused from an earlier run show that run's time"
-              + (f" (reused here: {', '.join(m['reused_stages'])})." if m.get("reused_stages") else "."), "",
-              "| stage | seconds |", "|---|---|"]
-    for k, v in m["timings"].items():
-        lines.append(f"| {k} | {v:.1f} |")
-    for k, v in (s1.get("seconds") or {}).items():
-        lines.append(f"| stage1_data.{k} | {v:.1f} |")
-    for k, v in (s2.get("seconds") or {}).items():
-        lines.append(f"| stage2.{k} | {v:.1f} |")
-    for k, v in (ev.get("seconds") or {}).items():
-        lines.append(f"| eval.{k} | {v:.1f} |")
-    lines.append("")
-    (out / "report.md").write_text("\n".join(lines))
