@@ -11,7 +11,7 @@ handful of flat arrays:
 * triple membership by a (head, relation, tail)-sorted order: a per-head CSR of ``r * E + t``
   keys searched with ``np.searchsorted`` (no Python set);
 * the path-search ``GraphIndex`` arrays and the search CSRs derived from them
-  (``kale_ray.core.paths.search_arrays``, ``ps_*``), stored so workers never rebuild or copy them
+  (``kale_ray.core.search.search_arrays``, ``ps_*``), stored so workers never rebuild or copy them
   (``index()`` attaches them: every worker's searches read the one shared copy);
 * a surface-form index (normalised id/name/aliases, hashed and sorted, with entity ids) for
   ``ColumnarLinker``, the array twin of ``kale_ray.core.qa.EntityLinker``.
@@ -55,7 +55,7 @@ from kale_ray.core.kg import (
     read_kg_file,
     read_names,
 )
-from kale_ray.core.paths import (
+from kale_ray.core.search import (
     REQUIRED_SEARCH_ARRAYS,
     SEARCH_ARRAY_NAMES,
     attach_landmark_table,
@@ -68,7 +68,7 @@ from kale_ray.core.qa import _NONWORD as _QA_NONWORD
 from kale_ray.core.qa import normalize
 from kale_ray.core.rejects import Rejects
 
-FORMAT_VERSION = 2  # 2: the path-search arrays (ps_*, kale_ray.core.paths.search_arrays)
+FORMAT_VERSION = 2  # 2: the path-search arrays (ps_*, kale_ray.core.search.search_arrays)
 KEEP_DUPLICATE_RECORDS = 100  # duplicate triples: counted, only the first few kept as records
 KEEP_REJECT_ROWS_IN_META = 1000
 

@@ -17,7 +17,7 @@ import numpy as np
 from kale_ray.config import PathConfig
 from kale_ray.core.kg import GraphIndex, KnowledgeGraph
 from kale_ray.core.parse import clean_generation, verify_rationale
-from kale_ray.core.paths import KGPath, PathSearchParams, path_to_named, sample_paths
+from kale_ray.core.search import KGPath, PathSearchParams, path_to_named, sample_paths
 from kale_ray.core.prompts import rationale_request_messages, template_rationale
 from kale_ray.core.qa import EntityLinker, QAExample, link_example, normalize, relation_phrase
 

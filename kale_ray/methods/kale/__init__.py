@@ -9,6 +9,6 @@ the with-rationale one.
 * :mod:`kale_ray.methods.kale.metrics`   accuracy with intervals, known-and-incorrect rate; pure
 * :mod:`kale_ray.methods.kale.report`    report.md and plot.png of a run
 
-The KALE pieces that every method can use stay in kale_ray.core: path search (``core.paths``), QA
+The KALE pieces that every method can use stay in kale_ray.core: path search (``core.search``, one module per strategy), QA
 and linking (``core.qa``), prompts, parsing and the KA loss (``core.losses``).
 """
