@@ -36,6 +36,13 @@ def num_blocks(n_rows: int, batch_size: int, max_blocks: int = MAX_BLOCKS) -> in
     return max(1, min(max_blocks, n_rows // max(1, batch_size)))
 
 
+def dataset(rows: Sequence[dict[str, Any]], batch_size: int, max_blocks: int = MAX_BLOCKS):
+    """A Ray dataset of ``rows`` in :func:`num_blocks` blocks (Ray must be up), for any Ray Data stage."""
+    import ray.data
+
+    return ray.data.from_items(list(rows), override_num_blocks=num_blocks(len(rows), batch_size, max_blocks))
+
+
 def row_error(row: dict) -> str:
     """The row's generation error, ``""`` when fine (``None`` / ``"None"`` / missing are fine)."""
     err = row.get("gen_error") or row.get("__inference_error__") or ""
@@ -84,8 +91,6 @@ def generate(rows: Sequence[dict[str, Any]], model_path: str, gen: GenerationCon
     ``error="prompt_too_long: ..."``. ``max_tokens`` overrides ``gen.max_tokens`` for this call.
     ``messages`` (chat messages) are what the http backend sends; vLLM takes ``prompt``.
     """
-    import ray.data
-
     if not rows:
         return {}
     g = dataclasses.replace(gen, max_tokens=int(max_tokens or gen.max_tokens))
@@ -106,7 +111,7 @@ def generate(rows: Sequence[dict[str, Any]], model_path: str, gen: GenerationCon
                 item["messages_json"] = json.dumps(r.get("messages") or [])
             send.append(item)
     if send:
-        ds = ray.data.from_items(send, override_num_blocks=num_blocks(len(send), g.batch_size, max_blocks))
+        ds = dataset(send, g.batch_size, max_blocks)
         for row in generation_stage(ds, model_path, g, model, json_schema).iter_rows():
             text = row.get("generation")
             out[str(row["key"])] = {"text": "" if text is None else str(text), "tokens": int(row.get("gen_tokens") or 0),

@@ -10,6 +10,8 @@ Pure: json + hashlib over a ``Storage`` (kale_ray.runtime.storage) or a local fo
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -81,6 +83,18 @@ def without(tree: dict, keys: Iterable[str]) -> dict:
         if isinstance(node, dict):
             node.pop(parts[-1], None)
     return tree
+
+
+def inherit_on_change(job_on_change: str, own: str) -> str:
+    """A sub-job's ``on_change`` (a trainer's, a synthesis's): the job's ``overwrite`` reaches it, else its own."""
+    return "overwrite" if job_on_change == "overwrite" else own
+
+
+def stage_config(section: Any, job_on_change: str, **changes: Any) -> Any:
+    """A stage's own copy of a config section with ``changes`` (e.g. a training run's ``data`` and
+    ``out_dir``): a deep copy, its ``on_change`` inherited from the job's (:func:`inherit_on_change`)."""
+    return dataclasses.replace(copy.deepcopy(section), **{
+        "on_change": inherit_on_change(job_on_change, section.on_change), **changes})
 
 
 class Stage:

@@ -114,3 +114,22 @@ def test_after_names_the_stages_a_stage_reads_and_rejects_unknown_ones(tmp_path)
     assert again.reused == ["a", "c"]
     with pytest.raises(ValueError, match="names no earlier stage"):
         again.stage("d", dict, settings={}, after="zzz")
+
+
+@dataclass
+class _Section:
+    data: str = ""
+    on_change: str = "error"
+    extra: dict = field(default_factory=dict)
+
+
+def test_stage_config_copies_the_section_and_inherits_overwrite():
+    from kale_ray.runtime.stages import inherit_on_change, stage_config
+
+    assert inherit_on_change("overwrite", "error") == "overwrite" and inherit_on_change("error", "overwrite") == "overwrite"
+    assert inherit_on_change("error", "error") == "error"
+    own = _Section(extra={"a": 1})
+    got = stage_config(own, "error", data="rows")
+    assert got == _Section(data="rows", extra={"a": 1}) and got.extra is not own.extra  # a deep copy
+    assert stage_config(own, "overwrite").on_change == "overwrite" and own.on_change == "error"
+    assert stage_config(_Section(on_change="overwrite"), "error").on_change == "overwrite"

@@ -23,7 +23,7 @@ from typing import Callable
 from kale_ray.runtime.ray import init_ray_for
 from kale_ray.config import DemoConfig, to_dict
 from kale_ray.core.io import read_jsonl
-from kale_ray.runtime.stages import Run, without
+from kale_ray.runtime.stages import Run, stage_config, without
 from kale_ray.runtime.tracking import TrackingConfig, numeric, start_run
 from kale_ray.methods.kale.report import plot, write_metrics, write_report
 from kale_ray.runtime.report import machine_info
@@ -70,11 +70,9 @@ def _run_demo(cfg: DemoConfig, progress: Callable[[str], None]) -> dict:
     # tasks; with exactly os.cpu_count() the data feed can starve.
     init_ray_for(cfg)
     model_path = resolve_model(cfg.train.model.name, cfg.train.model.cache_dir)
-    on_change = lambda own: "overwrite" if cfg.on_change == "overwrite" else own  # noqa: E731
-
     # 1. synthesis (its own shard records make a killed run resume)
-    synth_cfg = dataclasses.replace(cfg.synth, out_dir=str(out / "synth"), on_change=on_change(cfg.synth.on_change),
-                                    tracking=_job_tracking(cfg, out, "synthesis"))
+    synth_cfg = stage_config(cfg.synth, cfg.on_change, out_dir=str(out / "synth"),
+                             tracking=_job_tracking(cfg, out, "synthesis"))
     summary = run.stage("synthesis", lambda: run_synthesis(synth_cfg, progress).to_dict(),
                         settings=synthesis_settings(synth_cfg), outputs=["synth"])
 
@@ -88,8 +86,8 @@ def _run_demo(cfg: DemoConfig, progress: Callable[[str], None]) -> dict:
     # 3. SFT and KALE with the same rows, steps, seed and LoRA budget
     trained = {}
     for loss in ("sft", "kale"):
-        tcfg = dataclasses.replace(cfg.train, loss=loss, data=str(out / "train_rows"), out_dir=str(out / loss),
-                                   on_change=on_change(cfg.train.on_change), tracking=_job_tracking(cfg, out, loss))
+        tcfg = stage_config(cfg.train, cfg.on_change, loss=loss, data=str(out / "train_rows"), out_dir=str(out / loss),
+                            tracking=_job_tracking(cfg, out, loss))
 
         def train(tcfg=tcfg, loss=loss) -> dict:
             progress(f"[demo] training {loss} on Ray Train + DeepSpeed ZeRO-{tcfg.zero_stage}, {tcfg.num_workers} workers")

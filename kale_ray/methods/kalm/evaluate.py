@@ -199,10 +199,10 @@ def embed_texts(texts: Sequence[str], model_path: str, batch_size: int = 64, mod
         use_ray = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     if not use_ray:
         return TextEmbedder(model_path, batch_size, threads, trust_remote_code, max_len).embed(texts)
-    import ray
+    from kale_ray.runtime.generate import dataset
 
     rows = [{"idx": i, "text": t} for i, t in enumerate(texts)]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(16, len(rows) // max(1, batch_size))))
+    ds = dataset(rows, batch_size, max_blocks=16)
     out = ds.map_batches(
         TextEmbedder, fn_constructor_kwargs={"model_path": model_path, "batch_size": batch_size, "threads": threads,
                                              "trust_remote_code": trust_remote_code, "max_len": max_len},

@@ -18,7 +18,6 @@ on a fresh run and a reused one alike.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -32,7 +31,7 @@ from kale_ray.core.io import read_jsonl, write_json, write_jsonl
 from kale_ray.methods.kalm.config import KaLMJobConfig
 from kale_ray.methods.kalm.data import KGSplit, KGText, prep_summary, seeded_subset, split_kg, training_rows
 from kale_ray.methods.kalm.report import write_report
-from kale_ray.runtime.stages import without
+from kale_ray.runtime.stages import stage_config, without
 from kale_ray.runtime.ray import init_ray_for
 
 # Eval settings that change how fast, not what comes out.
@@ -86,9 +85,7 @@ def read_test_triples(out: Path) -> np.ndarray:
 
 def train_config(cfg: KaLMJobConfig, out: Path):
     """The trainer's config: ``loss: kalm`` on ``out/data`` into ``out/train`` (``on_change`` reaches it)."""
-    on_change = "overwrite" if cfg.on_change == "overwrite" else cfg.train.on_change
-    return dataclasses.replace(copy.deepcopy(cfg.train), loss="kalm", data=str(out / "data"),
-                               out_dir=str(out / "train"), on_change=on_change)
+    return stage_config(cfg.train, cfg.on_change, loss="kalm", data=str(out / "data"), out_dir=str(out / "train"))
 
 
 def data_settings(cfg: KaLMJobConfig) -> dict[str, Any]:

@@ -317,10 +317,10 @@ def pair_logps(rows: Sequence[Mapping[str, Any]], model_path: str, max_seq_len: 
     use_ray = mode == "ray" or (mode == "auto" and "ray" in sys.modules and sys.modules["ray"].is_initialized())
     if not use_ray:
         return PairScorer(**kwargs).score(rows)
-    import ray
+    from kale_ray.runtime.generate import dataset
 
     items = [{"idx": i, **{f: str(r.get(f, "")) for f in ("id", *TEXT_FIELDS)}} for i, r in enumerate(rows)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(16, len(items) // max(1, batch_size))))
+    ds = dataset(items, batch_size, max_blocks=16)
     out = ds.map_batches(PairScorer, fn_constructor_kwargs=kwargs, batch_size=batch_size, batch_format="numpy",
                          concurrency=1, num_cpus=1, num_gpus=1 if use_gpu else 0)
     got = sorted(out.take_all(), key=lambda r: int(r["idx"]))

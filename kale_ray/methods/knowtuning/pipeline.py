@@ -36,7 +36,7 @@ from kale_ray.core.io import read_jsonl, write_json, write_jsonl
 from kale_ray.core.rejects import Rejects
 from kale_ray.methods.knowtuning.config import KnowTuningDPOJobConfig, KnowTuningJobConfig, PairsConfig
 from kale_ray.methods.knowtuning.report import write_report
-from kale_ray.runtime.stages import without
+from kale_ray.runtime.stages import stage_config, without
 from kale_ray.runtime.ray import init_ray_for
 
 # Settings that change how fast a generation goes, not what it writes (as in kale_ray.synth.pipeline).
@@ -188,7 +188,7 @@ def dpo_config(cfg: KnowTuningJobConfig, out: Path, stage1_merged: str) -> KnowT
 
 def run_knowtuning(cfg: KnowTuningJobConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     from kale_ray.methods.knowtuning.evaluate import evaluate_facts
-    from kale_ray.methods.knowtuning.recipe import run_dpo_stage, train_on_change, train_settings
+    from kale_ray.methods.knowtuning.recipe import run_dpo_stage, train_settings
     from kale_ray.methods.knowtuning.stage1 import build_stage1_rows
     from kale_ray.models import resolve_model
     from kale_ray.runtime.report import machine_info
@@ -207,8 +207,7 @@ def run_knowtuning(cfg: KnowTuningJobConfig, progress: Callable[[str], None] = p
         return info
 
     def train_cfg(tcfg, data: str, to: str):
-        return dataclasses.replace(copy.deepcopy(tcfg), data=str(out / data), out_dir=str(out / to),
-                                   on_change=train_on_change(cfg.on_change, tcfg))
+        return stage_config(tcfg, cfg.on_change, data=str(out / data), out_dir=str(out / to))
 
     def train(name: str, tcfg, run_name: str, to: str) -> dict:
         return run.stage(name, lambda: _train(cfg, tcfg, run_name, progress), settings=train_settings(tcfg, run_name),

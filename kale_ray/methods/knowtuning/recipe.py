@@ -21,7 +21,6 @@ The whole recipe (Stage I, this stage from the Stage I model, the fact-level eva
 """
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +32,7 @@ from kale_ray.core.io import read_jsonl, write_json, write_jsonl
 from kale_ray.core.rejects import Rejects
 from kale_ray.methods.knowtuning.config import KnowTuningDPOJobConfig
 from kale_ray.runtime.ray import init_ray_for
+from kale_ray.runtime.stages import stage_config
 
 TRAIN_SUMMARY_KEYS = ("steps", "samples", "first_loss", "final_loss", "seconds_per_step", "rejected", "wall_seconds")
 
@@ -81,11 +81,6 @@ def score_pairs(rows: list[dict], base_path: str, policy_path: str, adapter: str
     return out
 
 
-def train_on_change(job_on_change: str, tcfg) -> str:
-    """The trainer's ``on_change``: the job's ``overwrite`` reaches it, else its own."""
-    return "overwrite" if job_on_change == "overwrite" else tcfg.on_change
-
-
 def train_settings(tcfg, run_name: str) -> dict[str, Any]:
     """A training stage's settings for ``Run``: the trainer's own record (its config without the safety
     knobs, the content of its data) plus ``max_steps`` (a complete stage is not run again, so more steps
@@ -126,8 +121,7 @@ def run_dpo_stage(cfg: KnowTuningDPOJobConfig, progress: Callable[[str], None] =
         write_jsonl(out / "data" / "train.jsonl", rows)
         return info
 
-    train_cfg = dataclasses.replace(t, data=str(out / "data"), out_dir=str(out / "train"),
-                                    on_change=train_on_change(cfg.on_change, t))
+    train_cfg = stage_config(t, cfg.on_change, data=str(out / "data"), out_dir=str(out / "train"))
 
     def train() -> dict:
         init_ray_for(cfg)

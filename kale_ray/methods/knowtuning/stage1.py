@@ -94,10 +94,10 @@ def fact_logps(rows: Sequence[Mapping[str, Any]], model_path: str, max_seq_len: 
     use_ray = mode == "ray" or (mode == "auto" and "ray" in sys.modules and sys.modules["ray"].is_initialized())
     if not use_ray or not rows:
         return FactScorer(**kw).score(rows)
-    import ray
+    from kale_ray.runtime.generate import dataset
 
     items = [{"idx": i, "context": str(r["context"]), "text": str(r["text"])} for i, r in enumerate(rows)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(16, len(items) // max(1, batch_size))))
+    ds = dataset(items, batch_size, max_blocks=16)
     out = ds.map_batches(FactScorer, fn_constructor_kwargs=kw, batch_size=batch_size, batch_format="numpy",
                          concurrency=1, num_cpus=1)
     got = sorted(out.take_all(), key=lambda r: int(r["idx"]))
