@@ -406,6 +406,7 @@ class _Stop(Exception):
 def _questions_only(monkeypatch):
     """run_kard runs its real questions stage, then stops at the knowledge base; starting Ray fails the test."""
     import kale_ray.methods.kard.recipe as recipe
+    import kale_ray.methods.kard.stages as stages
     import kale_ray.runtime.ray
 
     def stop(*a, **k):
@@ -414,7 +415,7 @@ def _questions_only(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("Ray started")
 
-    monkeypatch.setattr(recipe, "stage_kb", stop)
+    monkeypatch.setattr(stages, "stage_kb", stop)
     monkeypatch.setattr(kale_ray.runtime.ray, "init_ray", boom)
     return recipe.run_kard
 
@@ -427,14 +428,14 @@ def test_kard_rerun_with_other_settings_is_refused_or_recomputed(monkeypatch, tm
     from kale_ray import cli
     from kale_ray.config import load_config
     from kale_ray.methods.kard.config import KARDJobConfig
-    from kale_ray.methods.kard.recipe import _train_config
+    from kale_ray.methods.kard.stages import train_config
     from kale_ray.runtime.stages import StaleOutputError
 
     run_kard = _questions_only(monkeypatch)
     out = tmp_path / "kard"
     base = [f"out={out}", "qa.num_questions=30", "eval.max_questions=4"]
     cfg = load_config(KARDJobConfig, None, base)
-    assert cfg.on_change == "error" and _train_config(cfg, "kard", out).on_change == cfg.train.on_change
+    assert cfg.on_change == "error" and train_config(cfg, "kard", out).on_change == cfg.train.on_change
     with pytest.raises(_Stop):
         run_kard(cfg, progress=lambda m: None)
     record = json.loads((out / "stages" / "questions.json").read_text())
@@ -453,7 +454,7 @@ def test_kard_rerun_with_other_settings_is_refused_or_recomputed(monkeypatch, tm
 
     # overwrite: the questions are made again with the new seed (and reach the trainer's own record)
     over = load_config(KARDJobConfig, None, base + ["qa.seed=1", "on_change=overwrite"])
-    assert _train_config(over, "kard", out).on_change == "overwrite"
+    assert train_config(over, "kard", out).on_change == "overwrite"
     with pytest.raises(_Stop):
         run_kard(over, progress=lambda m: None)
     after = _snapshot(out)

@@ -18,7 +18,8 @@
 * :mod:`kale_ray.methods.knowtuning.stage1`   Stage I rows: atomic facts -> perplexity (Ray Data actor) ->
   difficult facts -> rewrites
 * :mod:`kale_ray.methods.knowtuning.evaluate` answers to held-out questions, facts, KG checks per model
-* :mod:`kale_ray.methods.knowtuning.pipeline` the whole recipe with stage reuse, metrics.json and report.md
+* :mod:`kale_ray.methods.knowtuning.pipeline` the whole recipe with stage reuse and metrics.json
+* :mod:`kale_ray.methods.knowtuning.report`   report.md: the fact-level metrics side by side
 
 Importing this package imports nothing heavy.
 """
