@@ -184,6 +184,32 @@ def test_job_config_file_loads_and_checks_the_loss():
         load_config(KnowTuningDPOJobConfig, None, ["pairs.kinds=[delete, paraphrase]"])
 
 
+def test_stage2_and_the_dpo_job_share_one_dpo_stage_section(tmp_path):
+    """The recipe's ``stage2`` and the Stage II job are one DPOStageConfig (same keys, ranges and loss
+    check); the recipe's Stage II job gets every DPO-stage key of ``stage2``, the model replaced by Stage I's."""
+    import dataclasses
+
+    from kale_ray.methods.knowtuning.config import DPOStageConfig, KnowTuningDPOJobConfig, KnowTuningJobConfig
+    from kale_ray.methods.knowtuning.pipeline import dpo_config
+
+    cfg = load_config(KnowTuningJobConfig, None, ["stage2.reference_batch_size=3", "stage2.reference_with=local",
+                                                  "stage2.score_after=false", "stage2.train.lr=0.002", "stage2.beta=0.25"])
+    job = dpo_config(cfg, tmp_path, "stage1-merged")
+    shared = [f.name for f in dataclasses.fields(DPOStageConfig)]
+    assert {"train", "reference_batch_size", "reference_with", "score_after"} <= set(shared)
+    for name in shared:
+        if name != "train":
+            assert getattr(job, name) == getattr(cfg.stage2, name), name
+    assert (job.reference_batch_size, job.reference_with, job.score_after) == (3, "local", False)
+    assert job.train.lr == 0.002 and job.train.model.name == "stage1-merged" != cfg.stage2.train.model.name
+    assert job.train is not cfg.stage2.train and (job.pairs.beta, job.out) == (0.25, str(tmp_path / "stage2"))
+    for cls, key in ((KnowTuningJobConfig, "stage2."), (KnowTuningDPOJobConfig, "")):
+        with pytest.raises(ConfigError, match=rf"^{key}reference_batch_size: must be >= 1"):
+            load_config(cls, None, [f"{key}reference_batch_size=0"])
+        with pytest.raises(ConfigError, match=rf"^{key}train\.loss: .*'dpo'"):
+            load_config(cls, None, [f"{key}train.loss=sft"])
+
+
 # --------------------------------------------------------------------------- DPO: golden values
 
 

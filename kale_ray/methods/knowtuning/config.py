@@ -4,8 +4,9 @@ Pure Python (dataclasses from :mod:`kale_ray.config`): imports no torch, Ray or 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from kale_ray.config import ConfigError, GenerationConfig, KGConfig, ModelConfig, TrainConfig, num
 from kale_ray.methods.knowtuning.corrupt import KINDS
@@ -40,26 +41,40 @@ def _dpo_train_defaults() -> TrainConfig:
 
 
 @dataclasses.dataclass
-class KnowTuningDPOJobConfig:
-    """KnowTuning Stage II end to end: comparison pairs -> reference pass -> DPO on Ray Train -> reward check."""
+class DPOStageConfig:
+    """How the DPO stage trains and scores: the keys the Stage II job has at its top level and the
+    whole recipe has under ``stage2`` (both configs are this class plus their own keys)."""
 
-    out: str = "runs/knowtuning_dpo"
-    pairs: PairsConfig = dataclasses.field(default_factory=PairsConfig)
-    train: TrainConfig = dataclasses.field(default_factory=_dpo_train_defaults)
+    train: TrainConfig = dataclasses.field(default_factory=_dpo_train_defaults)  # the recipe: model = Stage I's
     reference_batch_size: int = num(8, ge=1)
     # Where the reference (and the after-training scoring) pass runs: a Ray Data actor ("ray"),
     # this process ("local"), or "auto" (Ray when it is initialised).
     reference_with: Literal["auto", "ray", "local"] = "auto"
     # After training, score the training pairs with the trained policy: implicit-reward accuracy and margin.
     score_after: bool = True
+
+    _key: ClassVar[str] = ""  # where this section sits in the user's YAML, for messages
+
+    def __post_init__(self) -> None:
+        if self.train.loss != "dpo":
+            raise ConfigError(f"{self._key}train.loss: the KnowTuning DPO stage trains loss 'dpo', "
+                              f"got {self.train.loss!r}")
+
+    def dpo_stage(self) -> dict[str, Any]:
+        """This section's DPO-stage settings (deep copies), as keyword arguments of another DPOStageConfig."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(DPOStageConfig)}
+
+
+@dataclasses.dataclass
+class KnowTuningDPOJobConfig(DPOStageConfig):
+    """KnowTuning Stage II end to end: comparison pairs -> reference pass -> DPO on Ray Train -> reward check."""
+
+    out: str = "runs/knowtuning_dpo"
+    pairs: PairsConfig = dataclasses.field(default_factory=PairsConfig)
     ray_address: str | None = None  # None: RAY_ADDRESS or a local Ray
     # A rerun whose settings differ from those behind out's outputs (runtime.stages.Run): "error" stops
     # and names the changed keys; "overwrite" deletes that stage's outputs and redoes it and every later one.
     on_change: Literal["error", "overwrite"] = "error"
-
-    def __post_init__(self) -> None:
-        if self.train.loss != "dpo":
-            raise ConfigError(f"train.loss: the KnowTuning DPO stage trains loss 'dpo', got {self.train.loss!r}")
 
 
 # --------------------------------------------------------------------------- the whole recipe
@@ -137,19 +152,14 @@ class StageIConfig:
 
 
 @dataclasses.dataclass
-class StageIIConfig:
-    """Coarse-grained knowledge comparison: DPO from the Stage I model (see :class:`KnowTuningDPOJobConfig`)."""
+class StageIIConfig(DPOStageConfig):
+    """Coarse-grained knowledge comparison: DPO from the Stage I model (the pairs of :class:`PairsConfig`
+    from the training QA's facts, with this ``beta`` and these ``kinds``)."""
 
     beta: float = num(0.5, gt=0, le=1)  # share of facts deleted / revised
     kinds: list[str] = dataclasses.field(default_factory=lambda: list(KINDS))
-    train: TrainConfig = dataclasses.field(default_factory=_dpo_train_defaults)  # model: replaced by Stage I's
-    reference_batch_size: int = num(8, ge=1)
-    reference_with: Literal["auto", "ray", "local"] = "auto"
-    score_after: bool = True
 
-    def __post_init__(self) -> None:
-        if self.train.loss != "dpo":
-            raise ConfigError(f"stage2.train.loss: Stage II trains loss 'dpo', got {self.train.loss!r}")
+    _key: ClassVar[str] = "stage2."
 
 
 @dataclasses.dataclass

@@ -23,7 +23,6 @@ changed keys (``on_change: error``), or redoes the first changed stage and every
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections import Counter
 from pathlib import Path
@@ -176,14 +175,12 @@ def write_stage1_rows(cfg: KnowTuningJobConfig, out: Path) -> dict[str, int]:
 def dpo_config(cfg: KnowTuningJobConfig, out: Path, stage1_merged: str) -> KnowTuningDPOJobConfig:
     """Stage II's job: pairs from the training QA's facts, DPO from the Stage I model."""
     s2 = cfg.stage2
+    dpo = s2.dpo_stage()
+    dpo["train"].model = dataclasses.replace(dpo["train"].model, name=stage1_merged)
     return KnowTuningDPOJobConfig(
-        out=str(out / "stage2"),
+        out=str(out / "stage2"), **dpo, ray_address=cfg.ray_address, on_change=cfg.on_change,
         pairs=PairsConfig(kg=cfg.qa.kg, source=str(out / "qa" / "train_facts.jsonl"), beta=s2.beta,
-                          kinds=list(s2.kinds), seed=cfg.qa.seed),
-        train=dataclasses.replace(copy.deepcopy(s2.train),
-                                  model=dataclasses.replace(s2.train.model, name=stage1_merged)),
-        reference_batch_size=s2.reference_batch_size, reference_with=s2.reference_with, score_after=s2.score_after,
-        ray_address=cfg.ray_address, on_change=cfg.on_change)
+                          kinds=list(s2.kinds), seed=cfg.qa.seed))
 
 
 def run_knowtuning(cfg: KnowTuningJobConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
