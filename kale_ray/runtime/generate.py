@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from typing import Any, Sequence
 
 from kale_ray.config import GenerationConfig, ModelConfig
@@ -41,6 +42,29 @@ def dataset(rows: Sequence[dict[str, Any]], batch_size: int, max_blocks: int = M
     import ray.data
 
     return ray.data.from_items(list(rows), override_num_blocks=num_blocks(len(rows), batch_size, max_blocks))
+
+
+def use_ray(mode: str) -> bool:
+    """Where a scoring pass runs (``mode``: "ray", "local" or "auto"): "auto" is Ray when this
+    process has started it. Never imports Ray."""
+    return mode == "ray" or (mode == "auto" and "ray" in sys.modules and sys.modules["ray"].is_initialized())
+
+
+def map_in_order(rows: Sequence[dict[str, Any]], fn: Any, batch_size: int, *, what: str,
+                 fn_constructor_kwargs: dict[str, Any] | None = None, num_gpus: float | None = None,
+                 max_blocks: int = 16) -> list[dict[str, Any]]:
+    """``rows`` through one Ray Data actor of the callable class ``fn`` (``map_batches``, one CPU,
+    ``num_gpus``), back in their order (an ``idx`` column is added); a row lost on the way is a
+    ``RuntimeError`` naming ``what``."""
+    items = [{"idx": i, **r} for i, r in enumerate(rows)]
+    gpus = {} if num_gpus is None else {"num_gpus": num_gpus}
+    out = dataset(items, batch_size, max_blocks).map_batches(
+        fn, fn_constructor_kwargs=fn_constructor_kwargs or {}, batch_size=batch_size, batch_format="numpy",
+        concurrency=1, num_cpus=1, **gpus)
+    got = sorted(out.take_all(), key=lambda r: int(r["idx"]))
+    if [int(r["idx"]) for r in got] != list(range(len(items))):
+        raise RuntimeError(f"{what} lost rows: {len(items)} in, {len(got)} out")
+    return got
 
 
 def row_error(row: dict) -> str:

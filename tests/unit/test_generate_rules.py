@@ -41,3 +41,18 @@ def test_duplicate_keys_are_refused_before_anything_runs():
     rows = [{"key": "a", "prompt": "x"}, {"key": "a", "prompt": "y"}]
     with pytest.raises(ValueError, match="duplicate row key 'a'"):
         G.generate(rows, "m", GenerationConfig(), ModelConfig())
+
+
+def test_use_ray_ray_local_or_auto_without_importing_ray(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    assert G.use_ray("ray") and not G.use_ray("local") and not G.use_ray("auto")
+    assert "ray" not in sys.modules  # asking never imports Ray
+    fake = types.ModuleType("ray")
+    fake.is_initialized = lambda: True
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    assert G.use_ray("auto") and not G.use_ray("local")
+    fake.is_initialized = lambda: False
+    assert not G.use_ray("auto")

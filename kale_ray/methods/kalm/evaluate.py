@@ -192,25 +192,14 @@ def embed_texts(texts: Sequence[str], model_path: str, batch_size: int = 64, mod
     ``mode="ray"`` (or ``"auto"`` with Ray initialised): one Ray Data ``map_batches`` actor
     loads the model once and embeds the texts in batches; ``"local"``: the same in this process.
     """
-    use_ray = mode == "ray"
-    if mode == "auto":
-        import sys
+    from kale_ray.runtime.generate import map_in_order, use_ray
 
-        use_ray = "ray" in sys.modules and sys.modules["ray"].is_initialized()
-    if not use_ray:
+    if not use_ray(mode):
         return TextEmbedder(model_path, batch_size, threads, trust_remote_code, max_len).embed(texts)
-    from kale_ray.runtime.generate import dataset
-
-    rows = [{"idx": i, "text": t} for i, t in enumerate(texts)]
-    ds = dataset(rows, batch_size, max_blocks=16)
-    out = ds.map_batches(
-        TextEmbedder, fn_constructor_kwargs={"model_path": model_path, "batch_size": batch_size, "threads": threads,
-                                             "trust_remote_code": trust_remote_code, "max_len": max_len},
-        batch_size=batch_size, batch_format="numpy", concurrency=1, num_cpus=1, num_gpus=1 if use_gpu else 0,
-    )
-    got = sorted(out.take_all(), key=lambda r: int(r["idx"]))
-    if [int(r["idx"]) for r in got] != list(range(len(texts))):
-        raise RuntimeError(f"embedding lost rows: {len(texts)} texts in, {len(got)} embeddings out")
+    got = map_in_order([{"text": t} for t in texts], TextEmbedder, batch_size, what="embedding",
+                       fn_constructor_kwargs={"model_path": model_path, "batch_size": batch_size, "threads": threads,
+                                              "trust_remote_code": trust_remote_code, "max_len": max_len},
+                       num_gpus=1 if use_gpu else 0)
     return np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in got])
 
 

@@ -40,7 +40,6 @@ lazily when asked to use it.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections import Counter
 from typing import Any, Iterable, Mapping, Sequence
@@ -314,18 +313,12 @@ def pair_logps(rows: Sequence[Mapping[str, Any]], model_path: str, max_seq_len: 
     """
     kwargs = {"model_path": model_path, "max_seq_len": max_seq_len, "batch_size": batch_size, "use_gpu": use_gpu,
               "adapter": adapter, "threads": threads, "trust_remote_code": trust_remote_code}
-    use_ray = mode == "ray" or (mode == "auto" and "ray" in sys.modules and sys.modules["ray"].is_initialized())
-    if not use_ray:
-        return PairScorer(**kwargs).score(rows)
-    from kale_ray.runtime.generate import dataset
+    from kale_ray.runtime.generate import map_in_order, use_ray
 
-    items = [{"idx": i, **{f: str(r.get(f, "")) for f in ("id", *TEXT_FIELDS)}} for i, r in enumerate(rows)]
-    ds = dataset(items, batch_size, max_blocks=16)
-    out = ds.map_batches(PairScorer, fn_constructor_kwargs=kwargs, batch_size=batch_size, batch_format="numpy",
-                         concurrency=1, num_cpus=1, num_gpus=1 if use_gpu else 0)
-    got = sorted(out.take_all(), key=lambda r: int(r["idx"]))
-    if [int(r["idx"]) for r in got] != list(range(len(rows))):
-        raise RuntimeError(f"the reference pass lost rows: {len(rows)} in, {len(got)} out")
+    if not use_ray(mode):
+        return PairScorer(**kwargs).score(rows)
+    got = map_in_order([{f: str(r.get(f, "")) for f in ("id", *TEXT_FIELDS)} for r in rows], PairScorer, batch_size,
+                       what="the reference pass", fn_constructor_kwargs=kwargs, num_gpus=1 if use_gpu else 0)
     return (np.array([float(r[REF_CHOSEN]) for r in got]), np.array([float(r[REF_REJECTED]) for r in got]))
 
 

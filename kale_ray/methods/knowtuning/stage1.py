@@ -16,7 +16,6 @@ Torch at import (the scorer); Ray lazily.
 """
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -91,18 +90,12 @@ def fact_logps(rows: Sequence[Mapping[str, Any]], model_path: str, max_seq_len: 
     """``(logp sums, token counts, errors)`` of rows ``{context, text}``, in order: a Ray Data actor or this process."""
     kw = {"model_path": model_path, "max_seq_len": max_seq_len, "batch_size": batch_size,
           "trust_remote_code": trust_remote_code}
-    use_ray = mode == "ray" or (mode == "auto" and "ray" in sys.modules and sys.modules["ray"].is_initialized())
-    if not use_ray or not rows:
-        return FactScorer(**kw).score(rows)
-    from kale_ray.runtime.generate import dataset
+    from kale_ray.runtime.generate import map_in_order, use_ray
 
-    items = [{"idx": i, "context": str(r["context"]), "text": str(r["text"])} for i, r in enumerate(rows)]
-    ds = dataset(items, batch_size, max_blocks=16)
-    out = ds.map_batches(FactScorer, fn_constructor_kwargs=kw, batch_size=batch_size, batch_format="numpy",
-                         concurrency=1, num_cpus=1)
-    got = sorted(out.take_all(), key=lambda r: int(r["idx"]))
-    if [int(r["idx"]) for r in got] != list(range(len(rows))):
-        raise RuntimeError(f"the perplexity pass lost rows: {len(rows)} in, {len(got)} out")
+    if not use_ray(mode) or not rows:
+        return FactScorer(**kw).score(rows)
+    got = map_in_order([{"context": str(r["context"]), "text": str(r["text"])} for r in rows], FactScorer, batch_size,
+                       what="the perplexity pass", fn_constructor_kwargs=kw)
     return (np.array([float(r["logp_sum"]) for r in got]), np.array([int(r["n_tokens"]) for r in got]),
             [str(r["ppl_error"] or "") for r in got])
 
