@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as tdist
@@ -84,8 +84,8 @@ def total_steps(cfg: TrainConfig, n_rows: int, world_size: int) -> int:
     return max(1, cfg.epochs * math.ceil(per_worker / (cfg.micro_batch_size * cfg.grad_accum)))
 
 
-def config_mismatch(saved: dict, current: dict) -> list[str]:
-    return [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != current.get(k)]
+def config_mismatch(saved: dict, current: dict, keys: tuple[str, ...] = RESUME_MUST_MATCH) -> list[str]:
+    return [k for k in keys if k in saved and saved[k] != current.get(k)]
 
 
 def check_finite(totals: dict[str, float], step: int, epoch: int) -> None:
@@ -249,26 +249,53 @@ def _new_state(world: int) -> dict[str, Any]:
             "rejected_rows": [], "rejected_keys": [], "stats": {}, "attempts": []}
 
 
-def _restore(engine, scheduler, cfg: TrainConfig, cfg_dict: dict, steps: int, world: int) -> tuple[dict, bool]:
-    """The state of the last checkpoint (and the engine loaded from it), or a fresh state."""
+def restore_checkpoint(fresh: dict, cfg_dict: dict, load: Callable[[Path], None],
+                       must_match: tuple[str, ...] = RESUME_MUST_MATCH) -> tuple[dict, bool]:
+    """``(state, resumed)``: ``fresh`` updated with the ``state.json`` of the latest checkpoint
+    (``ray.train.get_checkpoint()``), after ``load(folder)`` restored the rest (weights, optimizer)
+    from it; ``(fresh, False)`` when there is none. Stops when a ``must_match`` key changed."""
     import ray.train
 
-    state = _new_state(world)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return state, False
+        return fresh, False
     with checkpoint.as_directory() as d:
         saved = json.loads((Path(d) / STATE_FILE).read_text())
-        bad = config_mismatch(saved.get("config", {}), cfg_dict)
+        bad = config_mismatch(saved.get("config", {}), cfg_dict, must_match)
         if bad:
             raise ValueError(f"cannot resume from {d}: {', '.join(bad)} changed since that checkpoint; "
                              "use a new out_dir or run name")
-        load_path, _ = engine.load_checkpoint(str(Path(d) / ENGINE_DIR), load_module_strict=False)
+        load(Path(d))
+    fresh.update(saved)
+    return fresh, True
+
+
+def report_checkpoint(step: int, metrics: dict, write: Callable[[Path], None], state: dict | None) -> None:
+    """Collective: every worker writes its part of the checkpoint (``write(folder)``), the one holding
+    ``state`` (rank 0) also ``state.json``; ``ray.train.report`` merges the workers' folders into
+    ``checkpoint_step{step:06d}`` of the run (``ray.train.get_checkpoint()`` on a restart or rerun)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="kale_ckpt_") as tmp:
+        write(Path(tmp))
+        if state is not None:
+            (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_step{step:06d}")
+
+
+def _restore(engine, scheduler, cfg: TrainConfig, cfg_dict: dict, steps: int, world: int) -> tuple[dict, bool]:
+    """The state of the last checkpoint (and the engine loaded from it), or a fresh state."""
+
+    def load(d: Path) -> None:
+        load_path, _ = engine.load_checkpoint(str(d / ENGINE_DIR), load_module_strict=False)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the engine checkpoint in {d}")
-    state.update(saved)
-    _apply_schedule(scheduler, cfg, steps)
-    return state, True
+
+    state, resumed = restore_checkpoint(_new_state(world), cfg_dict, load)
+    if resumed:
+        _apply_schedule(scheduler, cfg, steps)
+    return state, resumed
 
 
 def _train_step(engine, spec, cfg: TrainConfig, micro: list[dict], rank: int, world: int) -> dict[str, float]:
@@ -367,17 +394,14 @@ def train_loop_per_worker(config: dict) -> None:
         """Collective: engine checkpoint + state.json, merged by ray.train.report."""
         consumed = _all_gather_object(shard.consumed)
         counters = progress.gathered()
-        with tempfile.TemporaryDirectory(prefix="kale_ckpt_") as tmp:
-            # exclude_frozen_parameters: with LoRA only the adapter (and its optimizer state)
-            # is saved; the frozen base is reloaded from the model folder.
-            engine.save_checkpoint(str(Path(tmp) / ENGINE_DIR), tag=f"step{step}",
-                                   exclude_frozen_parameters=cfg.lora.enabled)
-            if rank == 0:
-                state.update(step=step, epoch=epoch, batches_consumed=consumed, history=history,
-                             config=config["cfg"], total_steps=steps, **counters)
-                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_step{step:06d}")
+        if rank == 0:
+            state.update(step=step, epoch=epoch, batches_consumed=consumed, history=history,
+                         config=config["cfg"], total_steps=steps, **counters)
+        # exclude_frozen_parameters: with LoRA only the adapter (and its optimizer state)
+        # is saved; the frozen base is reloaded from the model folder.
+        report_checkpoint(step, metrics, lambda d: engine.save_checkpoint(
+            str(d / ENGINE_DIR), tag=f"step{step}", exclude_frozen_parameters=cfg.lora.enabled),
+            state if rank == 0 else None)
 
     last_saved = step if resumed else -1
     max_epochs = cfg.epochs if cfg.max_steps <= 0 else 1 << 30  # max_steps cycles over the data

@@ -77,6 +77,12 @@ class RerankerConfig:
     batch_size: int = num(4, ge=1)  # questions per worker per step
     num_workers: int = num(2, ge=1)
     seed: int = num(0, ge=0)
+    # As train.*: a Ray Train checkpoint (trainable weights, optimizer, step, data position, RNG) every
+    # N steps (0 = only at the end), the newest keep_checkpoints kept; a rerun into the same out folder
+    # resumes from the latest one, and a failed worker group restarts from it up to max_failures times.
+    checkpoint_every: int = num(0, ge=0)
+    keep_checkpoints: int = num(2, ge=0)
+    max_failures: int = num(0, ge=-1)
     encode_batch_size: int = num(64, ge=1)  # passages per forward pass at inference
 
     def __post_init__(self) -> None:  # the temperatures' ranges are also num(...) fields; this message names both

@@ -10,11 +10,18 @@
 
 Candidates are padded to ``K`` per question; ``mask`` (B, K) marks the real ones. A question
 with no real candidate contributes 0 and does not count in the mean.
+
+Reduction follows the project's rule (:func:`kale_ray.core.losses.masked_mean`): the loss is the
+*global sample mean*, ``sum of per-question losses / global_count``. With data parallelism pass
+``global_count`` = the all-reduced :func:`rerank_count` of the step; then the workers' losses
+(and gradients) add up to those of the whole batch, whatever its split. ``None`` = this batch alone.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from kale_ray.core.losses import masked_mean
 
 _NEG = -1e9
 
@@ -51,37 +58,55 @@ def _masked_log_softmax(x: Tensor, mask: Tensor) -> Tensor:
     return torch.log_softmax(x.float().masked_fill(mask == 0, _NEG), dim=-1)
 
 
-def _row_mean(per_row: Tensor, mask: Tensor) -> Tensor:
-    valid = mask.any(dim=-1)
-    if not bool(valid.any()):
-        return per_row.sum() * 0.0
-    return per_row[valid].mean()
+def rerank_count(mask: Tensor) -> int:
+    """The loss's normaliser for one batch: questions with at least one real candidate. ``mask`` (B, K)."""
+    return int(mask.any(dim=-1).sum())
 
 
-def rerank_kl_loss(scores: Tensor, targets: Tensor, mask: Tensor, t1: float = 1.0, t2: float = 1.0) -> Tensor:
-    """``mean_b KL(softmax(targets_b / t1) || softmax(scores_b / t2))`` over real candidates.
+def _sample_mean(per_row: Tensor, mask: Tensor, global_count: Tensor | float | None) -> Tensor:
+    """Sum over the questions with a real candidate / ``global_count`` (default: their number here)."""
+    return masked_mean(per_row, mask.any(dim=-1), global_count)
 
-    Args: scores (B, K) reranker scores; targets (B, K) BM25 scores vs the rationale; mask (B, K).
-    Returns: a 0-d tensor, fp32. 0 when the two distributions are equal.
-    """
+
+def rerank_kl_per_question(scores: Tensor, targets: Tensor, mask: Tensor, t1: float = 1.0, t2: float = 1.0
+                           ) -> Tensor:
+    """(B,) ``KL(softmax(targets_b / t1) || softmax(scores_b / t2))`` over each question's real candidates."""
     log_p = _masked_log_softmax(targets / t1, mask)  # (B, K) target distribution
     log_q = _masked_log_softmax(scores / t2, mask)  # (B, K) model distribution
     p = log_p.exp() * mask
-    kl = (p * (log_p - log_q)).masked_fill(mask == 0, 0.0).sum(dim=-1)  # (B,)
-    return _row_mean(kl, mask)
+    return (p * (log_p - log_q)).masked_fill(mask == 0, 0.0).sum(dim=-1)  # (B,)
 
 
-def rerank_ce_loss(scores: Tensor, targets: Tensor, mask: Tensor, t2: float = 1.0) -> Tensor:
-    """Cross-entropy of ``softmax(scores / t2)`` to the candidate with the highest target. Returns 0-d."""
+def rerank_ce_per_question(scores: Tensor, targets: Tensor, mask: Tensor, t2: float = 1.0) -> Tensor:
+    """(B,) cross-entropy of ``softmax(scores_b / t2)`` to the candidate with the highest target."""
     best = targets.float().masked_fill(mask == 0, _NEG).argmax(dim=-1)  # (B,)
     log_q = _masked_log_softmax(scores / t2, mask)
-    nll = -log_q.gather(1, best[:, None]).squeeze(1)  # (B,)
-    return _row_mean(nll, mask)
+    return -log_q.gather(1, best[:, None]).squeeze(1)  # (B,)
 
 
-def rerank_loss(kind: str, scores: Tensor, targets: Tensor, mask: Tensor, t1: float, t2: float) -> Tensor:
+def rerank_kl_loss(scores: Tensor, targets: Tensor, mask: Tensor, t1: float = 1.0, t2: float = 1.0,
+                   global_count: Tensor | float | None = None) -> Tensor:
+    """``sum_b KL(softmax(targets_b / t1) || softmax(scores_b / t2)) / global_count`` over real candidates.
+
+    Args: scores (B, K) reranker scores; targets (B, K) BM25 scores vs the rationale; mask (B, K);
+    global_count: questions in the whole step (all workers); None = :func:`rerank_count` of this batch.
+    Returns: a 0-d tensor, fp32. 0 when the two distributions are equal.
+    """
+    return _sample_mean(rerank_kl_per_question(scores, targets, mask, t1, t2), mask, global_count)
+
+
+def rerank_ce_loss(scores: Tensor, targets: Tensor, mask: Tensor, t2: float = 1.0,
+                   global_count: Tensor | float | None = None) -> Tensor:
+    """Cross-entropy of ``softmax(scores / t2)`` to the candidate with the highest target, summed over the
+    questions / ``global_count`` (as :func:`rerank_kl_loss`). Returns 0-d."""
+    return _sample_mean(rerank_ce_per_question(scores, targets, mask, t2), mask, global_count)
+
+
+def rerank_loss(kind: str, scores: Tensor, targets: Tensor, mask: Tensor, t1: float, t2: float,
+                global_count: Tensor | float | None = None) -> Tensor:
+    """This batch's share of the step's global sample mean of loss ``kind`` (``kl`` or ``ce``)."""
     if kind == "kl":
-        return rerank_kl_loss(scores, targets, mask, t1, t2)
+        return rerank_kl_loss(scores, targets, mask, t1, t2, global_count)
     if kind == "ce":
-        return rerank_ce_loss(scores, targets, mask, t2)
+        return rerank_ce_loss(scores, targets, mask, t2, global_count)
     raise ValueError(f"unknown reranker loss {kind!r} (kl, ce)")
