@@ -36,6 +36,7 @@ from kale_ray.config import to_dict
 from kale_ray.core.io import read_jsonl, write_json
 from kale_ray.methods.kard import stages
 from kale_ray.methods.kard.config import KARDJobConfig
+from kale_ray.methods.kard.rerank_train import NOT_OUTPUT_SETTINGS as RERANKER_NOT_OUTPUT
 from kale_ray.methods.kard.report import write_report
 from kale_ray.runtime.stages import Run, without
 
@@ -85,7 +86,7 @@ def run_kard(cfg: KARDJobConfig, progress: Callable[[str], None] = print) -> dic
                                outputs=[f"student_{name}"])
                for name in ("noknow", "kard")}
     rr_info = run.stage("reranker", lambda: stages.stage_reranker(cfg, train, kept, passages, retrieval, out, progress),
-                        settings={**without(to_dict(rc), ("encode_batch_size",)), "use_gpu": cfg.train.use_gpu},
+                        settings={**without(to_dict(rc), RERANKER_NOT_OUTPUT), "use_gpu": cfg.train.use_gpu},
                         outputs=["reranker"])
     rr_eval = run.stage("rerank_test",
                         lambda: stages.stage_test_knowledge(cfg, test, kept, passages, retrieval, out, progress),
