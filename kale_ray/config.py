@@ -131,6 +131,20 @@ class QAConfig:
     num_choices: int = num(4, ge=2)
     max_answers: int = num(3, ge=1)  # keep a generated question only if at most this many entities answer it
     seed: int = num(0, ge=0)
+    # Generated questions (kale_ray.core.qa.generate_questions; the hop probes use the same):
+    # "mc" (num_choices choices) or "open" (no choices; scored by exact match over every correct
+    # answer's names and aliases).
+    question_format: Literal["mc", "open"] = "mc"
+    # How distractors are drawn: "range" (uniform from the answer's relation range, else any entity: the
+    # original), "reachable" (range entities the start also reaches by another chain of the same length
+    # first), "matched" (by the answer's estimated gold frequency, reachable ones preferred). Each
+    # question records the tier used (distractor_tier).
+    distractors: Literal["range", "reachable", "matched"] = "range"
+    # The widest distractor tier a question may fall back to (reachable < range < tail < any); wider: not generated.
+    max_distractor_tier: Literal["reachable", "range", "tail", "any"] = "any"
+    # > 0: keep a question only while its gold answer is at most this share of the questions of its hop
+    # count and last relation (the answer's prior then does not give it away); 0 = no cap.
+    max_answer_share: float = num(0.0, ge=0, le=1)
 
 
 @dataclasses.dataclass
