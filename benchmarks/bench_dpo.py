@@ -115,9 +115,9 @@ def trainable_hash(lm) -> str:
 
 
 def train_cfg(args, reference: str):
-    from kale_ray.config import DPOConfig, TrainConfig
+    from kale_ray.methods.knowtuning.config import DPOConfig, DPOTrainConfig
 
-    cfg = TrainConfig(loss="dpo", lr=args.lr, weight_decay=0.0, warmup_steps=0, lr_schedule="constant",
+    cfg = DPOTrainConfig(loss="dpo", lr=args.lr, weight_decay=0.0, warmup_steps=0, lr_schedule="constant",
                       max_grad_norm=1.0, micro_batch_size=args.batch, grad_accum=1, max_seq_len=args.max_seq_len,
                       seed=args.seed)
     cfg.dpo = DPOConfig(beta=args.beta, gamma=0.0, loss_type="sigmoid", reference=reference)

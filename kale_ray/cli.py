@@ -32,7 +32,8 @@ from typing import Any, Callable
 
 from kale_ray.runtime.stages import StaleOutputError
 from kale_ray.runtime.storage import StorageError
-from kale_ray.config import ConfigError, DemoConfig, EvalConfig, SynthConfig, TrainConfig, load_config, to_dict
+from kale_ray.config import (ConfigError, DemoConfig, EvalConfig, KALETrainConfig, SynthConfig, TrainConfig, load_config,
+                             to_dict)
 from kale_ray.methods.kalm.config import KaLMJobConfig
 from kale_ray.methods.kard.config import KARDJobConfig
 from kale_ray.methods.knowtuning.config import KnowTuningDPOJobConfig, KnowTuningJobConfig
@@ -142,7 +143,7 @@ JOBS: dict[str, tuple[type, Run]] = {
     "demo": _KALE,
     "synthesize": (SynthConfig, run_synthesize),
     "prepare": (PrepareConfig, run_prepare),
-    "train": (TrainConfig, run_train),
+    "train": (KALETrainConfig, run_train),  # loss=kalm / dpo / sft / a plug-in: that loss's TrainConfig
     "evaluate": (EvalConfig, run_evaluate),
     "kalm": (KaLMJobConfig, run_kalm_job),
     "kard": (KARDJobConfig, run_kard_job),

@@ -275,56 +275,17 @@ class KAConfig:
 
 
 @dataclasses.dataclass
-class KaLMConfig:
-    """KaLM's training loss: ``L = L_exp + lm_weight * L_LM`` (``loss: kalm``).
-
-    ``L_exp`` is the dual-view contrastive loss: "[ head, relation ]" and "{ tail }" embedded
-    by the LM (last-layer hidden state of the last non-pad token, L2-normalised),
-    ``S = (e_hr . e_t - margin I) / tau`` with in-batch negatives and false negatives (same
-    tail, or another known tail of (h, r)) masked out; ``L_LM`` is the triple-completion
-    cross-entropy on the tail tokens. Defaults are the official run's (PursuitYP/KaLM).
-    """
-
-    tau: float = num(0.05, gt=0)  # fixed temperature (the official code's learnable 1/tau is never optimised)
-    margin: float = num(0.02, ge=0)  # additive margin subtracted from the positive pair's cosine
-    lm_weight: float = num(0.01, ge=0)  # lambda; 0 skips the LM forward pass entirely
-    symmetric: bool = True  # (CE over rows + CE over columns) / 2; false = rows (hr -> t) only
-    mask_false_negatives: bool = True
-    # All-gather the embeddings of every worker's micro-batch so each (h, r) sees
-    # world_size x micro_batch_size - 1 negatives instead of micro_batch_size - 1. Costs one
-    # all_gather of 2 x (B, H) embeddings (+ ids) per micro-batch and a (G, G) score matrix, G = B x world.
-    gather_negatives: bool = False
-    max_embed_len: int = num(64, ge=2)  # tokens per embedded view; longer views are cut on the right (counted)
-
-
-@dataclasses.dataclass
-class DPOConfig:
-    """KnowTuning's knowledge-comparison stage (``loss: dpo``): DPO over (better, worse) answers + gamma x SFT.
-
-    Per pair: ``dpo_loss(policy - reference margins) + gamma * mean CE of the chosen answer's tokens``
-    (the official run's LLaMA-Factory ``dpo_ftx 0.2``); averaged over pairs.
-    """
-
-    beta: float = num(0.1, gt=0)
-    gamma: float = num(0.2, ge=0)  # weight of the SFT term on the chosen (better) answer; 0 = pure DPO
-    # "sigmoid": DPO (Rafailov et al.); "ipo": (margin - 1/(2 beta))^2 on length-averaged log-probs (Azar et al.).
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    label_smoothing: float = num(0.0, ge=0, lt=0.5)  # conservative DPO (sigmoid only)
-    # "adapter_disabled": a no-grad forward of the same LoRA model with the adapter off, every step;
-    # "precomputed": rows carry ref_chosen_logp / ref_rejected_logp from one batch pass before
-    # training (kale_ray.methods.knowtuning.dpo.add_reference_logps); rows without them are rejected.
-    reference: Literal["adapter_disabled", "precomputed"] = "adapter_disabled"
-
-    def __post_init__(self) -> None:  # ranges: num(...) above, checked on load
-        if self.loss_type == "ipo" and self.label_smoothing != 0.0:
-            raise ConfigError("dpo.label_smoothing: applies to loss_type 'sigmoid' only")
-
-
-@dataclasses.dataclass
 class TrainConfig:
-    """Fine-tuning on Ray Train + DeepSpeed."""
+    """Fine-tuning on Ray Train + DeepSpeed: the settings every loss shares.
 
-    loss: str = "kale"  # a name in kale_ray.train.registry (sft, kale, ...)
+    A loss with settings of its own has its own subclass, registered for its name
+    (:func:`train_config_class`): ``kale`` -> :class:`KALETrainConfig` (``ka``), ``kalm`` ->
+    ``kale_ray.methods.kalm.config.KaLMTrainConfig`` (``kalm``), ``dpo`` ->
+    ``kale_ray.methods.knowtuning.config.DPOTrainConfig`` (``dpo``). A section of another loss is an
+    unknown key on load (``train.kalm.tau`` in a KARD job).
+    """
+
+    loss: str = "sft"  # a name in kale_ray.train.registry (sft, kale, kalm, dpo, plug-ins)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: str = "runs/rows"  # prepared training rows (`kale-ray prepare --out`): prompt, teacher_prompt, completion
     out_dir: str = "runs/train"
@@ -332,9 +293,6 @@ class TrainConfig:
     use_gpu: bool = False
     zero_stage: Literal[0, 1, 2, 3] = 2
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
-    ka: KAConfig = dataclasses.field(default_factory=KAConfig)
-    kalm: KaLMConfig = dataclasses.field(default_factory=KaLMConfig)
-    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     lr: float = num(2e-4, gt=0)
     weight_decay: float = num(0.0, ge=0)
     warmup_steps: int = num(5, ge=0)
@@ -359,6 +317,73 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class KALETrainConfig(TrainConfig):
+    """Training with KALE's knowledge-aware loss (``loss: kale``; the demo also trains ``sft`` from it)."""
+
+    loss: str = "kale"
+    ka: KAConfig = dataclasses.field(default_factory=KAConfig)
+
+
+# Loss name -> its TrainConfig subclass. KALE's is here; a method's package registers its own as an
+# entry point of the group below (pyproject.toml: kalm, dpo), as a plug-in package would.
+TRAIN_CONFIG_ENTRY_POINTS = "kale_ray.train_configs"
+
+
+def train_config_class(loss: str) -> type:
+    """The TrainConfig class whose sections a loss reads (TrainConfig itself for a loss without any)."""
+    if loss == "kale":
+        return KALETrainConfig
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=TRAIN_CONFIG_ENTRY_POINTS):
+        if ep.name == loss:
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, TrainConfig)):
+                raise ConfigError(f"{TRAIN_CONFIG_ENTRY_POINTS} entry point {loss!r}: {ep.value} is not a TrainConfig")
+            return cls
+    return TrainConfig
+
+
+def _loss_owning(section: str) -> str | None:
+    """The registered loss whose TrainConfig has ``section`` of its own (None: no loss's)."""
+    from importlib.metadata import entry_points
+
+    names = ["kale"] + [ep.name for ep in entry_points(group=TRAIN_CONFIG_ENTRY_POINTS)]
+    shared = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name in names:
+        try:
+            cls = train_config_class(name)
+        except (ImportError, AttributeError, ConfigError):  # a broken plug-in: reported when its loss is asked for
+            continue
+        if section not in shared and section in {f.name for f in dataclasses.fields(cls)}:
+            return name
+    return None
+
+
+def with_loss(cfg: TrainConfig, loss: str, **changes: Any) -> TrainConfig:
+    """``cfg`` as a training config of ``loss`` (that loss's class: shared fields kept, its own sections
+    from ``cfg`` when it has them, else their defaults), with ``changes`` applied. What a recipe uses
+    to derive one run's config, so that its dumped config.yaml loads back as the same class."""
+    return dataclasses.replace(_retarget(cfg, train_config_class(loss)), loss=loss, **changes)
+
+
+def _retarget(base: TrainConfig, cls: type) -> TrainConfig:
+    if type(base) is cls:
+        return base
+    own = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name in own and f.init})
+
+
+def _for_loss(base: Any, data: dict, prefix: str) -> Any:
+    """A TrainConfig section whose ``loss`` is set in ``data``: the default instance retargeted to that
+    loss's class (the shared fields carried over, the new loss's own sections at their defaults)."""
+    loss = data.get("loss")
+    if not isinstance(loss, str) or not isinstance(base, TrainConfig):
+        return base
+    return _retarget(base, train_config_class(loss))
+
+
+@dataclasses.dataclass
 class EvalConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: str = "runs/synth/qa/test.jsonl"  # held-out QA (JSONL; synthesis writes out_dir/qa/test.jsonl)
@@ -370,28 +395,6 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
-class KaLMEvalConfig:
-    """KaLM evaluation: embedding-based KG completion and multiple-choice KGQA by generation."""
-
-    max_test_triples: int = num(0, ge=0)  # 0 = every test triple; else a seeded sample of this many
-    embed_batch_size: int = num(64, ge=1)  # texts per forward pass when embedding entities / queries
-    # "ray": a Ray Data map_batches actor; "local": a batched torch pass in this process;
-    # "auto": ray when Ray is initialised.
-    embed_with: Literal["auto", "ray", "local"] = "auto"
-    embed_threads: int = num(0, ge=0)  # torch threads of the embedding pass; 0 = all cores
-    # Ranking is done in blocks of query_chunk x entity_chunk scores: never a full N x N matrix.
-    query_chunk: int = num(256, ge=1)
-    entity_chunk: int = num(4096, ge=1)
-    kgqa: bool = True
-    kgqa_per_task: int = num(50, ge=1)  # questions per KGQA task (tail, head, relation, triple classification)
-    num_choices: int = num(4, ge=2)
-    generation: GenerationConfig = dataclasses.field(
-        default_factory=lambda: GenerationConfig(max_tokens=24, temperature=0.0)
-    )
-    seed: int = num(0, ge=0)
-
-
-@dataclasses.dataclass
 class DemoConfig:
     """The whole KALE pipeline on the embedded defaults: synthesis, SFT vs KALE, evaluation, report."""
 
@@ -399,7 +402,7 @@ class DemoConfig:
     # The embedded teacher (135M) fails verification on most rows: the demo keeps their template
     # rationales instead of stopping (max_teacher_failure_rate); its report gives the teacher's share.
     synth: SynthConfig = dataclasses.field(default_factory=lambda: SynthConfig(max_teacher_failure_rate=1.0))
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    train: KALETrainConfig = dataclasses.field(default_factory=KALETrainConfig)  # trains sft and kale
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     eval_base: bool = True  # also evaluate the untrained model (one more vLLM pass)
     ray_address: str | None = None  # None: start local Ray
@@ -499,11 +502,18 @@ def _build(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in fields:
+            owner = _loss_owning(k) if issubclass(cls, TrainConfig) else None
+            if owner is not None:
+                at = f"{prefix}." if prefix else ""
+                raise ConfigError(f"{key}: settings of loss {owner!r}, but {at}loss is "
+                                  f"{data.get('loss', getattr(base, 'loss', None) or cls.loss)!r} (nothing reads "
+                                  f"them: remove them or set {at}loss={owner})")
             close = difflib.get_close_matches(str(k), list(fields), n=1)
             hint = f" (did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown key '{key}'{hint}")
         if isinstance(v, dict):
             sub = getattr(base, k) if base is not None else _field_default(fields[k])
+            sub = _for_loss(sub, v, key)
             if dataclasses.is_dataclass(sub) and not isinstance(sub, type):
                 kwargs[k] = _build(type(sub), v, key, base=sub)
                 continue
@@ -584,31 +594,9 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         if _annotation_at(cls, key) is str and not isinstance(value, str) and value is not None:
             value = raw
         _set_path(tree, key, value)
-    cfg = _build(cls, tree)
-    _check_loss_sections(cfg, tree)
-    return cfg
-
-
-# A loss's own settings section of TrainConfig, and the losses that read it. A section given for a
-# job that trains another loss is a misplaced key (e.g. ``train.kalm.tau`` in a KARD job): refused
-# when it differs from the section's defaults.
-LOSS_SECTIONS: dict[str, tuple[str, ...]] = {"ka": ("kale",), "kalm": ("kalm",), "dpo": ("dpo",)}
-
-
-def _check_loss_sections(cfg: Any, tree: Any, prefix: str = "") -> None:
-    if not dataclasses.is_dataclass(cfg) or not isinstance(tree, dict):
-        return
-    if isinstance(cfg, TrainConfig):
-        for section, owners in LOSS_SECTIONS.items():
-            value = getattr(cfg, section)
-            # a dumped config.yaml holds every section at its defaults: only a changed one is misplaced
-            if section in tree and cfg.loss not in owners and value != type(value)():
-                raise ConfigError(f"{prefix}{section}: settings of loss {' / '.join(map(repr, owners))}, but "
-                                  f"{prefix}loss is {cfg.loss!r} (nothing reads them: remove them or set "
-                                  f"{prefix}loss)")
-    for f in dataclasses.fields(cfg):
-        if f.name in tree:
-            _check_loss_sections(getattr(cfg, f.name), tree[f.name], f"{prefix}{f.name}.")
+    if isinstance(cls, type) and issubclass(cls, TrainConfig) and isinstance(tree.get("loss"), str):
+        cls = train_config_class(tree["loss"])  # the train job: the loss decides its sections
+    return _build(cls, tree)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -92,9 +92,16 @@ def inherit_on_change(job_on_change: str, own: str) -> str:
 
 def stage_config(section: Any, job_on_change: str, **changes: Any) -> Any:
     """A stage's own copy of a config section with ``changes`` (e.g. a training run's ``data`` and
-    ``out_dir``): a deep copy, its ``on_change`` inherited from the job's (:func:`inherit_on_change`)."""
-    return dataclasses.replace(copy.deepcopy(section), **{
-        "on_change": inherit_on_change(job_on_change, section.on_change), **changes})
+    ``out_dir``): a deep copy, its ``on_change`` inherited from the job's (:func:`inherit_on_change`).
+    A training section given another ``loss`` becomes that loss's TrainConfig (``config.with_loss``),
+    so the run's dumped config.yaml loads back as it ran."""
+    from kale_ray.config import TrainConfig, with_loss
+
+    section = copy.deepcopy(section)
+    on_change = inherit_on_change(job_on_change, section.on_change)
+    if isinstance(section, TrainConfig) and "loss" in changes:
+        return with_loss(section, changes.pop("loss"), on_change=on_change, **changes)
+    return dataclasses.replace(section, on_change=on_change, **changes)
 
 
 class Stage:

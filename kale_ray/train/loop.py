@@ -357,14 +357,15 @@ class _Progress:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry: ``config = {"cfg": TrainConfig as dict, "model_path", "out_dir", "n_rows"}``."""
+    """Ray Train entry: ``config = {"cfg": TrainConfig as dict, "cfg_class": its class (the loss's TrainConfig
+    subclass), "model_path", "out_dir", "n_rows"}``."""
     import ray.train
 
     from kale_ray.models import load_tokenizer
     from kale_ray.train.export import export_model
 
     t_start = time.perf_counter()
-    cfg: TrainConfig = _build(TrainConfig, config["cfg"])
+    cfg: TrainConfig = _build(config.get("cfg_class", TrainConfig), config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _setup_env(cfg, ctx.get_local_world_size())

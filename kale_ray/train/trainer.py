@@ -180,7 +180,7 @@ def _run(cfg: TrainConfig, run_name: str | None, stage: Stage, out_dir: Path, t0
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "model_path": model_path, "out_dir": str(out_dir), "n_rows": n_rows,
+        train_loop_config={"cfg": to_dict(cfg), "cfg_class": type(cfg), "model_path": model_path, "out_dir": str(out_dir), "n_rows": n_rows,
                            "tracking": tracker.handle()},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(

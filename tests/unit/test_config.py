@@ -25,7 +25,9 @@ def test_defaults_load_equal_dataclass_defaults(cls):
 
 
 def test_train_defaults_values():
-    cfg = load_config(TrainConfig)
+    from kale_ray.config import KALETrainConfig
+
+    cfg = load_config(KALETrainConfig)  # the train job's class
     assert cfg.lr == 2e-4 and isinstance(cfg.lr, float)
     assert cfg.lora.r == 16 and cfg.lora.enabled is True
     assert cfg.ka.direction == "forward"
@@ -35,7 +37,7 @@ def test_train_defaults_values():
 def test_yaml_then_overrides(tmp_path):
     p = tmp_path / "train.yaml"
     p.write_text("lr: 0.001\nepochs: 3\nlora:\n  r: 4\n  alpha: 8\nka:\n  lam: 0.5\n")
-    cfg = load_config(TrainConfig, p, ["epochs=5", "lora.r=8", "ka.direction=reverse"])
+    cfg = load_config(TrainConfig, p, ["loss=kale", "epochs=5", "lora.r=8", "ka.direction=reverse"])
     assert cfg.lr == pytest.approx(1e-3)
     assert cfg.epochs == 5  # override beats YAML
     assert cfg.lora.r == 8  # nested override beats YAML
@@ -253,3 +255,37 @@ def test_a_loss_section_for_a_loss_the_job_does_not_train_is_refused_on_load():
         load_config(TrainConfig, None, ["loss=sft", "ka.lam=2"])
     assert load_config(TrainConfig, None, ["loss=kale", "ka.lam=2"]).ka.lam == 2
     assert load_config(KaLMJobConfig, None, ["train.kalm.tau=0.1"]).train.kalm.tau == 0.1
+
+
+def test_loss_settings_live_in_their_losses_train_configs_not_in_train_config():
+    """TrainConfig holds what every loss shares; kale / kalm / dpo each have their own subclass."""
+    import dataclasses
+
+    from kale_ray.config import KALETrainConfig, TrainConfig, load_config, train_config_class, with_loss
+    from kale_ray.methods.kalm.config import KaLMTrainConfig
+    from kale_ray.methods.knowtuning.config import DPOTrainConfig
+
+    shared = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert not shared & {"ka", "kalm", "dpo"}
+    assert [train_config_class(x) for x in ("sft", "kale", "kalm", "dpo")] == [
+        TrainConfig, KALETrainConfig, KaLMTrainConfig, DPOTrainConfig]
+    # the train job: the loss picks the class, its own section then loads
+    cfg = load_config(KALETrainConfig, None, ["loss=dpo", "dpo.beta=0.3", "lr=1e-3"])
+    assert type(cfg) is DPOTrainConfig and cfg.dpo.beta == 0.3 and cfg.lr == 1e-3
+    # a run derived for another loss keeps the shared settings and loads back as the same class
+    sft = with_loss(KALETrainConfig(lr=5e-4), "sft", out_dir="x")
+    assert type(sft) is TrainConfig and sft.lr == 5e-4 and sft.out_dir == "x"
+    assert load_config(TrainConfig, None, [f"{k}={v}" for k, v in (("loss", "sft"), ("lr", 5e-4))]) == \
+        dataclasses.replace(sft, out_dir=TrainConfig().out_dir)
+
+
+def test_a_dumped_training_config_loads_back_as_it_ran(tmp_path):
+    """The demo derives its SFT run from a KALE section: that run's config.yaml reloads (no ka section)."""
+    from kale_ray.config import DemoConfig, TrainConfig, dump_config, load_config
+    from kale_ray.runtime.stages import stage_config
+
+    demo = DemoConfig()
+    for loss in ("sft", "kale"):
+        run = stage_config(demo.train, "error", loss=loss, out_dir=str(tmp_path / loss))
+        dump_config(run, tmp_path / f"{loss}.yaml")
+        assert load_config(TrainConfig, tmp_path / f"{loss}.yaml") == run

@@ -14,7 +14,7 @@ from kale_ray.config import ConfigError, TrainConfig, load_config
 from kale_ray.core.kg import KnowledgeGraph
 from kale_ray.core.losses import info_nce
 from kale_ray.core.rejects import Rejects
-from kale_ray.methods.kalm.config import KaLMJobConfig
+from kale_ray.methods.kalm.config import KaLMJobConfig, KaLMTrainConfig
 from kale_ray.methods.kalm.data import (
     FALSE,
     TRUE,
@@ -183,7 +183,7 @@ def test_kalm_is_registered_and_the_loss_is_invariant_to_batch_order(tiny, umls_
     from kale_ray.train.heads import AnswerLogits
 
     spec = get_loss("kalm")
-    cfg = TrainConfig(loss="kalm", max_seq_len=96)
+    cfg = KaLMTrainConfig(loss="kalm", max_seq_len=96)
     cfg.kalm.lm_weight = 0.5  # make the LM term visible
     collate = spec.collator_factory(tok, cfg)
     model = AnswerLogits(lm)
@@ -205,7 +205,7 @@ def test_lm_term_adds_up_over_shards(tiny, umls_kg):
     from kale_ray.train.heads import AnswerLogits
 
     spec = get_loss("kalm")
-    cfg = TrainConfig(loss="kalm", max_seq_len=96)
+    cfg = KaLMTrainConfig(loss="kalm", max_seq_len=96)
     collate = spec.collator_factory(tok, cfg)
     rows = umls_rows(umls_kg, 6, tok)
     model = AnswerLogits(lm)

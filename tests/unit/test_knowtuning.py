@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kale_ray.config import ConfigError, TrainConfig, load_config
+from kale_ray.methods.knowtuning.config import DPOTrainConfig
 from kale_ray.core.losses import dpo_loss, select_positions, sequence_logprobs
 from kale_ray.core.rejects import Rejects
 from kale_ray.methods.knowtuning.corrupt import (
@@ -241,7 +242,7 @@ def golden_batch():
 
 
 def dpo_cfg(**dpo) -> TrainConfig:
-    cfg = TrainConfig(loss="dpo", max_seq_len=96)
+    cfg = DPOTrainConfig(loss="dpo", max_seq_len=96)
     for k, v in dpo.items():
         setattr(cfg.dpo, k, v)
     return cfg
@@ -325,11 +326,11 @@ def test_dpo_is_registered_and_configured():
     assert "dpo" in list_losses()
     cfg = load_config(TrainConfig, None, ["loss=dpo", "dpo.loss_type=ipo", "dpo.gamma=0", "dpo.reference=precomputed"])
     assert (cfg.dpo.loss_type, cfg.dpo.gamma, cfg.dpo.beta, cfg.dpo.reference) == ("ipo", 0.0, 0.1, "precomputed")
-    assert TrainConfig().dpo.gamma == 0.2
+    assert DPOTrainConfig().dpo.gamma == 0.2
     with pytest.raises(ConfigError, match="dpo.beta"):
-        load_config(TrainConfig, None, ["dpo.beta=0"])
+        load_config(TrainConfig, None, ["loss=dpo", "dpo.beta=0"])
     with pytest.raises(ConfigError, match="dpo.loss_type"):
-        load_config(TrainConfig, None, ["dpo.loss_type=hinge"])
+        load_config(TrainConfig, None, ["loss=dpo", "dpo.loss_type=hinge"])
 
 
 def test_pair_collator_one_batch_of_chosen_then_rejected(tiny):

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from kale_ray.config import TrainConfig
+from kale_ray.config import KALETrainConfig, TrainConfig, with_loss
 from kale_ray.models import load_causal_lm, load_tokenizer, resolve_model
 from kale_ray.train.heads import AnswerLogits
 from kale_ray.train.loop import check_finite, deepspeed_config, lr_factor, total_steps
@@ -108,7 +108,7 @@ def test_answer_logits_equal_full_logits_at_answer_positions(tiny, peft):
 def test_compute_is_invariant_to_sharding(tiny, name):
     """Two shards with the global token count add up to the whole batch: loss, parts, gradients."""
     tok, lm = tiny
-    cfg = TrainConfig(max_seq_len=64, loss=name)
+    cfg = with_loss(TrainConfig(max_seq_len=64), name)
     spec = get_loss(name)
     model = AnswerLogits(lm)
     collate = spec.collator_factory(tok, cfg)
@@ -135,7 +135,7 @@ def test_compute_is_invariant_to_sharding(tiny, name):
 
 def test_kale_with_lam_zero_is_sft(tiny):
     tok, lm = tiny
-    cfg = TrainConfig(max_seq_len=64)
+    cfg = KALETrainConfig(max_seq_len=64)
     cfg.ka.lam = 0.0
     model = AnswerLogits(lm)
     with torch.no_grad():

@@ -30,7 +30,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from kale_ray.config import KaLMEvalConfig, ModelConfig
+from kale_ray.config import ModelConfig
+from kale_ray.methods.kalm.config import KaLMEvalConfig
 from kale_ray.core.io import write_json, write_jsonl
 from kale_ray.core.parse import is_correct
 from kale_ray.core.rejects import Rejects

@@ -33,9 +33,40 @@ class PairsConfig:
             raise ConfigError(f"pairs.kinds: expected a non-empty subset of {list(KINDS)}, got {self.kinds}")
 
 
-def _dpo_train_defaults() -> TrainConfig:
+@dataclasses.dataclass
+class DPOConfig:
+    """KnowTuning's knowledge-comparison stage (``loss: dpo``): DPO over (better, worse) answers + gamma x SFT.
+
+    Per pair: ``dpo_loss(policy - reference margins) + gamma * mean CE of the chosen answer's tokens``
+    (the official run's LLaMA-Factory ``dpo_ftx 0.2``); averaged over pairs.
+    """
+
+    beta: float = num(0.1, gt=0)
+    gamma: float = num(0.2, ge=0)  # weight of the SFT term on the chosen (better) answer; 0 = pure DPO
+    # "sigmoid": DPO (Rafailov et al.); "ipo": (margin - 1/(2 beta))^2 on length-averaged log-probs (Azar et al.).
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = num(0.0, ge=0, lt=0.5)  # conservative DPO (sigmoid only)
+    # "adapter_disabled": a no-grad forward of the same LoRA model with the adapter off, every step;
+    # "precomputed": rows carry ref_chosen_logp / ref_rejected_logp from one batch pass before
+    # training (kale_ray.methods.knowtuning.dpo.add_reference_logps); rows without them are rejected.
+    reference: Literal["adapter_disabled", "precomputed"] = "adapter_disabled"
+
+    def __post_init__(self) -> None:  # ranges: num(...) above, checked on load
+        if self.loss_type == "ipo" and self.label_smoothing != 0.0:
+            raise ConfigError("dpo.label_smoothing: applies to loss_type 'sigmoid' only")
+
+
+@dataclasses.dataclass
+class DPOTrainConfig(TrainConfig):
+    """Training with KnowTuning's DPO loss (``loss: dpo``): the shared settings plus ``dpo``."""
+
+    loss: str = "dpo"
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+
+
+def _dpo_train_defaults() -> DPOTrainConfig:
     """The official Stage II: DPO beta 0.1 + 0.2 x SFT, 1 epoch, lr 1e-5; reference precomputed once."""
-    cfg = TrainConfig(loss="dpo", lr=1e-5, epochs=1, warmup_steps=0, micro_batch_size=4, max_seq_len=256)
+    cfg = DPOTrainConfig(loss="dpo", lr=1e-5, epochs=1, warmup_steps=0, micro_batch_size=4, max_seq_len=256)
     cfg.dpo.reference = "precomputed"
     return cfg
 
@@ -45,7 +76,7 @@ class DPOStageConfig:
     """How the DPO stage trains and scores: the keys the Stage II job has at its top level and the
     whole recipe has under ``stage2`` (both configs are this class plus their own keys)."""
 
-    train: TrainConfig = dataclasses.field(default_factory=_dpo_train_defaults)  # the recipe: model = Stage I's
+    train: DPOTrainConfig = dataclasses.field(default_factory=_dpo_train_defaults)  # the recipe: model = Stage I's
     reference_batch_size: int = num(8, ge=1)
     # Where the reference (and the after-training scoring) pass runs: a Ray Data actor ("ray"),
     # this process ("local"), or "auto" (Ray when it is initialised).
