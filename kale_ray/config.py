@@ -146,6 +146,11 @@ class QAConfig:
     # count and last relation (the answer's prior then does not give it away); 0 = no cap.
     max_answer_share: float = num(0.0, ge=0, le=1)
 
+    def generator_options(self) -> dict[str, Any]:
+        """The question generator's keyword options (``kale_ray.core.qa.generate_questions``)."""
+        return {"question_format": self.question_format, "distractors": self.distractors,
+                "max_distractor_tier": self.max_distractor_tier, "max_answer_share": self.max_answer_share}
+
 
 @dataclasses.dataclass
 class PathConfig:

@@ -545,7 +545,8 @@ def prepare_questions(cfg: SynthConfig, kg, storage: Storage, link_kg=None) -> t
     info: dict[str, Any] = {}
     if qa.source == "generate":
         if not (storage.exists("qa/train.jsonl") and storage.exists("qa/test.jsonl")):
-            questions = generate_questions(kg, qa.num_questions, qa.hops, qa.num_choices, qa.max_answers, qa.seed)
+            questions = generate_questions(kg, qa.num_questions, qa.hops, qa.num_choices, qa.max_answers, qa.seed,
+                                           **qa.generator_options())
             train, test = split_questions(questions, qa.test_fraction, qa.seed)
             if cfg.max_rows:
                 train = train[: cfg.max_rows]

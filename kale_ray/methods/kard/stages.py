@@ -126,7 +126,8 @@ def stage_questions(cfg: KARDJobConfig, kg, out: Path, progress) -> dict:
     rejects = Rejects()
     qa = cfg.qa
     if qa.source == "generate":
-        questions = generate_questions(kg, qa.num_questions, qa.hops, qa.num_choices, qa.max_answers, qa.seed)
+        questions = generate_questions(kg, qa.num_questions, qa.hops, qa.num_choices, qa.max_answers, qa.seed,
+                                       **qa.generator_options())
         train, test = split_questions(questions, qa.test_fraction, qa.seed)
     else:
         train = list(read_qa_jsonl(qa.source, rejects))
