@@ -22,7 +22,8 @@ Reported per seed and pooled over seeds, for base / SFT / KALE:
 
 Sizes (``--size``): ``smoke`` proves the machinery only (random tiny Llama: accuracy ~0; about
 2.5 min per seed here); ``medium`` is the demo with template rationales (no LLM teacher);
-``demo`` is exactly the demo per seed (its vLLM teacher, ~107 held-out questions per seed; seeds pool to
+``testbed`` is the known-and-incorrect testbed (distractors matched to the answer's prior, template
+rationales; its report's gate says whether SFT is known & incorrect there); ``demo`` is exactly the demo per seed (its vLLM teacher, ~107 held-out questions per seed; seeds pool to
 a few hundred paired questions); ``full`` is the statistically meaningful configuration (the demo's vLLM teacher, 1500 questions). Writes
 ``benchmarks/results/accuracy.json`` (``smoke`` / ``full`` entries), with ``full_size_ran``.
 """
@@ -60,6 +61,11 @@ SIZES = {
     "demo": [],
     # the demo's model and recipe on ~3.3x its questions (the demo: 450 -> 107 held-out multi-hop questions)
     "full": ["synth.qa.num_questions=1500"],
+    # issue 15's testbed: distractors matched to the answer's prior, from its relation's range only, no
+    # answer more than a quarter of its (hops, relation) questions (the choices alone give little away);
+    # template rationales (the path the search found, relation-aware by default) to stay a CPU afternoon
+    "testbed": ["synth.qa.distractors=matched", "synth.qa.max_distractor_tier=range", "synth.qa.max_answer_share=0.25",
+                "synth.qa.num_questions=1000", "synth.generation.backend=template"],
 }
 PAPER = "KALE papers: up to +11.72 accuracy points, +4.18 on average over SFT"
 
@@ -137,6 +143,11 @@ def run_seed(size: str, seed: int, extra: list[str], out_root: Path) -> dict:
             "counts": {k: counts(v) for k, v in preds.items()},
             "metrics": {k: rates(counts(v)) for k, v in preds.items()},
             "kale_minus_sft_paired": paired(preds["sft"]["questions"], preds["kale"]["questions"]),
+            "gate": metrics.get("gate"), "question_blind": metrics.get("question_blind"),
+            "by_hops": {k: metrics["eval"][k].get("known_and_incorrect_by_hops") for k in metrics["eval"]},
+            "path_mode": {"heuristic": cfg.synth.paths.heuristic,
+                          "follow_question_relations": cfg.synth.paths.follow_question_relations,
+                          "teacher": cfg.synth.generation.backend},
             "_preds": preds}
 
 
@@ -200,7 +211,8 @@ def main(argv=None) -> dict:
         "note": {"smoke": "smoke size: a random tiny Llama and a template teacher; the numbers test the machinery, not the method",
                  "medium": "medium size: the demo with template rationales (no LLM teacher)",
                  "demo": "demo size: exactly configs/demo.yaml per seed (vLLM teacher), seeds pooled",
-                 "full": "full size"}[args.size],
+                 "full": "full size",
+                 "testbed": "testbed: matched distractors (issue 15), template rationales"}[args.size],
         "headline": {"kale_minus_sft_points": pts, "paired_ci95_points": [100 * x for x in pooled["kale_minus_sft_paired"]["ci95"]],
                      "sft_accuracy": pooled["sft"]["accuracy"], "kale_accuracy": pooled["kale"]["accuracy"],
                      "sft_known_and_incorrect": pooled["sft"]["known_and_incorrect_rate"],

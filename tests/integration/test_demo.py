@@ -36,6 +36,11 @@ def test_demo_tiny(tmp_path):
     assert any(k.startswith("train.") for k in on_disk["timings"])
     report = (tmp_path / "report.md").read_text()
     assert "known & incorrect" in report and "| kale |" in report and "| sft |" in report
+    # the testbed's gate and the shortcut check are part of every run
+    assert set(on_disk["question_blind"]) == {"range", "tail", "answer"}
+    assert on_disk["question_blind"]["range"]["n"] == on_disk["eval"]["kale"]["n_questions"]
+    assert on_disk["gate"]["sft_accuracy"] == on_disk["sft"]["accuracy"] and "passed" in on_disk["gate"]
+    assert "## Testbed gate (SFT)" in report and "## Question-blind baselines" in report
     png = (tmp_path / "plot.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     # every hop of every synthesised path is a KG triple
@@ -49,7 +54,8 @@ def test_demo_tiny(tmp_path):
 
     # A rerun with the same settings reuses every stage and reports the same results.
     again = run_demo(cfg, progress=lambda m: None)
-    assert again["reused_stages"] == ["synthesis", "training_rows", "train.sft", "train.kale", "eval.sft", "eval.kale"]
+    assert again["reused_stages"] == ["synthesis", "training_rows", "train.sft", "train.kale", "eval.sft", "eval.kale",
+                                      "question_blind"]
     assert again["eval"]["kale"]["accuracy"] == metrics["eval"]["kale"]["accuracy"]
     # A changed training setting: refused at the first training stage, naming the key; nothing rewritten.
     import dataclasses

@@ -170,3 +170,30 @@ def test_knowtuning_report(tmp_path):
     assert "| stage1_data.extract | 1.5 |\n| stage2.pairs | 0.5 |" in r and "| eval.generate_wall | 4.0 |" in r
     r2 = _report(tmp_path, write_report, kt2)
     assert "| stage2 (dpo) | None | None | - -> - | - | - |" in r2 and "Stage II pairs: None (None)" in r2
+
+
+def test_kale_gate_reads_sft_metrics():
+    from kale_ray.methods.kale.metrics import gate
+
+    shortcut = gate({"accuracy": 0.9, "probe_accuracy": 0.73, "known_and_incorrect_rate": 0.035})
+    assert not shortcut["multi_hop_at_most_hop_fact"] and not shortcut["passed"]
+    good = gate({"accuracy": 0.5, "probe_accuracy": 0.8, "known_and_incorrect_rate": 0.2})
+    assert good["passed"] and good["known_and_incorrect_enough"]
+    assert not gate({"accuracy": 0.5, "probe_accuracy": 0.8, "known_and_incorrect_rate": 0.05})["passed"]
+    assert gate(None) == {}
+
+
+def test_kale_report_shows_the_gate_blind_baselines_and_hops(tmp_path):
+    from kale_ray.methods.kale.metrics import gate
+    from kale_ray.methods.kale.report import write_report
+
+    m = json.loads(json.dumps(kale))
+    m["eval"]["sft"]["known_and_incorrect_by_hops"] = {
+        "2": {"accuracy": 0.5, "probe_accuracy": 0.75, "known_and_incorrect_rate": 0.25, "n_with_probes": 8}}
+    m["gate"] = gate(m["eval"]["sft"])
+    m["question_blind"] = {"range": {"accuracy": 0.45, "chance": 0.25, "n": 40,
+                                     "by_hops": {"2": {"accuracy": 0.5, "chance": 0.25, "n": 40}}}}
+    r = _report(tmp_path, write_report, m)
+    assert "## Testbed gate (SFT)" in r and "gate: " in r
+    assert "| range | 0.450 | 0.250 | 0.500 | 40 |" in r
+    assert "| sft | 0.500 / 0.750 / 0.250 (n=8) |" in r

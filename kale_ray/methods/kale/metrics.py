@@ -190,3 +190,17 @@ def question_blind_baseline(kg, questions: Iterable[QAExample | Mapping[str, Any
         "chance": sum(r[1] for r in by_hops.values()) / n if n else 0.0,
         "by_hops": {h: {"accuracy": a / m, "chance": c / m, "n": m} for h, (a, c, m) in sorted(by_hops.items())},
     }
+
+
+def gate(sft: Mapping[str, Any] | None, min_known_and_incorrect: float = 0.10) -> dict[str, Any]:
+    """The testbed's gate, read off SFT's metrics before methods are compared: a model that answers
+    the multi-hop questions better than their hop facts is not composing (the questions have a
+    shortcut), and KALE has something to fix only where SFT is known & incorrect."""
+    if not sft:
+        return {}
+    composes = sft["accuracy"] <= sft["probe_accuracy"]
+    enough = sft["known_and_incorrect_rate"] >= min_known_and_incorrect
+    return {"sft_accuracy": sft["accuracy"], "sft_probe_accuracy": sft["probe_accuracy"],
+            "multi_hop_at_most_hop_fact": composes, "sft_known_and_incorrect_rate": sft["known_and_incorrect_rate"],
+            "min_known_and_incorrect": min_known_and_incorrect, "known_and_incorrect_enough": enough,
+            "passed": bool(composes and enough)}

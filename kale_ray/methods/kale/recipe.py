@@ -25,6 +25,7 @@ from kale_ray.config import DemoConfig, to_dict
 from kale_ray.core.io import read_jsonl
 from kale_ray.runtime.stages import Run, stage_config, without
 from kale_ray.runtime.tracking import TrackingConfig, numeric, start_run
+from kale_ray.methods.kale.metrics import BLIND_PRIORS, gate, question_blind_baseline
 from kale_ray.methods.kale.report import plot, write_metrics, write_report
 from kale_ray.runtime.report import machine_info
 
@@ -55,6 +56,16 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
         tracker.log_artifact(out / name)
     tracker.end()
     return metrics
+
+
+def _question_blind(cfg: DemoConfig, test_file: Path) -> dict:
+    """The question-blind baselines on the test questions (each prior of ``metrics.BLIND_PRIORS``)."""
+    from kale_ray.core.kg import load_kg
+    from kale_ray.core.qa import read_qa_jsonl
+
+    questions = list(read_qa_jsonl(test_file))
+    kg = load_kg(cfg.synth.kg.source, cfg.synth.kg.names, "skip")
+    return {prior: question_blind_baseline(kg, questions, prior) for prior in BLIND_PRIORS}
 
 
 def _run_demo(cfg: DemoConfig, progress: Callable[[str], None]) -> dict:
@@ -113,6 +124,10 @@ def _run_demo(cfg: DemoConfig, progress: Callable[[str], None]) -> dict:
                                 content_inputs=[test_file], outputs=[f"eval_{name}"],
                                 after="synthesis" if name == "base" else f"train.{name}")
 
+    # 5. the shortcut check: how far the choices alone give the answers away (generated questions)
+    blind = run.stage("question_blind", lambda: _question_blind(cfg, test_file), settings={"priors": list(BLIND_PRIORS)},
+                      content_inputs=[test_file], after="synthesis")
+
     timings = run.timings()
     timings.update({f"synthesis.{k}": v for k, v in summary["seconds"].items()})
     metrics = {
@@ -124,6 +139,8 @@ def _run_demo(cfg: DemoConfig, progress: Callable[[str], None]) -> dict:
                                                           "seconds_per_step", "wall_seconds", "rejected", "first_loss")}
                   for k, t in trained.items()},
         "eval": evals,
+        "question_blind": blind,
+        "gate": gate(evals.get("sft")),
         "sft": {"accuracy": evals["sft"]["accuracy"], "known_and_incorrect_rate": evals["sft"]["known_and_incorrect_rate"]},
         "kale": {"accuracy": evals["kale"]["accuracy"], "known_and_incorrect_rate": evals["kale"]["known_and_incorrect_rate"]},
         "timings": timings,

@@ -59,6 +59,30 @@ def write_report(out: Path, metrics: dict[str, Any]) -> None:
         d = ev["kale"]["accuracy"] - ev["sft"]["accuracy"]
         md.para(f"KALE - SFT accuracy: **{d * 100:+.1f} points** (same data, steps, seed and LoRA budget). "
                 "With this many questions, differences inside the CIs are not significant.")
+    by_hops = {name: m["known_and_incorrect_by_hops"] for name, m in ev.items() if m.get("known_and_incorrect_by_hops")}
+    if by_hops:
+        md.section("Per hop count (questions with probes): accuracy / hop-fact accuracy / known & incorrect rate")
+        hs = sorted({h for v in by_hops.values() for h in v}, key=int)
+        md.table(["model"] + [f"{h}-hop" for h in hs],
+                 [[name] + [(f"{fmt(v[h]['accuracy'])} / {fmt(v[h]['probe_accuracy'])} / "
+                             f"{fmt(v[h]['known_and_incorrect_rate'])} (n={v[h]['n_with_probes']})") if h in v else "-"
+                            for h in hs] for name, v in by_hops.items()])
+    g, blind = metrics.get("gate") or {}, metrics.get("question_blind") or {}
+    if g:
+        md.section("Testbed gate (SFT)")
+        md.bullets([f"multi-hop accuracy {fmt(g['sft_accuracy'])} vs hop-fact (probe) accuracy "
+                    f"{fmt(g['sft_probe_accuracy'])}: {'composes' if g['multi_hop_at_most_hop_fact'] else 'NOT composing: the questions have a shortcut'}",
+                    f"known & incorrect rate {fmt(g['sft_known_and_incorrect_rate'])} (aim >= {fmt(g['min_known_and_incorrect'])}): "
+                    f"{'enough for KALE to fix' if g['known_and_incorrect_enough'] else 'too little for KALE to fix'}",
+                    f"gate: {'passed' if g['passed'] else 'not passed'}"])
+    if blind:
+        md.section("Question-blind baselines (choices only, no question entity)")
+        hops = sorted({h for b in blind.values() for h in b["by_hops"]}, key=int)
+        md.table(["prior", "accuracy", "chance"] + [f"{h}-hop" for h in hops] + ["n"],
+                 [[p, b["accuracy"], b["chance"]] + [b["by_hops"].get(h, {}).get("accuracy") for h in hops] + [b["n"]]
+                  for p, b in blind.items()])
+        md.para("Near chance: the choices do not give the answer away; far above it, a model can answer "
+                "without composing the facts.")
     md.section("Synthesis")
     md.bullets([f"rows in {s['rows_in']}, out {s['rows_out']}, rejected {s['rejected'] or 0}",
                 f"rationales by teacher: {s['teacher_counts']}",
