@@ -144,9 +144,11 @@ def test_retry_rules_errors_and_usage(server, monkeypatch, caplog, capfd):
     assert _Handler.hits["GONE e"] == 1 and res["GONE e"][3] == "http_404: The model `teacher-x` does not exist"
     # a 200 that is no chat completion fails its row only
     assert _Handler.hits["JUNK g"] == 1 and res["JUNK g"][3].startswith("http_bad_response: "), res["JUNK g"]
-    # the rows ran concurrently: every row's first request went out before any retry did
+    # the rows ran concurrently: every row's first request went out before the second row's retry (1 s
+    # after its first; run one row at a time, that retry would precede the later rows' first requests).
+    # The 0.4 s backoff retries are not the bound: on a loaded machine the firsts can spread past them.
     firsts = [_times(u)[0] for u in users]
-    assert max(firsts) < min(_times("FLAKY b")[1], _times("RATE a")[1], _times("DOWN f")[1]), firsts
+    assert max(firsts) < _times("RATE a")[1], firsts
     assert wall < 15, wall
     assert g.retries == {"attempts": 8 + 1 + 1 + 2, "retried": 1 + 1 + 2}
 
