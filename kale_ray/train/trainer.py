@@ -165,9 +165,6 @@ def run_training(cfg: TrainConfig, run_name: str | None = None) -> TrainResult:
 
 
 def _run(cfg: TrainConfig, run_name: str | None, stage: Stage, out_dir: Path, t0: float, tracker) -> TrainResult:
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)
     if Path(model_path).exists():
@@ -178,26 +175,11 @@ def _run(cfg: TrainConfig, run_name: str | None, stage: Stage, out_dir: Path, t0
     if n_rows < cfg.num_workers:
         raise ValueError(f"{cfg.data}: {n_rows} rows, fewer than num_workers={cfg.num_workers}")
 
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "cfg_class": type(cfg), "model_path": model_path, "out_dir": str(out_dir), "n_rows": n_rows,
-                           "tracking": tracker.handle()},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-        run_config=RunConfig(
-            storage_path=str(out_dir / "ray"),
-            name=run_name or "train",
-            checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.keep_checkpoints)),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-        ),
-        datasets={"train": ds},
-        # Same row order on every run, so that a resume skips exactly the rows already trained on.
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint (run folder {out_dir / 'ray'})")
-    with result.checkpoint.as_directory() as d:
-        state = json.loads((Path(d) / STATE_FILE).read_text())
+    state = fit_resumable(train_loop_per_worker,
+                          {"cfg": to_dict(cfg), "cfg_class": type(cfg), "model_path": model_path, "out_dir": str(out_dir),
+                           "n_rows": n_rows, "tracking": tracker.handle()},
+                          ds, out_dir, run_name or "train", cfg.num_workers, cfg.use_gpu, cfg.keep_checkpoints,
+                          cfg.max_failures)
 
     history = state["history"]
     with (out_dir / "history.jsonl").open("w") as f:
@@ -222,3 +204,33 @@ def _run(cfg: TrainConfig, run_name: str | None, stage: Stage, out_dir: Path, t0
         history=history,
         summary=summary,
     )
+
+
+def fit_resumable(loop, loop_config: dict, ds, out_dir: Path, run_name: str, num_workers: int, use_gpu: bool,
+                  keep_checkpoints: int, max_failures: int) -> dict:
+    """One Ray Train run on the project's conventions, for every trainer (the LM trainer, KARD's reranker):
+    ``TorchTrainer(loop)`` over ``ds`` in ``num_workers`` workers, its run folder ``out_dir/ray/<run_name>``
+    (a rerun resumes from its latest checkpoint), ``keep_checkpoints`` checkpoints, ``max_failures``
+    restarts, rows in the same order on every run (a resume skips exactly the rows already trained on).
+    Returns the last checkpoint's ``STATE_FILE`` (step, history, ...)."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(
+            storage_path=str(out_dir / "ray"), name=run_name,
+            checkpoint_config=CheckpointConfig(num_to_keep=max(1, keep_checkpoints)),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+        datasets={"train": ds},
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{run_name}: training finished without a checkpoint (run folder {out_dir / 'ray'})")
+    with result.checkpoint.as_directory() as d:
+        return json.loads((Path(d) / STATE_FILE).read_text())

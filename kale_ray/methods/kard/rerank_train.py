@@ -224,12 +224,9 @@ def train_reranker(cfg: RerankerConfig, rows_file: str | Path, out_dir: str | Pa
     (a run that had finished: nothing more to train, the model is written again).
     """
     import ray.data
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from kale_ray.methods.kard.reranker import resolve_encoder
-    from kale_ray.train.loop import STATE_FILE
+    from kale_ray.train.trainer import fit_resumable
 
     t0 = time.time()
     out_dir = Path(out_dir).resolve()
@@ -239,25 +236,10 @@ def train_reranker(cfg: RerankerConfig, rows_file: str | Path, out_dir: str | Pa
     if n_rows < cfg.num_workers:
         raise ValueError(f"{rows_file}: {n_rows} reranker rows, fewer than reranker.num_workers={cfg.num_workers}")
     steps = reranker_steps(cfg, n_rows)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "encoder_path": resolve_encoder(cfg.model),
+    state = fit_resumable(train_loop_per_worker,
+                          {"cfg": dataclasses.asdict(cfg), "encoder_path": resolve_encoder(cfg.model),
                            "out_dir": str(out_dir), "steps": steps},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
-        run_config=RunConfig(
-            storage_path=str(out_dir / "ray"), name=run_name,
-            checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.keep_checkpoints)),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-        ),
-        datasets={"train": ds},
-        # Same row order on every run, so that a resume skips exactly the rows already trained on.
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"reranker training finished without a checkpoint (run folder {out_dir / 'ray'})")
-    with result.checkpoint.as_directory() as d:
-        state = json.loads((Path(d) / STATE_FILE).read_text())
+                          ds, out_dir, run_name, cfg.num_workers, use_gpu, cfg.keep_checkpoints, cfg.max_failures)
     history = state["history"]
     with (out_dir / "history.jsonl").open("w") as f:
         for h in history:
