@@ -117,31 +117,23 @@ def rows_from_columns(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{k: cols[k][i] for k in keys} for i in range(n)]
 
 
-class PromptCompletionCollator:
-    """Collate rows into one or more views that share the completion tokens.
+class RowCollator:
+    """What every collator shares: the tokenizer's pad / BOS ids, a length cap, rejected rows kept with
+    their reason (each (id, reason) counted once, however many epochs read the row) and counters."""
 
-    ``views`` maps a key prefix to the row field holding that view's prompt:
-    ``{"": "prompt"}`` gives ``input_ids/attention_mask/labels``;
-    ``{"": "prompt", "teacher_": "teacher_prompt"}`` adds
-    ``teacher_input_ids/teacher_attention_mask/teacher_labels``.
-
-    ``collator(rows)`` returns the batch dict, or ``None`` when every row was rejected.
-    """
-
-    def __init__(self, tokenizer: Any, max_seq_len: int, views: Mapping[str, str], keep_rejected: int = 1000):
+    def __init__(self, tokenizer: Any, max_seq_len: int, keep_rejected: int = 1000, min_seq_len: int = 2):
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad token; load it with kale_ray.models.load_tokenizer")
-        if max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
+        if max_seq_len < min_seq_len:
+            raise ValueError(f"max_seq_len must be >= {min_seq_len}, got {max_seq_len}")
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
-        self.views = dict(views)
         self.pad_id = int(tokenizer.pad_token_id)
         self.bos_id = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
         self.rejects = Rejects(keep=keep_rejected)
         # (id, reason) already counted: a bad row read again in a later epoch is counted once.
         self.rejected_keys: set[tuple[str, str]] = set()
-        self.stats: Counter[str] = Counter()  # rows_in, rows_out, <view>prompt_truncated
+        self.stats: Counter[str] = Counter()
 
     def _reject(self, row: Mapping[str, Any], reason: str, **record: Any) -> None:
         row_id = row.get("id")
@@ -153,9 +145,24 @@ class PromptCompletionCollator:
         self.rejects.add(reason, id=None if row_id is None else str(row_id), **record)
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+class PromptCompletionCollator(RowCollator):
+    """Collate rows into one or more views that share the completion tokens.
+
+    ``views`` maps a key prefix to the row field holding that view's prompt:
+    ``{"": "prompt"}`` gives ``input_ids/attention_mask/labels``;
+    ``{"": "prompt", "teacher_": "teacher_prompt"}`` adds
+    ``teacher_input_ids/teacher_attention_mask/teacher_labels``.
+
+    ``collator(rows)`` returns the batch dict, or ``None`` when every row was rejected.
+    """
+
+    def __init__(self, tokenizer: Any, max_seq_len: int, views: Mapping[str, str], keep_rejected: int = 1000):
+        super().__init__(tokenizer, max_seq_len, keep_rejected)
+        self.views = dict(views)
+        # stats: rows_in, rows_out, <view>prompt_truncated
 
     def _valid(self, row: Mapping[str, Any]) -> str | None:
         for field in ("completion", *self.views.values()):

@@ -27,7 +27,6 @@ Pure torch (+ a tokenizer for the collator): imports no Ray or DeepSpeed.
 """
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -36,15 +35,14 @@ import torch.distributed as tdist
 from torch import Tensor
 
 from kale_ray.core.losses import IGNORE_INDEX, info_nce, token_cross_entropy
-from kale_ray.core.rejects import Rejects
 from kale_ray.train.collators import (
+    RowCollator,
     COMPLETION_TOO_LONG,
     EMPTY_COMPLETION,
     MISSING_FIELD,
     build_sequence,
     pad_views,
     rows_from_columns,
-    tokenizer_adds_bos,
 )
 from kale_ray.train.registry import StepContext, register_loss
 
@@ -139,7 +137,7 @@ def _pad_right(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
-class KaLMCollator:
+class KaLMCollator(RowCollator):
     """Rows (:func:`kale_ray.methods.kalm.data.training_rows`) -> both views, the LM batch, the ids.
 
     Batch (``B`` rows kept)::
@@ -156,28 +154,8 @@ class KaLMCollator:
     """
 
     def __init__(self, tokenizer: Any, max_seq_len: int, max_embed_len: int, keep_rejected: int = 1000):
-        if tokenizer.pad_token_id is None:
-            raise ValueError("tokenizer has no pad token; load it with kale_ray.models.load_tokenizer")
-        self.tokenizer = tokenizer
-        self.max_seq_len = max_seq_len
+        super().__init__(tokenizer, max_seq_len, keep_rejected, min_seq_len=1)
         self.max_embed_len = max_embed_len
-        self.pad_id = int(tokenizer.pad_token_id)
-        self.bos_id = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
-        self.rejects = Rejects(keep=keep_rejected)
-        self.rejected_keys: set[tuple[str, str]] = set()
-        self.stats: Counter[str] = Counter()
-
-    def _reject(self, row: Mapping[str, Any], reason: str, **record: Any) -> None:
-        row_id = row.get("id")
-        if row_id is not None:
-            key = (str(row_id), reason)
-            if key in self.rejected_keys:
-                return
-            self.rejected_keys.add(key)
-        self.rejects.add(reason, id=None if row_id is None else str(row_id), **record)
-
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
     def _view(self, ids: list[int], name: str) -> list[int]:
         if len(ids) > self.max_embed_len:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -49,14 +48,13 @@ import torch
 from torch import Tensor
 
 from kale_ray.core.losses import IGNORE_INDEX, dpo_loss, masked_mean, token_cross_entropy
-from kale_ray.core.rejects import Rejects
 from kale_ray.train.collators import (
+    RowCollator,
     EMPTY_COMPLETION,
     MISSING_FIELD,
     build_sequence,
     pad_views,
     rows_from_columns,
-    tokenizer_adds_bos,
 )
 from kale_ray.train.registry import StepContext, register_loss
 
@@ -77,7 +75,7 @@ def _finite(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-class PairCollator:
+class PairCollator(RowCollator):
     """Rows ``{id, prompt, chosen, rejected[, ref_chosen_logp, ref_rejected_logp]}`` -> one batch of 2B sequences.
 
     Batch (``B`` pairs kept, ``T`` the longest sequence, right padding)::
@@ -93,30 +91,8 @@ class PairCollator:
     """
 
     def __init__(self, tokenizer: Any, max_seq_len: int, with_reference: bool = False, keep_rejected: int = 1000):
-        if tokenizer.pad_token_id is None:
-            raise ValueError("tokenizer has no pad token; load it with kale_ray.models.load_tokenizer")
-        if max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
-        self.tokenizer = tokenizer
-        self.max_seq_len = max_seq_len
+        super().__init__(tokenizer, max_seq_len, keep_rejected)
         self.with_reference = with_reference
-        self.pad_id = int(tokenizer.pad_token_id)
-        self.bos_id = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
-        self.rejects = Rejects(keep=keep_rejected)
-        self.rejected_keys: set[tuple[str, str]] = set()
-        self.stats: Counter[str] = Counter()
-
-    def _reject(self, row: Mapping[str, Any], reason: str, **record: Any) -> None:
-        row_id = row.get("id")
-        if row_id is not None:
-            key = (str(row_id), reason)
-            if key in self.rejected_keys:
-                return
-            self.rejected_keys.add(key)
-        self.rejects.add(reason, id=None if row_id is None else str(row_id), **record)
-
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
     def collate(self, rows: Iterable[Mapping[str, Any]] | Mapping[str, Any]
                 ) -> tuple[dict[str, Tensor] | None, list[int]]:
