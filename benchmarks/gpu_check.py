@@ -574,7 +574,7 @@ def zero_step(stage: int, device: str, model_path: str, steps: int = 2) -> dict[
     import torch
 
     import deepspeed
-    from kale_ray.config import TrainConfig
+    from kale_ray.config import KALETrainConfig
     from kale_ray.models import load_tokenizer
     from kale_ray.train import loop
     from kale_ray.train.registry import get_loss
@@ -589,7 +589,7 @@ def zero_step(stage: int, device: str, model_path: str, steps: int = 2) -> dict[
         torch.cuda.set_device(0)
         torch.cuda.reset_peak_memory_stats()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    cfg = TrainConfig(loss="kale", use_gpu=cuda, zero_stage=stage, micro_batch_size=8, grad_accum=1, lr=1e-2,
+    cfg = KALETrainConfig(loss="kale", use_gpu=cuda, zero_stage=stage, micro_batch_size=8, grad_accum=1, lr=1e-2,
                       warmup_steps=0, lr_schedule="constant", max_seq_len=96, max_steps=steps, seed=0)
     engine, _scheduler, dtype = loop._build_engine(cfg, model_path, steps, 1)
     spec = get_loss(cfg.loss)

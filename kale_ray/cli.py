@@ -68,7 +68,7 @@ def run_kale(cfg: DemoConfig, args: argparse.Namespace) -> None:
     _ray(cfg.ray_address, cfg.train.num_workers, job="kale")
     m = run_demo(cfg)
     _print({"sft": m["sft"], "kale": m["kale"], "report": f"{cfg.out}/report.md",
-            "minutes": round(m["timings"]["total"] / 60, 1)})
+            "minutes": round(m["timings"]["total_this_run"] / 60, 1)})
 
 
 def run_synthesize(cfg: SynthConfig, args: argparse.Namespace) -> None:

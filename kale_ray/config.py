@@ -286,8 +286,9 @@ class TrainConfig:
     A loss with settings of its own has its own subclass, registered for its name
     (:func:`train_config_class`): ``kale`` -> :class:`KALETrainConfig` (``ka``), ``kalm`` ->
     ``kale_ray.methods.kalm.config.KaLMTrainConfig`` (``kalm``), ``dpo`` ->
-    ``kale_ray.methods.knowtuning.config.DPOTrainConfig`` (``dpo``). A section of another loss is an
-    unknown key on load (``train.kalm.tau`` in a KARD job).
+    ``kale_ray.methods.knowtuning.config.DPOTrainConfig`` (``dpo``). A section of another loss is
+    refused on load, naming its loss (``train.kalm.tau`` in a KARD job: "train.kalm: settings of loss
+    'kalm', but train.loss is 'sft'").
     """
 
     loss: str = "sft"  # a name in kale_ray.train.registry (sft, kale, kalm, dpo, plug-ins)

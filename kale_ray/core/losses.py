@@ -24,7 +24,6 @@ Methods and the loss each one uses:
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,6 @@ from torch import Tensor
 
 __all__ = [
     "IGNORE_INDEX",
-    "LOSS_FUNCTIONS",
     "dpo_loss",
     "info_nce",
     "ka_loss",
@@ -428,10 +426,3 @@ def info_nce(
         loss = 0.5 * (loss + F.cross_entropy(scores.T, target))
     return loss
 
-
-LOSS_FUNCTIONS: dict[str, Callable[..., object]] = {
-    "sft": sft_loss,
-    "kale": ka_loss,
-    "dpo": dpo_loss,
-    "info_nce": info_nce,
-}

@@ -123,11 +123,21 @@ def stage_outputs(run_name: str | None = None) -> tuple[str, ...]:
 
 
 def training_stage(cfg: TrainConfig, run_name: str | None = None) -> Stage:
-    """The settings record of a training run: its config (minus safety knobs) and its data's content."""
+    """The settings record of a training run: its config (minus safety knobs) and its data's content.
+    A local ``data`` path counts resolved (the preflight and the run see the same record)."""
     settings = without(to_dict(cfg), _NOT_OUTPUT_SETTINGS)
+    if "://" not in cfg.data:
+        settings["data"] = str(Path(cfg.data).expanduser().resolve())
     settings["inputs"] = {"data": content_identity(cfg.data)}
     out = Path(cfg.out_dir).expanduser().resolve()
     return Stage(Storage.from_uri(str(out)), f"train-{run_name or 'train'}", settings)
+
+
+def stage_settings(cfg: TrainConfig, run_name: str | None = None) -> dict[str, Any]:
+    """A training run's settings as a recipe's stage (``Run.stage``): the trainer's own record plus
+    ``max_steps`` (a complete stage is not run again, so more steps must count as a change there; the
+    trainer itself would resume)."""
+    return {**training_stage(cfg, run_name).settings, "max_steps": cfg.max_steps}
 
 
 def run_training(cfg: TrainConfig, run_name: str | None = None) -> TrainResult:

@@ -256,3 +256,20 @@ def test_synthesize_into_a_folder_made_with_other_settings_is_refused_before_ray
     assert len(stderr.splitlines()) == 1 and "qa.num_questions: 20 -> 30" in stderr and "on_change=overwrite" in stderr
     assert "[job]" not in stdout and "Ray instance" not in stderr + stdout and seconds < 10, (stdout, seconds)
     assert (out / "stages" / "synthesis.json").read_text() == record
+
+
+def test_kale_job_prints_its_summary_line(monkeypatch, capsys, tmp_path):
+    """The job's last line: results, report and the minutes of this run (Run.timings' total_this_run)."""
+    import argparse
+    import json
+
+    import kale_ray.methods.kale.recipe as recipe
+    import kale_ray.runtime.ray
+    from kale_ray.config import DemoConfig
+
+    monkeypatch.setattr(kale_ray.runtime.ray, "init_ray", lambda *a, **k: "no Ray")
+    monkeypatch.setattr(recipe, "run_demo", lambda cfg: {"sft": {"accuracy": 0.5}, "kale": {"accuracy": 0.6},
+                                                         "timings": {"train.sft": 30.0, "total_this_run": 90.0}})
+    cli.run_kale(DemoConfig(out=str(tmp_path)), argparse.Namespace())
+    out = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert out["minutes"] == 1.5 and out["kale"] == {"accuracy": 0.6} and out["report"].endswith("report.md")

@@ -175,11 +175,11 @@ def test_knowtuning_report(tmp_path):
 def test_kale_gate_reads_sft_metrics():
     from kale_ray.methods.kale.metrics import gate
 
-    shortcut = gate({"accuracy": 0.9, "probe_accuracy": 0.73, "known_and_incorrect_rate": 0.035})
+    shortcut = gate({"accuracy": 0.9, "probe_accuracy": 0.73, "known_and_incorrect_rate": 0.035, "n_with_probes": 9})
     assert not shortcut["multi_hop_at_most_hop_fact"] and not shortcut["passed"]
-    good = gate({"accuracy": 0.5, "probe_accuracy": 0.8, "known_and_incorrect_rate": 0.2})
+    good = gate({"accuracy": 0.5, "probe_accuracy": 0.8, "known_and_incorrect_rate": 0.2, "n_with_probes": 9})
     assert good["passed"] and good["known_and_incorrect_enough"]
-    assert not gate({"accuracy": 0.5, "probe_accuracy": 0.8, "known_and_incorrect_rate": 0.05})["passed"]
+    assert not gate({"accuracy": 0.5, "probe_accuracy": 0.8, "known_and_incorrect_rate": 0.05, "n_with_probes": 9})["passed"]
     assert gate(None) == {}
 
 
@@ -190,6 +190,7 @@ def test_kale_report_shows_the_gate_blind_baselines_and_hops(tmp_path):
     m = json.loads(json.dumps(kale))
     m["eval"]["sft"]["known_and_incorrect_by_hops"] = {
         "2": {"accuracy": 0.5, "probe_accuracy": 0.75, "known_and_incorrect_rate": 0.25, "n_with_probes": 8}}
+    m["eval"]["sft"]["n_with_probes"] = 40
     m["gate"] = gate(m["eval"]["sft"])
     m["question_blind"] = {"range": {"accuracy": 0.45, "chance": 0.25, "n": 40,
                                      "by_hops": {"2": {"accuracy": 0.5, "chance": 0.25, "n": 40}}}}
@@ -197,3 +198,9 @@ def test_kale_report_shows_the_gate_blind_baselines_and_hops(tmp_path):
     assert "## Testbed gate (SFT)" in r and "gate: " in r
     assert "| range | 0.450 | 0.250 | 0.500 | 40 |" in r
     assert "| sft | 0.500 / 0.750 / 0.250 (n=8) |" in r
+
+
+def test_kale_gate_needs_hop_probes():
+    from kale_ray.methods.kale.metrics import gate
+
+    assert gate({"accuracy": 0.5, "probe_accuracy": 0.0, "known_and_incorrect_rate": 0.0, "n_with_probes": 0}) == {}

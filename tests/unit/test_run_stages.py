@@ -133,3 +133,18 @@ def test_stage_config_copies_the_section_and_inherits_overwrite():
     assert got == _Section(data="rows", extra={"a": 1}) and got.extra is not own.extra  # a deep copy
     assert stage_config(own, "overwrite").on_change == "overwrite" and own.on_change == "error"
     assert stage_config(_Section(on_change="overwrite"), "error").on_change == "overwrite"
+
+
+def test_a_training_stage_counts_max_steps_and_its_data_resolved(tmp_path, monkeypatch):
+    """More steps are a change for a recipe's complete stage (it is not run again), and the preflight
+    (config as typed: a relative data path) and the run (resolved) see the same trainer record."""
+    from kale_ray.config import TrainConfig
+    from kale_ray.train.trainer import stage_settings, training_stage
+
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "a.jsonl").write_text('{"prompt": "p", "completion": "c"}\n')
+    monkeypatch.chdir(tmp_path)
+    rel, abs_ = TrainConfig(data="rows", out_dir="o"), TrainConfig(data=str(tmp_path / "rows"), out_dir="o")
+    assert training_stage(rel).hash == training_stage(abs_).hash
+    assert stage_settings(TrainConfig(data="rows", max_steps=10)) != stage_settings(TrainConfig(data="rows", max_steps=20))
+    assert training_stage(TrainConfig(data="rows", max_steps=10)).hash == training_stage(TrainConfig(data="rows", max_steps=20)).hash

@@ -196,8 +196,8 @@ def gate(sft: Mapping[str, Any] | None, min_known_and_incorrect: float = 0.10) -
     """The testbed's gate, read off SFT's metrics before methods are compared: a model that answers
     the multi-hop questions better than their hop facts is not composing (the questions have a
     shortcut), and KALE has something to fix only where SFT is known & incorrect."""
-    if not sft:
-        return {}
+    if not sft or not sft.get("n_with_probes"):
+        return {}  # no hop probes (a user's QA file, or known_and_incorrect off): nothing to read the gate from
     composes = sft["accuracy"] <= sft["probe_accuracy"]
     enough = sft["known_and_incorrect_rate"] >= min_known_and_incorrect
     return {"sft_accuracy": sft["accuracy"], "sft_probe_accuracy": sft["probe_accuracy"],

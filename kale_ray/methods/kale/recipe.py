@@ -73,7 +73,7 @@ def _run_demo(cfg: DemoConfig, progress: Callable[[str], None]) -> dict:
     from kale_ray.models import resolve_model
     from kale_ray.synth.format import write_training_rows
     from kale_ray.synth.pipeline import run_synthesis, synthesis_settings
-    from kale_ray.train.trainer import run_training, training_stage
+    from kale_ray.train.trainer import run_training, stage_settings, training_stage
 
     out = Path(cfg.out).expanduser().resolve()
     run = Run(out, cfg, on_change=cfg.on_change, progress=progress, label="demo")
@@ -105,7 +105,7 @@ def _run_demo(cfg: DemoConfig, progress: Callable[[str], None]) -> dict:
             res = run_training(tcfg, run_name=f"demo-{loss}")
             return {"summary": res.summary, "merged": res.merged_dir, "settings_hash": training_stage(tcfg).hash}
 
-        trained[loss] = run.stage(f"train.{loss}", train, settings=training_stage(tcfg, f"demo-{loss}").settings,
+        trained[loss] = run.stage(f"train.{loss}", train, settings=stage_settings(tcfg, f"demo-{loss}"),
                                   outputs=[loss])
     histories = {loss: read_jsonl(out / loss / "history.jsonl") for loss in trained}
 

@@ -1,4 +1,4 @@
-"""The ``kalm`` job's config: KG + split, training (``TrainConfig`` with ``loss: kalm``), evaluation.
+"""The ``kalm`` job's config: KG + split, training (``KaLMTrainConfig``: ``loss: kalm`` and its ``kalm`` section), evaluation.
 
 Pure Python (dataclasses from :mod:`kale_ray.config`): imports no torch, Ray or vLLM.
 """

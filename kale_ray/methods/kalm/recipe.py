@@ -108,7 +108,7 @@ def run_kalm(cfg: KaLMJobConfig, progress: Callable[[str], None] = print) -> dic
     from kale_ray.models import resolve_model
     from kale_ray.runtime.report import machine_info
     from kale_ray.runtime.stages import Run
-    from kale_ray.train.trainer import run_training, training_stage
+    from kale_ray.train.trainer import run_training, stage_settings
 
     out = Path(cfg.out).expanduser().resolve()
     run = Run(out, cfg, on_change=cfg.on_change, progress=progress, label="kalm")
@@ -148,8 +148,7 @@ def run_kalm(cfg: KaLMJobConfig, progress: Callable[[str], None] = print) -> dic
         res = run_training(tcfg, run_name="kalm")
         return {"steps": res.summary.get("steps"), "final_loss": res.summary.get("final_loss")}
 
-    # A complete stage is not run again, so more max_steps count as a change here (the trainer would resume).
-    run.stage("train", train, settings={**training_stage(tcfg, "kalm").settings, "max_steps": tcfg.max_steps},
+    run.stage("train", train, settings=stage_settings(tcfg, "kalm"),
               outputs=["train"], after="prepare")
     merged = str(out / "train" / "merged")
     if not Path(merged).exists():

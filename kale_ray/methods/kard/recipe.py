@@ -44,7 +44,7 @@ from kale_ray.runtime.stages import Run, without
 def run_kard(cfg: KARDJobConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     from kale_ray.core.kg import load_kg
     from kale_ray.runtime.report import machine_info
-    from kale_ray.train.trainer import training_stage
+    from kale_ray.train.trainer import stage_settings
 
     out = Path(cfg.out).expanduser().resolve()
     run = Run(out, cfg, on_change=cfg.on_change, progress=progress, label="kard")
@@ -82,7 +82,7 @@ def run_kard(cfg: KARDJobConfig, progress: Callable[[str], None] = print) -> dic
                                     "trust_remote_code": cfg.train.model.trust_remote_code},
                           outputs=["rows"])
     trained = {name: run.stage(f"train_{name}", lambda name=name: stages.stage_train_student(cfg, name, out, progress),
-                               settings=training_stage(stages.train_config(cfg, name, out), f"kard-{name}").settings,
+                               settings=stage_settings(stages.train_config(cfg, name, out), f"kard-{name}"),
                                outputs=[f"student_{name}"])
                for name in ("noknow", "kard")}
     rr_info = run.stage("reranker", lambda: stages.stage_reranker(cfg, train, kept, passages, retrieval, out, progress),

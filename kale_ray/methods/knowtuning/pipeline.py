@@ -185,7 +185,8 @@ def dpo_config(cfg: KnowTuningJobConfig, out: Path, stage1_merged: str) -> KnowT
 
 def run_knowtuning(cfg: KnowTuningJobConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     from kale_ray.methods.knowtuning.evaluate import evaluate_facts
-    from kale_ray.methods.knowtuning.recipe import run_dpo_stage, train_settings
+    from kale_ray.methods.knowtuning.recipe import run_dpo_stage
+    from kale_ray.train.trainer import stage_settings
     from kale_ray.methods.knowtuning.stage1 import build_stage1_rows
     from kale_ray.models import resolve_model
     from kale_ray.runtime.report import machine_info
@@ -207,7 +208,7 @@ def run_knowtuning(cfg: KnowTuningJobConfig, progress: Callable[[str], None] = p
         return stage_config(tcfg, cfg.on_change, data=str(out / data), out_dir=str(out / to))
 
     def train(name: str, tcfg, run_name: str, to: str) -> dict:
-        return run.stage(name, lambda: _train(cfg, tcfg, run_name, progress), settings=train_settings(tcfg, run_name),
+        return run.stage(name, lambda: _train(cfg, tcfg, run_name, progress), settings=stage_settings(tcfg, run_name),
                          outputs=[to])
 
     def dpo_stage() -> dict:

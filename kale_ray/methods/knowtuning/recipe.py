@@ -81,22 +81,13 @@ def score_pairs(rows: list[dict], base_path: str, policy_path: str, adapter: str
     return out
 
 
-def train_settings(tcfg, run_name: str) -> dict[str, Any]:
-    """A training stage's settings for ``Run``: the trainer's own record (its config without the safety
-    knobs, the content of its data) plus ``max_steps`` (a complete stage is not run again, so more steps
-    must count as a change here; the trainer itself would resume)."""
-    from kale_ray.train.trainer import training_stage
-
-    return {**training_stage(tcfg, run_name).settings, "max_steps": tcfg.max_steps}
-
-
 def run_dpo_stage(cfg: KnowTuningDPOJobConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Pairs -> (reference pass) -> DPO -> (reward check); returns and writes ``out/summary.json``."""
     from kale_ray.methods.knowtuning.data import render_pair_rows
     from kale_ray.methods.knowtuning.dpo import add_reference_logps
     from kale_ray.models import load_tokenizer, resolve_model
     from kale_ray.runtime.stages import Run
-    from kale_ray.train.trainer import run_training
+    from kale_ray.train.trainer import run_training, stage_settings
 
     out = Path(cfg.out).expanduser().resolve()
     run = Run(out, cfg, on_change=cfg.on_change, progress=progress, label="knowtuning-dpo")
@@ -144,7 +135,7 @@ def run_dpo_stage(cfg: KnowTuningDPOJobConfig, progress: Callable[[str], None] =
     reference_info = run.stage("reference", reference, outputs=["data"], settings={
         "model": {k: v for k, v in to_dict(t.model).items() if k != "cache_dir"}, "reference": t.dpo.reference,
         "max_seq_len": t.max_seq_len})
-    trained = run.stage("train", train, settings=train_settings(train_cfg, "dpo"), outputs=["train"])
+    trained = run.stage("train", train, settings=stage_settings(train_cfg, "dpo"), outputs=["train"])
     summary: dict[str, Any] = {"pairs": pair_info, "reference": reference_info, **trained}
     if cfg.score_after:
         summary["rewards_after"] = run.stage("score_after", score, settings={})
