@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 
 def json_default(obj: Any) -> Any:
@@ -24,6 +24,14 @@ def json_default(obj: Any) -> Any:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
+def json_default_or_str(obj: Any) -> Any:
+    """:func:`json_default`, else the object's ``str`` (for rejected rows, which may hold anything)."""
+    try:
+        return json_default(obj)
+    except TypeError:
+        return str(obj)
+
+
 def _atomic(path: str | Path, text_chunks: Iterable[str]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +45,8 @@ def _atomic(path: str | Path, text_chunks: Iterable[str]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> int:
+def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]], *,
+                default: Callable[[Any], Any] = json_default) -> int:
     """One JSON object per line, atomically; returns the number of rows written."""
     n = 0
 
@@ -45,7 +54,7 @@ def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> int:
         nonlocal n
         for row in rows:
             n += 1
-            yield json.dumps(row, default=json_default, ensure_ascii=False) + "\n"
+            yield json.dumps(row, default=default, ensure_ascii=False) + "\n"
 
     _atomic(path, lines())
     return n

@@ -1,7 +1,6 @@
 """Every dropped row has a reason: a small counter that also keeps the rows aside."""
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
@@ -40,8 +39,6 @@ class Rejects:
         return self.total()
 
     def write_jsonl(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w") as f:
-            for row in self.rows:
-                f.write(json.dumps(row, default=str) + "\n")
+        from kale_ray.core.io import json_default_or_str, write_jsonl
+
+        write_jsonl(path, self.rows, default=json_default_or_str)

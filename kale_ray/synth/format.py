@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from kale_ray.core.prompts import completion_text, render_chat, student_messages, teacher_view_messages
+from kale_ray.runtime.generate import use_ray
 
 
 def training_row(row: dict, tokenizer) -> dict:
@@ -43,12 +44,9 @@ def write_training_rows(synth_dir: str | Path, model_path: str, dest: str | Path
     for old in list(dest.glob("*.jsonl")):
         if old.name not in wanted:
             old.unlink()
-    try:
+    if use_ray("auto"):
         import ray
-        use_ray = ray.is_initialized()
-    except ImportError:  # pragma: no cover - ray is a dependency
-        use_ray = False
-    if use_ray:
+
         ds = ray.data.from_items(jobs, override_num_blocks=len(jobs))
         counts = [int(r["rows"]) for r in ds.map_batches(_render_parts, batch_size=1, batch_format="numpy", num_cpus=1,
                                                           fn_kwargs={"model_path": model_path,

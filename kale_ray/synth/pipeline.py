@@ -43,7 +43,7 @@ from kale_ray.core.prompts import render_chat
 from kale_ray.core import qa_formats
 from kale_ray.core.qa import generate_questions, line_offsets, read_qa_jsonl, split_questions
 from kale_ray.core.rejects import Rejects
-from kale_ray.runtime.generate import row_error
+from kale_ray.runtime.generate import row_error, use_ray
 from kale_ray.runtime.stages import Stage, file_identity, without
 from kale_ray.runtime.storage import Storage
 from kale_ray.synth import steps
@@ -128,7 +128,7 @@ def load_shared_kg(cfg: SynthConfig):
         ckg = kgstore.ColumnarKG.from_kg(kg, undirected=cfg.kg.undirected_search) if kgstore else kg
         return ckg, kg
     args = (cfg.kg.source, cfg.kg.names, cfg.kg.on_error)
-    if kgstore.cached_path(*args, undirected=cfg.kg.undirected_search) is None and _ray_up():
+    if kgstore.cached_path(*args, undirected=cfg.kg.undirected_search) is None and use_ray("auto"):
         # First run on this KG: build the cache in a task on this node, so the driver's own memory
         # stays that of a coordinator (the build peaks at several times the arrays' size).
         import ray
@@ -146,14 +146,6 @@ def load_shared_kg(cfg: SynthConfig):
     if cfg.paths.heuristic == "landmark" and cfg.paths.landmarks == "table":
         ckg = kgstore.ensure_landmarks(ckg)  # once per graph, into its cache folder (shared by the workers)
     return ckg, None
-
-
-def _ray_up() -> bool:
-    try:
-        import ray
-    except ImportError:  # pragma: no cover
-        return False
-    return ray.is_initialized()
 
 
 def _build_cache(source, names, on_error, undirected, cache_root) -> str:

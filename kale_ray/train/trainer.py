@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kale_ray.config import TrainConfig, to_dict
+from kale_ray.core.io import json_default_or_str, write_json, write_jsonl
 from kale_ray.runtime.stages import Stage, content_identity, without
 from kale_ray.runtime.storage import Storage
 from kale_ray.runtime.tracking import numeric, start_run
@@ -192,14 +193,10 @@ def _run(cfg: TrainConfig, run_name: str | None, stage: Stage, out_dir: Path, t0
                           cfg.max_failures)
 
     history = state["history"]
-    with (out_dir / "history.jsonl").open("w") as f:
-        for row in history:
-            f.write(json.dumps(row) + "\n")
-    with (out_dir / "rejects.jsonl").open("w") as f:
-        for row in state["rejected_rows"]:
-            f.write(json.dumps(row, default=str) + "\n")
+    write_jsonl(out_dir / "history.jsonl", history)
+    write_jsonl(out_dir / "rejects.jsonl", state["rejected_rows"], default=json_default_or_str)
     summary = _summary(cfg, state, time.time() - t0, n_rows)
-    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out_dir / "train_summary.json", summary)
     adapter = out_dir / "adapter"
     merged = out_dir / "merged"
     stage.finish(steps=summary.get("steps"), final_loss=summary.get("final_loss"))

@@ -226,6 +226,7 @@ def train_reranker(cfg: RerankerConfig, rows_file: str | Path, out_dir: str | Pa
     import ray.data
 
     from kale_ray.methods.kard.reranker import resolve_encoder
+    from kale_ray.core.io import write_json, write_jsonl
     from kale_ray.train.trainer import fit_resumable
 
     t0 = time.time()
@@ -241,9 +242,7 @@ def train_reranker(cfg: RerankerConfig, rows_file: str | Path, out_dir: str | Pa
                            "out_dir": str(out_dir), "steps": steps},
                           ds, out_dir, run_name, cfg.num_workers, use_gpu, cfg.keep_checkpoints, cfg.max_failures)
     history = state["history"]
-    with (out_dir / "history.jsonl").open("w") as f:
-        for h in history:
-            f.write(json.dumps(h) + "\n")
+    write_jsonl(out_dir / "history.jsonl", history)
     summary = {"rows": n_rows, "steps": state["step"], "total_steps": steps, "epochs_completed": state["epoch"],
                "workers": cfg.num_workers, "loss": cfg.loss,
                "questions": sum(h["questions"] for h in history),
@@ -251,5 +250,5 @@ def train_reranker(cfg: RerankerConfig, rows_file: str | Path, out_dir: str | Pa
                "final_loss": history[-1]["loss"] if history else None,
                "seconds_per_step": round(sum(h["seconds"] for h in history) / max(1, len(history)), 3),
                "attempts": state["attempts"], "wall_seconds": round(time.time() - t0, 2)}
-    (out_dir / "reranker_summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out_dir / "reranker_summary.json", summary)
     return summary

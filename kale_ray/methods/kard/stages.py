@@ -281,8 +281,7 @@ def stage_retrieval(cfg: KARDJobConfig, train, test, kept, out: Path, progress) 
     hits_r = bm25_over_ray(index_dir, by_rationale, max(cfg.knowledge_passages, rc.candidates_by_rationale))
     qs = [(q.id, q.question) for q in train] + [(q.id, q.question) for q in test]
     hits_q = bm25_over_ray(index_dir, qs, max(rc.candidates_by_question, cfg.eval.retrieve_top, cfg.knowledge_passages))
-    (out / "retrieval").mkdir(parents=True, exist_ok=True)
-    (out / "retrieval" / "retrieval.json").write_text(json.dumps({"by_rationale": hits_r, "by_question": hits_q}))
+    write_json(out / "retrieval" / "retrieval.json", {"by_rationale": hits_r, "by_question": hits_q})
     info = {"rationale_queries": len(by_rationale), "question_queries": len(qs),
             "train_rationale_queries": sum(1 for k, _ in by_rationale if k.rsplit("#", 1)[0] in train_ids),
             "seconds": round(time.perf_counter() - t, 2)}
