@@ -289,3 +289,21 @@ def test_a_dumped_training_config_loads_back_as_it_ran(tmp_path):
         run = stage_config(demo.train, "error", loss=loss, out_dir=str(tmp_path / loss))
         dump_config(run, tmp_path / f"{loss}.yaml")
         assert load_config(TrainConfig, tmp_path / f"{loss}.yaml") == run
+
+
+SHIPPED = {"configs/demo.yaml": "demo", "configs/eval.yaml": "evaluate", "configs/kalm_umls.yaml": "kalm",
+           "configs/kard_umls.yaml": "kard", "configs/knowtuning_dpo.yaml": "knowtuning-dpo",
+           "configs/knowtuning_hpo.yaml": "knowtuning", "configs/synth_umls.yaml": "synthesize",
+           "configs/train_kale.yaml": "train", "configs/train_sft.yaml": "train",
+           "docs/kalm_run/config.yaml": "kalm", "docs/knowtuning_run/config.yaml": "knowtuning"}
+
+
+@pytest.mark.parametrize("path", sorted(SHIPPED))
+def test_every_shipped_config_loads_with_its_jobs_class(path):
+    from pathlib import Path
+
+    from kale_ray import cli
+
+    root = Path(__file__).resolve().parents[2]
+    assert {str(p.relative_to(root)) for p in (root / "configs").glob("*.yaml")} <= set(SHIPPED)
+    load_config(cli.JOBS[SHIPPED[path]][0], root / path)
