@@ -73,7 +73,7 @@ def make_rows(n: int, tok, seed: int) -> tuple[list[dict], dict]:
     """``n`` KnowTuning comparison pairs on UMLS, rendered with the model's chat template."""
     from kale_ray.methods.knowtuning.config import KnowTuningDPOJobConfig
     from kale_ray.methods.knowtuning.data import render_pair_rows
-    from kale_ray.methods.knowtuning.recipe import make_pairs
+    from kale_ray.methods.knowtuning.stage2 import make_pairs
 
     cfg = KnowTuningDPOJobConfig()
     cfg.pairs.kg.source = "builtin:umls"

@@ -188,7 +188,7 @@ def table_kalm(m: dict, out: Path) -> dict[str, Any]:
 def _runner(method: str) -> tuple[type, Callable[..., dict], Callable[[dict, Path], dict]]:
     if method == "knowtuning":
         from kale_ray.methods.knowtuning.config import KnowTuningJobConfig
-        from kale_ray.methods.knowtuning.pipeline import run_knowtuning
+        from kale_ray.methods.knowtuning.recipe import run_knowtuning
 
         return KnowTuningJobConfig, run_knowtuning, table_knowtuning
     if method == "kard":

@@ -122,14 +122,14 @@ def run_kard_job(cfg: KARDJobConfig, args: argparse.Namespace) -> None:
 
 
 def run_knowtuning_job(cfg: KnowTuningJobConfig, args: argparse.Namespace) -> None:
-    from kale_ray.methods.knowtuning.pipeline import run_knowtuning
+    from kale_ray.methods.knowtuning.recipe import run_knowtuning
 
     m = run_knowtuning(cfg)  # starts (or joins) Ray itself
     _print(m["eval"]["results"] if "eval" in m else m["timings"])
 
 
 def run_knowtuning_dpo(cfg: KnowTuningDPOJobConfig, args: argparse.Namespace) -> None:
-    from kale_ray.methods.knowtuning.recipe import run_dpo_stage
+    from kale_ray.methods.knowtuning.stage2 import run_dpo_stage
 
     summary = run_dpo_stage(cfg)  # starts (or joins) Ray itself
     _print({k: summary.get(k) for k in ("pairs", "train", "rewards_after", "seconds")})

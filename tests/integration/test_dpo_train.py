@@ -43,7 +43,7 @@ def check_export(out: Path, base_path: str) -> None:
 
 
 def test_knowtuning_dpo_recipe_and_adapter_disabled_reference(ray_local, tmp_path):
-    from kale_ray.methods.knowtuning.recipe import run_dpo_stage
+    from kale_ray.methods.knowtuning.stage2 import run_dpo_stage
     from kale_ray.models import resolve_model
     from kale_ray.train.trainer import run_training
 

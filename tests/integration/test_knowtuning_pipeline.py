@@ -36,7 +36,7 @@ def _jsonl(path: Path) -> list[dict]:
 def test_knowtuning_whole_recipe_and_rerun(ray_local, tmp_path):
     from kale_ray.core.kg import load_kg
     from kale_ray.methods.knowtuning.atomic import difficult_count
-    from kale_ray.methods.knowtuning.pipeline import run_knowtuning
+    from kale_ray.methods.knowtuning.recipe import run_knowtuning
 
     out = tmp_path / "kt"
     overrides = [f"out={out}", "qa.num_questions=8", "qa.facts_per_answer=3", f"teacher.name={TINY}",

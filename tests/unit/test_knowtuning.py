@@ -191,7 +191,7 @@ def test_stage2_and_the_dpo_job_share_one_dpo_stage_section(tmp_path):
     import dataclasses
 
     from kale_ray.methods.knowtuning.config import DPOStageConfig, KnowTuningDPOJobConfig, KnowTuningJobConfig
-    from kale_ray.methods.knowtuning.pipeline import dpo_config
+    from kale_ray.methods.knowtuning.recipe import dpo_config
 
     cfg = load_config(KnowTuningJobConfig, None, ["stage2.reference_batch_size=3", "stage2.reference_with=local",
                                                   "stage2.score_after=false", "stage2.train.lr=0.002", "stage2.beta=0.25"])

@@ -247,7 +247,7 @@ def _qa_job(out, *overrides):
 
 
 def test_knowtuning_rerun_reuses_refuses_a_changed_qa_setting_and_overwrites_on_request(tmp_path):
-    from kale_ray.methods.knowtuning.pipeline import run_knowtuning
+    from kale_ray.methods.knowtuning.recipe import run_knowtuning
     from kale_ray.runtime.stages import StaleOutputError
 
     out = tmp_path / "kt"
