@@ -2,7 +2,7 @@
 
     python benchmarks/bench_accuracy.py --size smoke               # tiny Llama, template teacher, 2 seeds (minutes)
     python benchmarks/bench_accuracy.py --size full --seeds 0,1,2  # UMLS, SmolLM2-135M, vLLM teacher (~25+ min per seed on 2 cores)
-    python benchmarks/bench_accuracy.py --size full --seeds 0 key=value ...   # any DemoConfig override
+    python benchmarks/bench_accuracy.py --size full --seeds 0 key=value ...   # any KALEJobConfig override
 
 Each seed is one whole run of the demo's pipeline (``kale_ray.methods.kale.recipe.run_demo``: synthesis on
 Ray Data + vLLM, SFT and KALE with the same rows / steps / LoRA budget on Ray Train +
@@ -126,12 +126,12 @@ def paired(a: dict, b: dict) -> dict:
 
 
 def run_seed(size: str, seed: int, extra: list[str], out_root: Path) -> dict:
-    from kale_ray.config import DemoConfig, load_config
+    from kale_ray.config import KALEJobConfig, load_config
     from kale_ray.methods.kale.recipe import run_demo
 
     out = out_root / size / f"seed{seed}"
     overrides = SIZES[size] + [f"out={out}", f"synth.qa.seed={seed}", f"synth.paths.seed={seed}", f"train.seed={seed}"] + extra
-    cfg = load_config(DemoConfig, ROOT / "configs" / "demo.yaml", overrides)
+    cfg = load_config(KALEJobConfig, ROOT / "configs" / "demo.yaml", overrides)
     t = time.perf_counter()
     la = os.getloadavg()[0]
     metrics = run_demo(cfg, progress=lambda m: print(f"[seed {seed}] {m}", flush=True))
@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     ap.add_argument("--out-root", default=str(ROOT / "runs" / "bench_accuracy"))
     ap.add_argument("--quick", action="store_true", help="= --size smoke (what run_all.py --quick passes)")
-    ap.add_argument("overrides", nargs="*", help="extra DemoConfig overrides key.sub=value")
+    ap.add_argument("overrides", nargs="*", help="extra KALEJobConfig overrides key.sub=value")
     args = ap.parse_args(argv)
     if args.quick:
         args.size = "smoke"

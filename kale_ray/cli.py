@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from kale_ray.runtime.stages import StaleOutputError
 from kale_ray.runtime.storage import StorageError
-from kale_ray.config import (ConfigError, DemoConfig, EvalConfig, KALETrainConfig, SynthConfig, TrainConfig, load_config,
+from kale_ray.config import (ConfigError, KALEJobConfig, EvalConfig, KALETrainConfig, SynthConfig, TrainConfig, load_config,
                              to_dict)
 from kale_ray.methods.kalm.config import KaLMJobConfig
 from kale_ray.methods.kard.config import KARDJobConfig
@@ -62,7 +62,7 @@ def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str), flush=True)
 
 
-def run_kale(cfg: DemoConfig, args: argparse.Namespace) -> None:
+def run_kale(cfg: KALEJobConfig, args: argparse.Namespace) -> None:
     from kale_ray.methods.kale.recipe import run_demo
 
     _ray(cfg.ray_address, cfg.train.num_workers, job="kale")
@@ -136,7 +136,7 @@ def run_knowtuning_dpo(cfg: KnowTuningDPOJobConfig, args: argparse.Namespace) ->
 
 
 Run = Callable[[Any, argparse.Namespace], None]
-_KALE = (DemoConfig, run_kale)
+_KALE = (KALEJobConfig, run_kale)
 # The one table of jobs. ``demo`` is the README's first command, an alias of ``kale`` (jobs/kale.py).
 JOBS: dict[str, tuple[type, Run]] = {
     "kale": _KALE,

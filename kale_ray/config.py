@@ -401,8 +401,8 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
-class DemoConfig:
-    """The whole KALE pipeline on the embedded defaults: synthesis, SFT vs KALE, evaluation, report."""
+class KALEJobConfig:
+    """The KALE job (`kale-ray kale`, alias `demo`): synthesis, SFT vs KALE, evaluation, report."""
 
     out: str = "runs/demo"
     # The embedded teacher (135M) fails verification on most rows: the demo keeps their template
@@ -417,6 +417,10 @@ class DemoConfig:
     on_change: Literal["error", "overwrite"] = "error"
     # One tracker for the whole demo (it replaces synth.tracking and train.tracking).
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+
+
+# ``kale-ray demo`` (the README's first command) is the KALE job on the embedded defaults.
+DemoConfig = KALEJobConfig
 
 
 # --------------------------------------------------------------------------- #

@@ -227,11 +227,11 @@ def test_kuberay_rayjob_manifest():
     images = {c["image"] for g in [cluster["headGroupSpec"], *groups.values()] for c in g["template"]["spec"]["containers"]}
     assert len(images) == 1
     # the job's arguments are valid overrides of the recipe's config
-    from kale_ray.config import DemoConfig
+    from kale_ray.config import KALEJobConfig
 
     args = spec["entrypoint"].split("python jobs/kale.py", 1)[1].split()
     assert args[0] == "--config"
-    cfg = load_config(DemoConfig, REPO / args[1], args[2:])
+    cfg = load_config(KALEJobConfig, REPO / args[1], args[2:])
     assert cfg.train.use_gpu and cfg.synth.generation.num_gpus_per_replica == 1
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kale_ray.config import DemoConfig, load_config
+from kale_ray.config import KALEJobConfig, load_config
 
 pytestmark = pytest.mark.integration
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 def test_demo_tiny(tmp_path):
     from kale_ray.methods.kale.recipe import run_demo
 
-    cfg = load_config(DemoConfig, "configs/demo.yaml", [
+    cfg = load_config(KALEJobConfig, "configs/demo.yaml", [
         f"out={tmp_path}", "synth.teacher.name=builtin:tiny-llama", "train.model.name=builtin:tiny-llama",
         "synth.qa.num_questions=40", "synth.generation.max_tokens=16", "synth.teacher.max_model_len=512",
         "train.max_steps=3", "train.micro_batch_size=4", "train.max_seq_len=256", "train.model.max_model_len=512",

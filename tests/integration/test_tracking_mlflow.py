@@ -136,7 +136,7 @@ def test_demo_run_gets_every_metric_and_its_outputs_as_artifacts(mlflow_server, 
     import json
 
     from kale_ray.methods.kale import recipe as demo
-    from kale_ray.config import DemoConfig
+    from kale_ray.config import KALEJobConfig
 
     uri, _ = mlflow_server.ready()
     out = tmp_path / "demo"
@@ -151,7 +151,7 @@ def test_demo_run_gets_every_metric_and_its_outputs_as_artifacts(mlflow_server, 
 
     monkeypatch.setattr(demo, "_run_demo", fake_stages)
     out.mkdir()
-    cfg = load_config(DemoConfig, None, [f"out={out}", "tracking.backend=mlflow", f"tracking.uri={uri}",
+    cfg = load_config(KALEJobConfig, None, [f"out={out}", "tracking.backend=mlflow", f"tracking.uri={uri}",
                                          "tracking.experiment=kale-test", "tracking.run_name=demo-x"])
     demo.run_demo(cfg, progress=lambda m: None)
     client = MlflowClient(uri)

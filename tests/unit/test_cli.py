@@ -265,11 +265,11 @@ def test_kale_job_prints_its_summary_line(monkeypatch, capsys, tmp_path):
 
     import kale_ray.methods.kale.recipe as recipe
     import kale_ray.runtime.ray
-    from kale_ray.config import DemoConfig
+    from kale_ray.config import KALEJobConfig
 
     monkeypatch.setattr(kale_ray.runtime.ray, "init_ray", lambda *a, **k: "no Ray")
     monkeypatch.setattr(recipe, "run_demo", lambda cfg: {"sft": {"accuracy": 0.5}, "kale": {"accuracy": 0.6},
                                                          "timings": {"train.sft": 30.0, "total_this_run": 90.0}})
-    cli.run_kale(DemoConfig(out=str(tmp_path)), argparse.Namespace())
+    cli.run_kale(KALEJobConfig(out=str(tmp_path)), argparse.Namespace())
     out = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert out["minutes"] == 1.5 and out["kale"] == {"accuracy": 0.6} and out["report"].endswith("report.md")

@@ -7,7 +7,7 @@ import pytest
 
 from kale_ray.config import (
     ConfigError,
-    DemoConfig,
+    KALEJobConfig,
     EvalConfig,
     SynthConfig,
     TrainConfig,
@@ -15,7 +15,7 @@ from kale_ray.config import (
     load_config,
 )
 
-ALL = [SynthConfig, TrainConfig, EvalConfig, DemoConfig]
+ALL = [SynthConfig, TrainConfig, EvalConfig, KALEJobConfig]
 
 
 @pytest.mark.parametrize("cls", ALL)
@@ -62,7 +62,7 @@ def test_int_given_to_float_field_becomes_float():
 
 
 def test_deeply_nested_override():
-    cfg = load_config(DemoConfig, None, ["train.lora.r=2", "synth.paths.k=5", "synth.kg.on_error=skip"])
+    cfg = load_config(KALEJobConfig, None, ["train.lora.r=2", "synth.paths.k=5", "synth.kg.on_error=skip"])
     assert cfg.train.lora.r == 2
     assert cfg.synth.paths.k == 5
     assert cfg.synth.kg.on_error == "skip"
@@ -77,7 +77,7 @@ def test_partial_override_keeps_non_class_default_of_section():
     cfg = load_config(EvalConfig, None, ["generation.backend=template"])
     assert cfg.generation.backend == "template"
     assert cfg.generation.max_tokens == 16
-    demo = load_config(DemoConfig, None, ["eval.generation.backend=template"])
+    demo = load_config(KALEJobConfig, None, ["eval.generation.backend=template"])
     assert demo.eval.generation.max_tokens == 16
 
 
@@ -181,9 +181,9 @@ def test_string_field_keeps_override_text():
 
 
 def test_optional_field_accepts_null():
-    cfg = load_config(DemoConfig, None, ["ray_address=null"])
+    cfg = load_config(KALEJobConfig, None, ["ray_address=null"])
     assert cfg.ray_address is None
-    cfg = load_config(DemoConfig, None, ["ray_address=auto"])
+    cfg = load_config(KALEJobConfig, None, ["ray_address=auto"])
     assert cfg.ray_address == "auto"
 
 
@@ -281,10 +281,10 @@ def test_loss_settings_live_in_their_losses_train_configs_not_in_train_config():
 
 def test_a_dumped_training_config_loads_back_as_it_ran(tmp_path):
     """The demo derives its SFT run from a KALE section: that run's config.yaml reloads (no ka section)."""
-    from kale_ray.config import DemoConfig, TrainConfig, dump_config, load_config
+    from kale_ray.config import KALEJobConfig, TrainConfig, dump_config, load_config
     from kale_ray.runtime.stages import stage_config
 
-    demo = DemoConfig()
+    demo = KALEJobConfig()
     for loss in ("sft", "kale"):
         run = stage_config(demo.train, "error", loss=loss, out_dir=str(tmp_path / loss))
         dump_config(run, tmp_path / f"{loss}.yaml")

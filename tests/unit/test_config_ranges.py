@@ -118,12 +118,12 @@ def test_synthesize_range_messages(override, message):
 
 
 def test_nested_sections_name_the_full_key():
-    from kale_ray.config import DemoConfig
+    from kale_ray.config import KALEJobConfig
 
     with pytest.raises(ConfigError, match=r"^synth\.shard_size: must be >= 1, got 0$"):
-        load_config(DemoConfig, None, ["synth.shard_size=0"])
+        load_config(KALEJobConfig, None, ["synth.shard_size=0"])
     with pytest.raises(ConfigError, match=r"^eval\.generation\.max_tokens: must be >= 1, got 0$"):
-        load_config(DemoConfig, None, ["eval.generation.max_tokens=0"])
+        load_config(KALEJobConfig, None, ["eval.generation.max_tokens=0"])
 
 
 def test_boundaries_are_inside():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kale_ray.config import ConfigError, DemoConfig, TrainConfig, load_config
+from kale_ray.config import ConfigError, KALEJobConfig, TrainConfig, load_config
 from kale_ray.runtime.tracking import (
     Tracker,
     TrackingConfig,
@@ -151,7 +151,7 @@ def test_cli_train_and_demo_refuse_an_unreachable_mlflow_before_any_work(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "cannot reach the MLflow tracking server" in err[0], err
     assert not (tmp_path / "out" / "ray").exists()  # nothing was started
-    cfg = load_config(DemoConfig, None, [f"out={tmp_path / 'demo'}", "tracking.backend=mlflow", f"tracking.uri={uri}"])
+    cfg = load_config(KALEJobConfig, None, [f"out={tmp_path / 'demo'}", "tracking.backend=mlflow", f"tracking.uri={uri}"])
     with pytest.raises(ConfigError, match="cannot reach"):
         run_demo(cfg, progress=lambda m: None)
     assert not (tmp_path / "demo" / "synth").exists()
@@ -220,7 +220,7 @@ def test_config_sections_and_defaults():
     cfg = load_config(TrainConfig, None, ["tracking.backend=mlflow", "tracking.uri=http://127.0.0.1:5000",
                                           "tracking.run_name=r1"])
     assert cfg.tracking == TrackingConfig("mlflow", "http://127.0.0.1:5000", "kale_ray", "r1")
-    assert load_config(DemoConfig).tracking.backend == "tensorboard"  # the default: files, no server
+    assert load_config(KALEJobConfig).tracking.backend == "tensorboard"  # the default: files, no server
     with pytest.raises(ConfigError, match="tracking.backend: expected one of"):
         load_config(TrainConfig, None, ["tracking.backend=neptune"])
     assert make_tracker(None, None, "x").backend == "none"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from kale_ray.runtime.ray import init_ray_for
-from kale_ray.config import DemoConfig, to_dict
+from kale_ray.config import KALEJobConfig, to_dict
 from kale_ray.core.io import read_jsonl
 from kale_ray.runtime.stages import Run, stage_config, without
 from kale_ray.runtime.tracking import TrackingConfig, numeric, start_run
@@ -30,7 +30,7 @@ from kale_ray.methods.kale.report import plot, write_metrics, write_report
 from kale_ray.runtime.report import machine_info
 
 
-def _job_tracking(cfg: DemoConfig, out: Path, job: str) -> TrackingConfig:
+def _job_tracking(cfg: KALEJobConfig, out: Path, job: str) -> TrackingConfig:
     """The demo's tracker for one of its jobs: same backend and place, run ``<demo run>/<job>``."""
     t = cfg.tracking
     uri = t.uri
@@ -41,7 +41,7 @@ def _job_tracking(cfg: DemoConfig, out: Path, job: str) -> TrackingConfig:
     return dataclasses.replace(t, uri=uri, run_name=f"{t.run_name or 'demo'}/{job}" if job else (t.run_name or "demo"))
 
 
-def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
+def run_demo(cfg: KALEJobConfig, progress: Callable[[str], None] = print) -> dict:
     """Run the demo; its tracker (``cfg.tracking``) is opened first, so that a bad one stops it before any work."""
     out = Path(cfg.out).expanduser().resolve()
     tracker = start_run(_job_tracking(cfg, out, ""), out, "demo", params=to_dict(cfg))
@@ -58,7 +58,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict:
     return metrics
 
 
-def _question_blind(cfg: DemoConfig, test_file: Path) -> dict:
+def _question_blind(cfg: KALEJobConfig, test_file: Path) -> dict:
     """The question-blind baselines on the test questions (each prior of ``metrics.BLIND_PRIORS``)."""
     from kale_ray.core.kg import load_kg
     from kale_ray.core.qa import read_qa_jsonl
@@ -68,7 +68,7 @@ def _question_blind(cfg: DemoConfig, test_file: Path) -> dict:
     return {prior: question_blind_baseline(kg, questions, prior) for prior in BLIND_PRIORS}
 
 
-def _run_demo(cfg: DemoConfig, progress: Callable[[str], None]) -> dict:
+def _run_demo(cfg: KALEJobConfig, progress: Callable[[str], None]) -> dict:
     from kale_ray.methods.kale.evaluate import evaluate
     from kale_ray.models import resolve_model
     from kale_ray.synth.format import write_training_rows
