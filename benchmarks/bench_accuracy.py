@@ -125,11 +125,11 @@ def paired(a: dict, b: dict) -> dict:
     return {"n": n, "diff": m, "ci95": [m - half, m + half], "kale_only_right": d.count(1), "sft_only_right": d.count(-1)}
 
 
-def run_seed(size: str, seed: int, extra: list[str], out_root: Path) -> dict:
+def run_seed(size: str, seed: int, extra: list[str], out_root: Path, key: str = "") -> dict:
     from kale_ray.config import KALEJobConfig, load_config
     from kale_ray.methods.kale.recipe import run_demo
 
-    out = out_root / size / f"seed{seed}"
+    out = out_root / (key or size) / f"seed{seed}"
     overrides = SIZES[size] + [f"out={out}", f"synth.qa.seed={seed}", f"synth.paths.seed={seed}", f"train.seed={seed}"] + extra
     cfg = load_config(KALEJobConfig, ROOT / "configs" / "demo.yaml", overrides)
     t = time.perf_counter()
@@ -156,6 +156,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", choices=sorted(SIZES), default="smoke")
     ap.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     ap.add_argument("--out-root", default=str(ROOT / "runs" / "bench_accuracy"))
+    ap.add_argument("--key", default="", help="the entry of accuracy.json (and run folder) to write; default: --size "
+                    "(e.g. --key testbed-3ep with train.epochs=3 keeps the testbed entry)")
     ap.add_argument("--quick", action="store_true", help="= --size smoke (what run_all.py --quick passes)")
     ap.add_argument("overrides", nargs="*", help="extra KALEJobConfig overrides key.sub=value")
     args = ap.parse_args(argv)
@@ -166,7 +168,7 @@ def main(argv=None) -> dict:
     load = Load()
     per_seed = []
     for s in seeds:
-        r = run_seed(args.size, s, args.overrides, Path(args.out_root))
+        r = run_seed(args.size, s, args.overrides, Path(args.out_root), args.key or args.size)
         per_seed.append(r)
         m = r["metrics"]
         print(f"seed {s}: SFT acc {m['sft']['accuracy']:.3f} {[round(x, 3) for x in m['sft']['accuracy_ci95']]}, "
@@ -228,7 +230,7 @@ def main(argv=None) -> dict:
         "across_seeds": across,
         "load": load.as_dict(),
     }
-    path = write_result("accuracy", result, key=args.size)
+    path = write_result("accuracy", result, key=args.key or args.size)
     print(f"wrote {path}")
     return result
 
