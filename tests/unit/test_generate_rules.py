@@ -56,3 +56,14 @@ def test_use_ray_ray_local_or_auto_without_importing_ray(monkeypatch):
     assert G.use_ray("auto") and not G.use_ray("local")
     fake.is_initialized = lambda: False
     assert not G.use_ray("auto")
+
+
+def test_a_vllm_stage_replaces_an_engine_that_fails_to_start_once():
+    from types import SimpleNamespace
+
+    from kale_ray.runtime.generate import ENGINE_START_RETRIES, allow_engine_restarts
+
+    ds = SimpleNamespace(context=SimpleNamespace(max_consecutive_actor_init_deaths=0))
+    assert allow_engine_restarts(ds) is ds and ds.context.max_consecutive_actor_init_deaths == ENGINE_START_RETRIES >= 1
+    ds.context.max_consecutive_actor_init_deaths = 5  # a user's larger budget stays
+    assert allow_engine_restarts(ds).context.max_consecutive_actor_init_deaths == 5
