@@ -59,8 +59,12 @@ def run_demo(cfg: KALEJobConfig, progress: Callable[[str], None] = print) -> dic
 
 
 def _question_blind(cfg: KALEJobConfig, test_file: Path) -> dict:
-    """The question-blind baselines on the test questions (each prior of ``metrics.BLIND_PRIORS``)."""
+    """The question-blind baselines on the test questions (each prior of ``metrics.BLIND_PRIORS``): for
+    generated questions (a user's QA file is not the testbed; its KG may be too big to load here)."""
     from kale_ray.core.kg import load_kg
+
+    if cfg.synth.qa.source != "generate":
+        return {}
     from kale_ray.core.qa import read_qa_jsonl
 
     questions = list(read_qa_jsonl(test_file))
