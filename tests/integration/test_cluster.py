@@ -403,9 +403,12 @@ def test_path_search_spreads_over_nodes_and_uses_a_node_added_mid_run(ray_tmp, t
         node_b, finished_when_added, deadline = None, None, time.time() + 300
         while driver.is_alive() and time.time() < deadline:
             if node_b is None:
-                done = [t for t in search_tasks() if t.state == "FINISHED"]
-                if done:  # the stage is under way: add a node
-                    finished_when_added = len(done)
+                seen = search_tasks()
+                # the stage is under way (a search task running or done): add a node. Waiting for a
+                # finished one raced on a fresh checkout, where every worker compiles the path-search
+                # kernel first and the tasks then finish together, before a new node could join.
+                if any(t.state in ("RUNNING", "FINISHED") for t in seen):
+                    finished_when_added = sum(t.state == "FINISHED" for t in seen)
                     node_b = cluster.add_node(num_cpus=1, resources={"node_b": 1})
             time.sleep(0.3)
         driver.join(timeout=60)
