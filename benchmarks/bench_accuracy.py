@@ -136,7 +136,8 @@ def run_seed(size: str, seed: int, extra: list[str], out_root: Path, key: str = 
     la = os.getloadavg()[0]
     metrics = run_demo(cfg, progress=lambda m: print(f"[seed {seed}] {m}", flush=True))
     wall = time.perf_counter() - t
-    preds = {name: read_predictions(out / f"eval_{name}") for name in ("base", "sft", "kale")}
+    preds = {name: read_predictions(out / f"eval_{name}") for name in ("base", "sft", "kale")
+             if (out / f"eval_{name}" / "predictions.jsonl").exists()}  # eval_base=false: no base
     return {"seed": seed, "out": str(out), "overrides": overrides, "wall_s": wall, "loadavg_before": la,
             "loadavg_after": os.getloadavg()[0], "timings": metrics.get("timings"),
             "train": metrics.get("train"), "synthesis_rows": (metrics.get("synthesis") or {}).get("rows_out"),
@@ -183,7 +184,7 @@ def main(argv=None) -> dict:
             ray.shutdown()
 
     pooled_counts = {k: {f: sum(r["counts"][k][f] for r in per_seed) for f in per_seed[0]["counts"][k]}
-                     for k in ("base", "sft", "kale")}
+                     for k in per_seed[0]["counts"]}
     pooled = {k: rates(c) for k, c in pooled_counts.items()}
     # paired over all (seed, question) pairs: questions of different seeds are different test items
     sft_all = {f"{r['seed']}:{q}": v for r in per_seed for q, v in r["_preds"]["sft"]["questions"].items()}
