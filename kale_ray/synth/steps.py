@@ -26,7 +26,7 @@ def path_params(cfg: PathConfig) -> PathSearchParams:
     return PathSearchParams(
         max_hops=cfg.max_hops, k=cfg.k, num_anchors=cfg.num_anchors, anchor_hops=cfg.anchor_hops,
         bfs_fallback=cfg.bfs_fallback, partial_paths=cfg.partial_paths, max_expansions=cfg.max_expansions,
-        heuristic=cfg.heuristic, landmarks=cfg.landmarks,
+        heuristic=cfg.heuristic, landmarks=cfg.landmarks, fill_after_chain=cfg.fill_after_chain,
     )
 
 

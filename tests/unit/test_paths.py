@@ -628,6 +628,78 @@ def test_relation_paths_are_valid_on_random_graphs():
                     assert [p.length for p in plain] == nx_k_shortest_lengths(g, s, t, len(plain), 3)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_relation_chain_numba_and_python_agree(seed):
+    """The compiled relation-chain search gives the same paths, stats and rng stream as the Python reference."""
+    import kale_ray.core.paths as paths_mod
+
+    if not paths_mod._numba_enabled():
+        pytest.skip("numba not available")
+    tr, index, _ = random_graph(90 + seed, 150, 400, num_rel=3)
+    tr = np.concatenate([tr, tr[:30, [2, 1, 0]], tr[30:50] + [0, 1, 0]])  # reversed and parallel edges
+    tr = np.unique(tr, axis=0)
+    index = GraphIndex.build(tr, index.num_nodes)
+    wr = np.random.default_rng(100 + seed)
+    pairs, chains = [], []
+    ip, nb, rl = index.indptr, index.nbr, index.rel
+    while len(pairs) < 30:  # a random walk of 1-3 hops: its relations (and a few others) as the chain
+        s = u = int(wr.integers(index.num_nodes))
+        W = (wr.random((int(wr.integers(1, 4)), 5)) < 0.25).astype(float)
+        for i in range(len(W)):
+            if ip[u + 1] == ip[u]:
+                break
+            e = int(wr.integers(ip[u], ip[u + 1]))
+            W[i, rl[e]] = 1.0
+            u = int(nb[e])
+        else:
+            if u != s:
+                pairs.append((s, u))
+                chains.append(W)
+
+    def run(params, bitgen):
+        rng = np.random.Generator(bitgen(seed))
+        out = []
+        for (s, t), W in zip(pairs, chains):
+            st: dict = {}
+            ps = find_paths(index, tr, s, t, params, rng, stats=st, cache=False, relation_weights=W)
+            out.append(([p.to_dict() for p in ps], st))
+        return out, rng.bit_generator.random_raw()
+
+    hits = 0
+    for params in (PathSearchParams(max_hops=3, k=4, heuristic="bidirectional", fill_after_chain=False),
+                   PathSearchParams(max_hops=3, k=12, heuristic="bidirectional", distinct_nodes=False),
+                   PathSearchParams(max_hops=3, k=3, heuristic="bidirectional", max_expansions=3)):
+        for bitgen in (np.random.PCG64, np.random.Philox):
+            compiled = run(params, bitgen)
+            paths_mod.JIT_STATS["available"] = False
+            try:
+                python = run(params, bitgen)
+            finally:
+                paths_mod.JIT_STATS["available"] = True
+            assert compiled == python
+            hits += sum(any(p["method"] == "relation" for p in ps) for ps, _ in compiled[0])
+    assert hits > 60  # the chains were found often enough for the comparison to mean something
+
+
+def test_found_chain_is_returned_alone_without_fill():
+    tr, index = _shortcut_graph()
+    W = np.zeros((2, 3))
+    W[0, 1] = W[1, 2] = 1.0  # the chain 0 -r1-> 1 -r2-> 3
+    filled = find_paths(index, tr, 0, 3, PathSearchParams(max_hops=3, k=3, heuristic="bidirectional"),
+                        np.random.default_rng(0), relation_weights=W)
+    alone = find_paths(index, tr, 0, 3, PathSearchParams(max_hops=3, k=3, heuristic="bidirectional",
+                                                         fill_after_chain=False),
+                       np.random.default_rng(0), relation_weights=W)
+    assert [p.method for p in alone] == ["relation"] and alone[0].hops == [(0, 1, 1), (1, 2, 3)]
+    assert filled[0] == alone[0] and len(filled) == 3 and filled[1].method == "bidir"
+    # no chain in the KG: the fallback searches run either way
+    W2 = np.zeros((2, 3))
+    W2[0, 2] = W2[1, 2] = 1.0
+    assert find_paths(index, tr, 0, 3, PathSearchParams(max_hops=3, k=3, heuristic="bidirectional",
+                                                        fill_after_chain=False),
+                      np.random.default_rng(0), relation_weights=W2)
+
+
 def test_attach_search_arrays_wraps_without_copy():
     """search_arrays once, attach_search_arrays in a 'worker': shared arrays, identical paths."""
     import numpy as np

@@ -65,7 +65,8 @@ def find_paths(index: GraphIndex, triples: np.ndarray, source: int, target: int,
     (not repeating a path), up to ``k`` in all. A 2-D ``(n, num_relations)`` array is a relation
     chain: first the paths of exactly ``n`` hops whose hop ``i`` uses a relation with
     ``W[i, r] > 0`` (``_sequence_paths``, forward-walked hops preferred), then the 1-D search
-    with ``W.max(axis=0)``, then the shortest paths. The relation searches are sparse (bounded
+    with ``W.max(axis=0)``, then the shortest paths (with ``params.fill_after_chain`` off, a chain
+    that was found is returned alone: the shortest paths are only the fallback). The relation searches are sparse (bounded
     by the rows they read, at most ``max_expansions``); they never touch |V|-sized arrays.
     """
     triples = _check_triples(index, triples)
@@ -95,7 +96,7 @@ def find_paths(index: GraphIndex, triples: np.ndarray, source: int, target: int,
         _bump(stats, "relation_pairs")
         if rel_paths:
             _bump(stats, "relation_hits")
-        if len(rel_paths) >= params.k:
+        if len(rel_paths) >= params.k or (chain_found and not params.fill_after_chain):
             return rel_paths
         rest = find_paths(index, triples, source, target, params, rng, heuristic=heuristic, stats=stats, cache=cache)
         if not rel_paths:

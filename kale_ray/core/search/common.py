@@ -48,6 +48,10 @@ class PathSearchParams:
     # nothing |V|-sized per question) | "sampled" (the paper: anchors drawn near each target, a
     # BFS from each per target -- O(|V|) per question)
     landmarks: str = "table"
+    # relation chain given (2-D ``relation_weights``) and found: fill up to ``k`` with the ordinary
+    # shortest paths (True) or return the chain's own paths only (False; the shortest-path search is
+    # then the fallback for questions whose chain is not in the KG)
+    fill_after_chain: bool = True
 
     def __post_init__(self) -> None:
         if self.heuristic not in HEURISTICS:

@@ -14,6 +14,7 @@ import numpy as np
 from kale_ray.core.kg import GraphIndex
 from kale_ray.core.search.arrays import _CSR, _prepared
 from kale_ray.core.search.common import KGPath, PathSearchParams, _bump
+from kale_ray.core.search.numba_kernel import _chain_numba
 
 
 # --------------------------------------------------------------------------- #
@@ -27,17 +28,23 @@ def _check_weights(weights) -> np.ndarray:
     return w
 
 
-def _padded_weights(prep, rel: np.ndarray, w: np.ndarray) -> np.ndarray | None:
-    """``w`` zero-padded to cover every relation id of ``rel`` (so a row reads ``w[rel[lo:hi]]``
-    directly); None when ``rel`` is empty. The largest id is computed once per ``_Prepared``."""
+def _rel_width(prep, rel: np.ndarray) -> int:
+    """1 + the largest relation id of ``rel`` (0 when empty), computed once per ``_Prepared``."""
     top = getattr(prep, "_max_rel", None)
     if top is None or top[0] is not rel:
         top = prep._max_rel = (rel, int(rel.max()) + 1 if rel.size else 0)
-    if top[1] == 0:
+    return top[1]
+
+
+def _padded_weights(prep, rel: np.ndarray, w: np.ndarray) -> np.ndarray | None:
+    """``w`` zero-padded to cover every relation id of ``rel`` (so a row reads ``w[rel[lo:hi]]``
+    directly); None when ``rel`` is empty. The largest id is computed once per ``_Prepared``."""
+    width = _rel_width(prep, rel)
+    if width == 0:
         return None
-    if w.size >= top[1]:
+    if w.size >= width:
         return w
-    out = np.zeros(top[1], dtype=w.dtype)
+    out = np.zeros(width, dtype=w.dtype)
     out[: w.size] = w
     return out
 
@@ -61,6 +68,18 @@ def _sequence_paths(index: GraphIndex, triples: np.ndarray, source: int, target:
     return _sequence_paths_to(index, triples, source, target, params, rng, W, stats)
 
 
+def _chain_mask(prep, rel: np.ndarray, W: np.ndarray) -> np.ndarray | None:
+    """``A[i, r] = W[i, r] > 0`` as uint8, zero-padded to every relation id of ``rel`` (ids beyond
+    ``W``'s columns are not allowed); None when ``rel`` is empty."""
+    width = _rel_width(prep, rel)
+    if width == 0:
+        return None
+    A = np.zeros((len(W), width), dtype=np.uint8)
+    m = min(width, W.shape[1])
+    A[:, :m] = W[:, :m] > 0
+    return A
+
+
 def _sequence_paths_to(index: GraphIndex, triples: np.ndarray, source: int, target: int, params: PathSearchParams,
                        rng: np.random.Generator, W: np.ndarray, stats: dict | None,
                        prefer_forward: bool = True) -> list[KGPath]:
@@ -68,105 +87,123 @@ def _sequence_paths_to(index: GraphIndex, triples: np.ndarray, source: int, targ
     ``W[i, r] > 0`` (a relation chain, e.g. the one a question spells out), in either direction.
 
     Layered and sparse: ``layer[i]`` = nodes with an allowed walk of hops ``i .. n-1`` to the
-    target (a backward pass from the target over the allowed edges of each position, stopped
-    after ``max_expansions`` rows), then a depth-first enumeration from the source through the
-    layers, forward-walked entries (head -> tail as stored) before backward ones, random order
-    within each group. Up to ``k`` paths, those with more forward hops first; ``"relation"``.
+    target, for ``i >= 1`` (a backward pass from the target over the allowed edges of each position,
+    reading at most ``max_expansions`` rows, lowest ids first), then a depth-first enumeration from
+    the source through the layers. Each frame lists its children in row order, forward-walked entries (head ->
+    tail as stored) before backward ones, and picks among the remaining ones of the current group
+    with one 64-bit draw (lazy Fisher-Yates, as the bidirectional search). Up to ``k`` paths, those
+    with more forward hops first; ``"relation"``. With numba, ``numba_kernel`` runs the same
+    algorithm compiled (same paths, draws and counters).
     """
     n, k = len(W), params.k
     if n == 0 or n > params.max_hops:
         return []
     prep = _prepared(index)[0]
     csr = prep.multi
-    ipl, nbr = csr.ipl, csr.nbr
     rel = prep.entry_relations(triples)
     fwd = prep.entry_forward(triples)
+    A = _chain_mask(prep, rel, W)
+    if A is None:
+        return []
     budget = params.max_expansions
-    rows_read = 0
-    scanned = 0
-    Wp = [_padded_weights(prep, rel, W[i]) for i in range(n)]
+    nb = _chain_numba(rng)
+    if nb is not None:
+        kern, fnp, stp = nb
+        nf, out_n, out_e, expansions, scanned = kern(csr.indptr, csr.nbr, rel, fwd, A, source, target,
+                                                      bool(params.distinct_nodes), k, budget, prefer_forward, fnp, stp)
+        found = list(zip(out_n[:nf].tolist(), out_e[:nf].tolist()))
+    else:
+        found, expansions, scanned = _chain_python(csr, rel, fwd, A, source, target, params.distinct_nodes, k,
+                                                   budget, prefer_forward, rng.bit_generator.random_raw)
+    _bump(stats, "relation_expansions", expansions)
+    _bump(stats, "edges_scanned", scanned)
+    return _as_paths(csr, triples, found)
 
-    def row(u: int, i: int):
-        nonlocal scanned
-        lo, hi = ipl[u], ipl[u + 1]
-        scanned += hi - lo
-        w = Wp[i]
-        idx = np.flatnonzero(w[rel[lo:hi]] > 0) if w is not None else np.flatnonzero(_allowed(W[i], rel[lo:hi]))
-        return nbr[lo:hi][idx], idx + lo
 
-    # backward: layer[i] = nodes from which hops i..n-1 reach the target; one vectorised read of
-    # every row of a layer (the graph is undirected: u's allowed entries at position i reach back)
-    ipl_a = np.asarray(ipl)
-    layer: list[set] = [set() for _ in range(n + 1)]
-    layer[n] = {target}
-    cur_a = np.asarray([target], dtype=np.int64)
-    for i in range(n - 1, -1, -1):
-        cur_a = cur_a[: max(0, budget - rows_read)]
-        rows_read += int(cur_a.size)
-        lo, hi = ipl_a[cur_a], ipl_a[cur_a + 1]
+def _chain_layers(csr: _CSR, rel: np.ndarray, A: np.ndarray, target: int, budget: int) -> tuple[list, int]:
+    """``layer[i]`` (sorted arrays, ``layer[n] = [target]``) and the entries scanned; ``[]`` when a layer is empty."""
+    ipl_a, nbr = np.asarray(csr.indptr), np.asarray(csr.nbr)
+    n = len(A)
+    layer: list = [None] * (n + 1)
+    cur = layer[n] = np.asarray([target], dtype=np.int64)
+    rows_read = scanned = 0
+    for i in range(n - 1, 0, -1):  # layer 0 would only say whether the source is in it: the enumeration finds that out
+        cur = cur[: max(0, budget - rows_read)]
+        rows_read += int(cur.size)
+        lo, hi = ipl_a[cur], ipl_a[cur + 1]
         lens = hi - lo
         total = int(lens.sum())
         scanned += total
         if total:
             ent = np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(total)
-            w = Wp[i]
-            ok = (w[rel[ent]] > 0) if w is not None else _allowed(W[i], rel[ent])
-            cur_a = np.unique(np.asarray(nbr)[ent[ok]])
+            cur = np.unique(nbr[ent[A[i][rel[ent]] != 0]]).astype(np.int64)
         else:
-            cur_a = np.empty(0, dtype=np.int64)
-        layer[i] = set(cur_a.tolist())
-        if not cur_a.size:
-            return []
-    if source not in layer[0]:
-        return []
-    found: list[tuple[list[int], list[int]]] = []
+            cur = np.empty(0, dtype=np.int64)
+        if not cur.size:
+            return [], scanned
+        layer[i] = cur
+    return layer, scanned
+
+
+def _chain_python(csr: _CSR, rel, fwd, A, source: int, target: int, distinct: bool, k: int, budget: int,
+                  prefer_forward: bool, raw) -> tuple[list, int, int]:
+    """The chain enumeration in Python (the reference for the numba kernel): (found, expansions, scanned)."""
+    n = len(A)
+    layer, scanned = _chain_layers(csr, rel, A, target, budget)
+    if not layer:
+        return [], 0, scanned
+    ipl, nbr = csr.ipl, csr.nbr
+    sets = [None] + [set(a.tolist()) for a in layer[1:]]
     path, pe, on = [source], [], {source}
-    expansions = 0
 
     def frame(u: int, i: int) -> list:
-        vs, es = row(u, i)
-        nxt_layer = layer[i + 1]
-        keep = [j for j, v in enumerate(vs.tolist()) if v in nxt_layer and v not in on]
-        if params.distinct_nodes and i == n - 1:
-            keep = [j for j in keep if vs[j] == target]
-        if not keep:
-            return [[], [], 0]
-        keep = np.asarray(keep, dtype=np.int64)
-        keep = keep[rng.permutation(keep.size)] if keep.size > 1 else keep
-        keep = keep[np.argsort(~fwd[es[keep]] if prefer_forward else fwd[es[keep]], kind="stable")]  # forward first
-        return [vs[keep].tolist(), es[keep].tolist(), 0]
+        nonlocal scanned
+        lo, hi = ipl[u], ipl[u + 1]
+        scanned += hi - lo
+        idx = np.flatnonzero(A[i][rel[lo:hi]])
+        vs, es = nbr[lo:hi][idx].tolist(), (idx + lo).tolist()
+        nxt, last = sets[i + 1], i == n - 1
+        first, second = [], []
+        for v, e in zip(vs, es):
+            if v in nxt and v not in on and (last or v != target):
+                (first if bool(fwd[e]) == prefer_forward else second).append((v, e))
+        c = first + second
+        return [c, len(first), 0]
 
-    stack = [frame(source, 0)]
+    found: list = []
     seen: set = set()
-    while stack and len(found) < k and expansions < budget:  # forward entries come first in each frame
+    expansions = 0
+    stack = [frame(source, 0)]
+    while stack and len(found) < k and expansions < budget:
         fr = stack[-1]
-        if fr[2] >= len(fr[0]):
+        c, g, i = fr
+        m = len(c)
+        if i >= m:
             stack.pop()
             if len(path) > 1:
                 on.discard(path.pop())
                 pe.pop()
             continue
-        j = fr[2]
-        fr[2] = j + 1
-        v, e = fr[0][j], fr[1][j]
+        end = g if i < g else m
+        if end - i > 1:  # one draw picks among the rest of the group (forward entries first)
+            j = i + ((raw() * (end - i)) >> 64)
+            c[i], c[j] = c[j], c[i]
+        fr[2] = i + 1
+        v, e = c[i]
         if len(path) == n:  # v is the target (the last layer is {target})
-            key = tuple(path) + (v,) if params.distinct_nodes else (tuple(path) + (v,), tuple(pe) + (e,))
+            key = tuple(path) + (v,) if distinct else (tuple(path) + (v,), tuple(pe) + (e,))
             if key not in seen:
                 seen.add(key)
                 found.append((path + [v], pe + [e]))
-            continue
-        if v == target:
             continue
         expansions += 1
         path.append(v)
         pe.append(e)
         on.add(v)
         stack.append(frame(v, len(path) - 1))
-    _bump(stats, "relation_expansions", expansions)
-    _bump(stats, "edges_scanned", scanned)
     # more hops read forward first (walked from the other end, a forward hop is a backward entry)
     found.sort(key=lambda f: -int(fwd[f[1]].sum()) if prefer_forward else int(fwd[f[1]].sum()))
-    return _as_paths(csr, triples, found[:k])
+    return found[:k], expansions, scanned
 
 
 def _as_paths(csr: _CSR, triples: np.ndarray, found) -> list[KGPath]:
