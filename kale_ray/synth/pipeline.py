@@ -277,6 +277,7 @@ def _search_batch(batch: dict[str, np.ndarray], kg_holder: list, job: ShardJob) 
         # is its wall time minus these.
         counts["task_seconds"] = {"wall": time.perf_counter() - t, "cpu": time.process_time() - c,
                                   "setup": setup if i == 0 else 0.0}
+        counts["task_span"] = [time.time() - (time.perf_counter() - t), time.time()]  # wall clock, for the timeline
         outs.append(json.dumps(counts))
     return {"counts": np.array(outs, dtype=object)}
 
@@ -796,9 +797,14 @@ def _run_pending(cfg: SynthConfig, job: ShardJob, pending: list[dict], summary: 
         out = ds.map_batches(_search_batch, batch_size=1, batch_format="numpy", num_cpus=1,
                              concurrency=workers, fn_kwargs={"kg_holder": job.kg_holder, "job": job})
         task_s: Counter = Counter()
+        t_wall0, first_start, last_end = time.time(), None, None
         for row in out.iter_rows():
             c = json.loads(row["counts"])
             task_s.update(c.pop("task_seconds", {}))
+            span = c.pop("task_span", None)
+            if span:
+                first_start = span[0] if first_start is None else min(first_start, span[0])
+                last_end = span[1] if last_end is None else max(last_end, span[1])
             if c.get("final") is False:
                 searched[c["shard"]] = c
             else:
@@ -806,6 +812,9 @@ def _run_pending(cfg: SynthConfig, job: ShardJob, pending: list[dict], summary: 
                 _on_shard_done(c["shard"], c)
         for k, v in task_s.items():
             times[f"search_tasks_{k}"] = round(v, 3)
+        if first_start is not None:  # where the stage's wall time goes: before the first task, after the last
+            times["search_first_task_start"] = round(first_start - t_wall0, 3)
+            times["search_after_last_task"] = round(time.time() - last_end, 3)
     times["link_and_paths"] = time.perf_counter() - t
     progress(f"[synth] linking + path search: {len(to_search)} shards in {times['link_and_paths']:.1f}s")
     if searched:

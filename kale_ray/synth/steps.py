@@ -122,6 +122,7 @@ class SynthContext:
         self.params = path_params(cfg)
         self.seed = cfg.seed
         self.oversample = max(1, cfg.oversample)
+        self.wide_params = dataclasses.replace(self.params, k=self.params.k * self.oversample)
         self.linker = linker if linker is not None else EntityLinker(kg)
         self.follow_question_relations = bool(getattr(cfg, "follow_question_relations", False))
         self.relation_words = RelationWords(kg)
@@ -234,7 +235,7 @@ def link_and_search(row: dict[str, Any], ctx: SynthContext) -> dict[str, Any]:
     # Randomness derived from (seed, row id): the same row gets the same paths on any worker.
     rng = np.random.default_rng(row_seed(ctx.seed, ex.id))
     # Over-sample candidates, then keep the k that fit the question best.
-    wide = dataclasses.replace(ctx.params, k=ctx.params.k * ctx.oversample)
+    wide = ctx.wide_params
     chain = ctx.relation_words.chain(ex.question)
     mentioned: dict[int, int] = {}
     for i, rs in enumerate(chain):

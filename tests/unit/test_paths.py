@@ -498,9 +498,18 @@ def test_bidirectional_numba_and_python_enumerations_agree(seed):
             out.append(([p.to_dict() for p in find_paths(index, tr, s, t, params, rng, stats=st, cache=False)], st))
         return out, rng.bit_generator.random_raw()
 
-    for params in (PathSearchParams(max_hops=4, k=5, heuristic="bidirectional"),
-                   PathSearchParams(max_hops=9, k=40, heuristic="bidirectional", distinct_nodes=False),
-                   PathSearchParams(max_hops=6, k=8, heuristic="bidirectional", max_expansions=7)):
+    _compiled_equals_python(run, (PathSearchParams(max_hops=4, k=5, heuristic="bidirectional"),
+                                  PathSearchParams(max_hops=9, k=40, heuristic="bidirectional", distinct_nodes=False),
+                                  PathSearchParams(max_hops=6, k=8, heuristic="bidirectional", max_expansions=7)))
+
+
+def _compiled_equals_python(run, param_sets) -> list:
+    """``run(params, bitgen)`` with the numba kernels and with the Python loops: equal for every
+    params and bit generator; returns the compiled results."""
+    import kale_ray.core.paths as paths_mod
+
+    results = []
+    for params in param_sets:
         for bitgen in (np.random.PCG64, np.random.Philox):
             compiled = run(params, bitgen)
             paths_mod.JIT_STATS["available"] = False
@@ -509,6 +518,8 @@ def test_bidirectional_numba_and_python_enumerations_agree(seed):
             finally:
                 paths_mod.JIT_STATS["available"] = True
             assert compiled == python
+            results.append(compiled)
+    return results
 
 
 # --------------------------------------------------------------------------- #
@@ -665,19 +676,11 @@ def test_relation_chain_numba_and_python_agree(seed):
             out.append(([p.to_dict() for p in ps], st))
         return out, rng.bit_generator.random_raw()
 
-    hits = 0
-    for params in (PathSearchParams(max_hops=3, k=4, heuristic="bidirectional", fill_after_chain=False),
-                   PathSearchParams(max_hops=3, k=12, heuristic="bidirectional", distinct_nodes=False),
-                   PathSearchParams(max_hops=3, k=3, heuristic="bidirectional", max_expansions=3)):
-        for bitgen in (np.random.PCG64, np.random.Philox):
-            compiled = run(params, bitgen)
-            paths_mod.JIT_STATS["available"] = False
-            try:
-                python = run(params, bitgen)
-            finally:
-                paths_mod.JIT_STATS["available"] = True
-            assert compiled == python
-            hits += sum(any(p["method"] == "relation" for p in ps) for ps, _ in compiled[0])
+    results = _compiled_equals_python(run, (
+        PathSearchParams(max_hops=3, k=4, heuristic="bidirectional", fill_after_chain=False),
+        PathSearchParams(max_hops=3, k=12, heuristic="bidirectional", distinct_nodes=False),
+        PathSearchParams(max_hops=3, k=3, heuristic="bidirectional", max_expansions=3)))
+    hits = sum(any(p["method"] == "relation" for p in ps) for compiled in results for ps, _ in compiled[0])
     assert hits > 60  # the chains were found often enough for the comparison to mean something
 
 

@@ -44,6 +44,22 @@ def _numba_enabled() -> bool:
     return ok
 
 
+def _pick_swap_src(bn, be, i, end, fnptr, state):
+    """Lazy Fisher-Yates step: swap entry ``i`` with one of ``i .. end-1`` picked by one 64-bit draw
+    (the high 64 bits of ``raw * (end - i)``, as the Python loops' ``(raw() * n) >> 64``)."""
+    x = _nb_next_u64(fnptr, state)  # noqa: F821 (set by _build_numba_enum)
+    w = np.uint64(end - i)
+    hi_ = (x >> np.uint64(32)) * w
+    lo_ = (x & np.uint64(0xFFFFFFFF)) * w
+    j = i + np.int64((hi_ + (lo_ >> np.uint64(32))) >> np.uint64(32))
+    t = bn[i]
+    bn[i] = bn[j]
+    bn[j] = t
+    t = be[i]
+    be[i] = be[j]
+    be[j] = t
+
+
 def _build_numba_enum():
     import numba
     from llvmlite import ir
@@ -65,6 +81,7 @@ def _build_numba_enum():
     # a module global, not a closure cell: numba's on-disk cache keys on closure contents (an
     # intrinsic there would miss the cache in every new process)
     globals()["_nb_next_u64"] = next_u64
+    globals()["_nb_pick_swap"] = numba.njit(cache=True, nogil=True)(_pick_swap_src)
 
     def enum(indptr, nbr, M, bitv, source, target, L, distinct, kleft, budget_left, fnptr, state):
         """Simple paths source -> target of exactly L hops (see ``_bidirectional``): returns
@@ -83,8 +100,6 @@ def _build_numba_enum():
         exp = 0
         scanned = 0
         exhausted = False
-        mask32 = np.uint64(0xFFFFFFFF)
-        s32 = np.uint64(32)
         path[0] = source
         plen = 1
         u = source
@@ -134,18 +149,8 @@ def _build_numba_enum():
                     if plen > 1:
                         plen -= 1
                     continue
-                if m - i > 1:  # the high 64 bits of raw * (m - i), as the Python loop's ``>> 64``
-                    x = _nb_next_u64(fnptr, state)  # noqa: F821 (set above)
-                    n = np.uint64(m - i)
-                    hi_ = (x >> s32) * n
-                    lo_ = (x & mask32) * n
-                    j = i + np.int64((hi_ + (lo_ >> s32)) >> s32)
-                    t = bn[i]
-                    bn[i] = bn[j]
-                    bn[j] = t
-                    t = be[i]
-                    be[i] = be[j]
-                    be[j] = t
+                if m - i > 1:
+                    _nb_pick_swap(bn, be, i, m, fnptr, state)  # noqa: F821 (set above)
                 fcur[f] = i + 1
                 v = bn[i]
                 onpath = False
@@ -260,12 +265,13 @@ def _chain_numba(rng):
             JIT_STATS["kernels"].append("chain")
     if not kern:
         return None
+    c = bg.ctypes
     fn = _NB.get(tp)
     if fn is None:
         import ctypes
 
-        fn = _NB[tp] = ctypes.cast(bg.ctypes.next_uint64, ctypes.c_void_p).value
-    return kern, fn, bg.ctypes.state_address
+        fn = _NB[tp] = ctypes.cast(c.next_uint64, ctypes.c_void_p).value
+    return kern, fn, c.state_address
 
 
 def _chain_layers_src(indptr, nbr, rel, A, target, budget):
@@ -320,8 +326,6 @@ def _chain_src(indptr, nbr, rel, fwd, A, source, target, distinct, k, budget, pr
         indptr, nbr, rel, A, target, budget)
     if not ok:
         return 0, out_n, out_e, 0, scanned
-    mask32 = np.uint64(0xFFFFFFFF)
-    s32 = np.uint64(32)
     path = np.empty(n + 1, dtype=np.int64)
     pe = np.empty(n + 1, dtype=np.int64)
     fstart = np.empty(n + 1, dtype=np.int64)
@@ -405,18 +409,8 @@ def _chain_src(indptr, nbr, rel, fwd, A, source, target, distinct, k, budget, pr
                     plen -= 1
                 continue
             end = fmid[f] if c < fmid[f] else m
-            if end - c > 1:  # the high 64 bits of raw * (end - c), as the Python loop's ``>> 64``
-                x = _nb_next_u64(fnptr, state)  # noqa: F821 (set by _build_numba_enum)
-                w = np.uint64(end - c)
-                hi_ = (x >> s32) * w
-                lo_ = (x & mask32) * w
-                j = c + np.int64((hi_ + (lo_ >> s32)) >> s32)
-                t = bn[c]
-                bn[c] = bn[j]
-                bn[j] = t
-                t = be[c]
-                be[c] = be[j]
-                be[j] = t
+            if end - c > 1:
+                _nb_pick_swap(bn, be, c, end, fnptr, state)  # noqa: F821 (set by _build_numba_enum)
             fcur[f] = c + 1
             v = bn[c]
             e = be[c]
