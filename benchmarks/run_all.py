@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SCRIPTS = ["bench_paths.py", "bench_ka_loss.py", "bench_generation.py", "bench_dpo.py", "bench_accuracy.py",
-           "bench_recipes.py", "bench_synth_scale.py"]
+           "bench_recipes.py", "bench_synth_scale.py", "bench_question_paths.py"]
 
 
 def _get(d, *keys, default=None):
@@ -89,6 +89,12 @@ def rows() -> list[list[str]]:
         else:
             out.append(["Ray Data sampling stage 1 -> 2 workers", "`paths.json`", "not measured", "report", "—", "—"])
     out += synth_scale_rows()
+    qp = _load("question_paths.json")
+    for kg, r in ((qp or {}).get("results") or {}).items():
+        on, off = r["steered"]["shares"]["all"], r["baseline"]["shares"]["all"]
+        out.append([f"First path takes the question's relation chain ({kg}, {on['n']} generated 2-3-hop questions)",
+                    "`question_paths.json`", f"{on['takes_chain']:.3f} steered vs {off['takes_chain']:.3f} re-ranked only "
+                    f"({r['ratio_takes_chain']:.1f}x)", f">= {qp['target']}", _met(r["target_met"]), _load_of(qp)])
     ka = _load("ka_loss.json")
     if ka:
         entry, which = (ka["full"], "full") if "full" in ka else (ka.get("quick"), "quick")
