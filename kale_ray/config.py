@@ -402,6 +402,9 @@ class EvalConfig:
         default_factory=lambda: GenerationConfig(max_tokens=16, temperature=0.0)
     )
     known_and_incorrect: bool = True
+    # Held-out general questions asked in the same generation pass (is general ability lost?):
+    # "builtin:general" (kale_ray/data/general_qa.jsonl, 200 multiple-choice questions), a QA JSONL file, "" = off.
+    general: str = "builtin:general"
 
 
 @dataclasses.dataclass

@@ -4,11 +4,12 @@
 
 * every input file the config names exists and can be read: ``kg.source`` (unless ``builtin:``),
   ``kg.names``, ``qa.source`` / ``qa.test_file`` when they are files, ``pairs.source``,
-  ``kb.sources``, and the ``data`` / ``synth`` input of ``train``, ``evaluate`` and ``prepare``;
+  ``kb.sources``, ``general`` (unless ``builtin:``) and the ``data`` / ``synth`` input of ``train``,
+  ``evaluate`` and ``prepare``;
   found wherever the section sits in the job's tree (``synth.kg.source`` in the demo);
 * a local KG of at most :data:`PARSE_LIMIT` bytes parses (malformed lines raise the KG reader's
   own one-line ``file:line: reason`` error under ``kg.on_error=error``); bigger KGs are parsed by
-  the job, with the same message;
+  the job, with the same message; the general questions (``eval.general``) parse likewise;
 * the job's output folder (``out_dir`` / ``out``) is writable (a probe written and deleted through
   :class:`~kale_ray.runtime.storage.Storage`, so ``/proc/x`` or a path below a file fails here);
 * settings that cannot work together are refused (``qa.test_file`` with generated questions).
@@ -23,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from kale_ray.config import KGConfig, QAConfig
+from kale_ray.config import EvalConfig, KGConfig, QAConfig
 
 # Local KGs up to this size (all files together) are parsed before Ray starts.
 PARSE_LIMIT = 16 << 20
@@ -44,6 +45,7 @@ def _input_fields() -> dict[type, list[tuple[str, tuple[str, ...]]]]:
         LongFormQAConfig: [("source", ("kg",)), ("test_file", ())],
         PairsConfig: [("source", ("neighbourhood",))],
         KBConfig: [("*sources", ())],
+        EvalConfig: [("general", ())],
     }
 
 
@@ -130,6 +132,18 @@ def check_kg_parses(key: str, kg: KGConfig) -> None:
         raise PreflightError(f"{key}: {e}") from None
 
 
+def check_general_parses(key: str, spec: str) -> None:
+    """Read the general questions the way the evaluation will: an unknown ``builtin:`` name, a
+    missing file or the first bad row stops here (the QA reader's one-line ``file:line: reason``)."""
+    from kale_ray.methods.kale.general import general_file, read_general
+
+    try:
+        path = general_file(spec, key)
+    except FileNotFoundError as e:
+        raise PreflightError(str(e)) from None
+    read_general(path)
+
+
 def check_writable(key: str, uri: str) -> None:
     """StorageError naming ``key``, the URI and the reason unless a probe can be written there and deleted."""
     from kale_ray.runtime.storage import Storage
@@ -157,6 +171,8 @@ def preflight(job: str, cfg: Any, *, parse: bool = True) -> None:
         for prefix, sec in _sections(cfg):
             if isinstance(sec, KGConfig):
                 check_kg_parses(f"{prefix}source", sec)
+            if isinstance(sec, EvalConfig) and sec.general:
+                check_general_parses(f"{prefix}general", sec.general)
     for key, uri in output_dirs(job, cfg):
         check_writable(key, uri)
     check_stale_outputs(job, cfg)

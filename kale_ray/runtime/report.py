@@ -1,6 +1,6 @@
 """What every method's report shares: one number format (:func:`fmt`), a small markdown builder
 (:class:`Markdown`: title, paragraphs, bullet lists, tables, the "Time per stage" section every
-recipe ends with), the machine a run ran on and a proportion's interval. Each method's
+recipe ends with), the machine a run ran on, a proportion's interval and a paired difference's. Each method's
 ``methods/<m>/report.py`` writes only what is its own with it.
 
 Pure (math + platform + pathlib; the framework versions are read only when asked for).
@@ -22,6 +22,21 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_difference(a: Mapping[str, bool], b: Mapping[str, bool], z: float = 1.96) -> dict[str, Any]:
+    """``b - a`` per item on the items both answered (+1, 0 or -1 each): the mean difference with a 95%
+    normal interval of the paired differences, and how many items only ``a`` / only ``b`` got right
+    (``diff`` and ``ci95`` None for fewer than two shared items)."""
+    d = [int(bool(b[k])) - int(bool(a[k])) for k in sorted(set(a) & set(b))]
+    n = len(d)
+    out: dict[str, Any] = {"n": n, "diff": None, "ci95": [None, None], "only_a_right": d.count(-1),
+                           "only_b_right": d.count(1)}
+    if n >= 2:
+        m = sum(d) / n
+        half = z * math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1) / n)
+        out.update(diff=m, ci95=[m - half, m + half])
+    return out
 
 
 def machine_info() -> dict[str, Any]:

@@ -41,6 +41,15 @@ def test_demo_tiny(tmp_path):
     assert on_disk["question_blind"]["range"]["n"] == on_disk["eval"]["kale"]["n_questions"]
     assert on_disk["gate"]["sft_accuracy"] == on_disk["sft"]["accuracy"] and "passed" in on_disk["gate"]
     assert "## Testbed gate (SFT)" in report and "## Question-blind baselines" in report
+    # the held-out general questions (eval.general, never trained on): asked of every evaluated model in its pass
+    from kale_ray.methods.kale.general import general_file, read_general
+
+    n_general = len(read_general(general_file("builtin:general")))
+    for name, m in on_disk["eval"].items():
+        assert m["general"]["n"] == n_general and m["general"]["source"] == "builtin:general", name
+        assert len((tmp_path / f"eval_{name}" / "general_predictions.jsonl").read_text().splitlines()) == n_general
+    assert on_disk["general"]["kale_minus_sft"]["n"] == n_general
+    assert "## General ability (held-out general QA, never trained on)" in report
     png = (tmp_path / "plot.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     # every hop of every synthesised path is a KG triple

@@ -32,7 +32,8 @@ OPTIONAL = ["kale_ray.runtime.storage"]
 PURE = sorted(set(_core_modules()) | {
     "kale_ray.config", "kale_ray.cli", "kale_ray.methods.kale.metrics", "kale_ray.methods.kale.evaluate",
     "kale_ray.runtime.stages", "kale_ray.runtime.generate", "kale_ray.runtime.report", "kale_ray.runtime.ray",
-    "kale_ray.methods.kale.report", "kale_ray.methods.kard.report", "kale_ray.methods.kalm.report",
+    "kale_ray.methods.kale.report", "kale_ray.methods.kale.general", "kale_ray.methods.kard.report",
+    "kale_ray.methods.kalm.report",
     "kale_ray.methods.knowtuning.report", "kale_ray.methods.kale.recipe", "kale_ray.methods.kard.recipe",
     "kale_ray.synth.qa_source", "kale_ray.synth.ids",
     "kale_ray.methods.kard.config", "kale_ray.methods.kard.data", "kale_ray.methods.kard.kb",

@@ -119,6 +119,32 @@ def test_kale_report(tmp_path):
     assert "KALE - SFT" not in _report(tmp_path, write_report, kale2)
 
 
+def _general_metrics(a: float, n: int = 200) -> dict:
+    return {"n": n, "accuracy": a, "accuracy_ci95": [a - 0.07, a + 0.07], "parse_rate": 0.9, "skipped": 0,
+            "source": "builtin:general",
+            "by_category": {"units": {"n": 28, "accuracy": a}, "history": {"n": 28, "accuracy": 0.25}}}
+
+
+def test_the_report_has_the_general_ability_table(tmp_path):
+    from kale_ray.methods.kale.report import write_report
+
+    m = copy.deepcopy(kale)
+    m["eval"] = {"base": ev_kale(0.3), **m["eval"]}
+    for name, a in (("base", 0.41), ("sft", 0.4), ("kale", 0.375)):
+        m["eval"][name]["general"] = _general_metrics(a)
+    m["general"] = {"kale_minus_sft": {"n": 200, "diff": -0.025, "ci95": [-0.06, 0.01], "only_a_right": 12,
+                                       "only_b_right": 7}}
+    write_report(tmp_path, m)
+    r = (tmp_path / "report.md").read_text()
+    assert "## General ability (held-out general QA, never trained on)" in r
+    assert "| model | accuracy [95% CI] | parse rate | n |" in r
+    assert "| kale | 0.375 [0.305, 0.445] | 0.900 | 200 |" in r and "| base | 0.410 [0.340, 0.480] | 0.900 | 200 |" in r
+    assert "KALE - SFT, paired per question: **-2.5 points** (95% CI [-6.0, +1.0], n=200" in r
+    assert "| model | history | units |" in r and "| sft | 0.250 | 0.400 |" in r
+    write_report(tmp_path, kale)
+    assert "General ability" not in (tmp_path / "report.md").read_text()
+
+
 def test_kard_report(tmp_path):
     from kale_ray.methods.kard.config import KARDJobConfig
     from kale_ray.methods.kard.report import write_report

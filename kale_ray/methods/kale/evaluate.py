@@ -4,7 +4,8 @@ The student sees exactly the prompt string training used (``student_messages`` r
 with the model's chat template), greedy decoding; answers are scored by choice matching
 (multiple choice) or normalised match (open questions). A test file written by synthesis marks
 the rows whose answer does not link to the KG (``"answer_linked": false``); the metrics then also
-hold ``linked``: the same metrics over the linked rows only.
+hold ``linked``: the same metrics over the linked rows only. The held-out general questions
+(``general``, :mod:`kale_ray.methods.kale.general`) go through the same pass and are summarised apart.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from kale_ray.core.parse import is_correct
 from kale_ray.core.prompts import render_chat, student_messages
 from kale_ray.core.qa import QAExample, read_qa_jsonl
 from kale_ray.core.rejects import Rejects
-from kale_ray.methods.kale.metrics import summarize
+from kale_ray.methods.kale.general import PREDICTIONS, general_file, general_items, read_general
+from kale_ray.methods.kale.metrics import summarize, summarize_general
 
 
 def eval_items(questions: list[QAExample], with_probes: bool = True) -> list[dict[str, Any]]:
@@ -35,6 +37,13 @@ def eval_items(questions: list[QAExample], with_probes: bool = True) -> list[dic
                               "choices": list(p.get("choices") or []),
                               "all_answers": list(p.get("all_answers") or [p["answer"]]), "num_hops": 1})
     return items
+
+
+def build_items(cfg: EvalConfig, questions: list[QAExample]) -> list[dict[str, Any]]:
+    """Everything one generation pass asks: the test questions (with their hop probes when
+    ``cfg.known_and_incorrect``), then the general questions of ``cfg.general`` (none for "")."""
+    general = general_file(cfg.general)
+    return eval_items(questions, cfg.known_and_incorrect) + (general_items(read_general(general)) if general else [])
 
 
 def score(item: dict[str, Any], generation: str, error: str = "") -> dict[str, Any]:
@@ -78,7 +87,8 @@ def _skip_reason(error: str) -> str:
 
 
 def evaluate(cfg: EvalConfig, label: str = "model", progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Evaluate ``cfg.model`` on ``cfg.data``; write predictions.jsonl and metrics.json. Ray must be up.
+    """Evaluate ``cfg.model`` on ``cfg.data`` (and ``cfg.general``); write predictions.jsonl (and
+    general_predictions.jsonl) and metrics.json. Ray must be up.
 
     ``generation.backend``: ``vllm`` (the model's folder or hub name) or ``http`` (an
     OpenAI-compatible endpoint serving ``model.name``), both through kale_ray.runtime.generate.
@@ -94,10 +104,12 @@ def evaluate(cfg: EvalConfig, label: str = "model", progress: Callable[[str], No
     questions = list(read_qa_jsonl(cfg.data, rejects))
     if rejects.total():
         rejects.write_jsonl(out_dir / "rejected_qa_lines.jsonl")
-    items = eval_items(questions, cfg.known_and_incorrect)
+    general = general_file(cfg.general)
+    items = build_items(cfg, questions)
     model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)
     tok = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    progress(f"[eval:{label}] {len(questions)} questions, {len(items)} items (with hop probes) through vLLM")
+    progress(f"[eval:{label}] {len(questions)} questions, {len(items)} items (with hop probes and general "
+             f"questions) through vLLM")
     # Over-long prompts are not sent (runtime.generate checks the budget): they score as skipped.
     msgs = {it["item_id"]: student_messages(it["question"], it["choices"]) for it in items}
     gens = generate([{"key": i, "prompt": render_chat(m, tok), "messages": m} for i, m in msgs.items()],
@@ -106,8 +118,13 @@ def evaluate(cfg: EvalConfig, label: str = "model", progress: Callable[[str], No
     if len(scored) != len(items):
         raise RuntimeError(f"evaluation lost items: {len(items)} in, {len(scored)} scored")
     scored.sort(key=lambda r: r["item_id"])
+    held_out = [r for r in scored if r["kind"] == "general"]
+    scored = [r for r in scored if r["kind"] != "general"]
     write_jsonl(out_dir / "predictions.jsonl", scored)
     metrics = with_linked(summarize(scored), scored, unlinked_ids(cfg.data))
+    if general:
+        write_jsonl(out_dir / PREDICTIONS, held_out)
+        metrics["general"] = dict(summarize_general(held_out), source=cfg.general, file=str(general))
     metrics.update(label=label, model=cfg.model.name, data=cfg.data, seconds=time.perf_counter() - t0)
     write_json(out_dir / "metrics.json", metrics)
     progress(f"[eval:{label}] accuracy {metrics['accuracy']:.3f} (n={metrics['n_questions']}), "
@@ -117,4 +134,7 @@ def evaluate(cfg: EvalConfig, label: str = "model", progress: Callable[[str], No
         lk = metrics["linked"]
         progress(f"[eval:{label}] {metrics['n_answer_unlinked']} questions' answers do not link to the KG; "
                  f"accuracy without them {lk['accuracy']:.3f} (n={lk['n_questions']})")
+    if general:
+        g = metrics["general"]
+        progress(f"[eval:{label}] general questions ({cfg.general}): accuracy {g['accuracy']:.3f} (n={g['n']})")
     return metrics

@@ -12,7 +12,6 @@ give the answer away.
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -40,7 +39,7 @@ def summarize(predictions: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
     Each prediction: ``kind`` ("question" | "probe"), ``qid`` (the multi-hop question it
     belongs to), ``correct`` (bool), ``parsed`` (bool), ``skipped`` (str reason or ""),
-    ``num_hops``.
+    ``num_hops``. Any other kind (``"general"``: :func:`summarize_general`) is left out.
     """
     questions: dict[str, dict] = {}
     probes: dict[str, list[bool]] = defaultdict(list)
@@ -48,6 +47,8 @@ def summarize(predictions: Iterable[dict[str, Any]]) -> dict[str, Any]:
     skipped: dict[str, int] = defaultdict(int)
     unparsed = 0
     for p in predictions:
+        if p.get("kind") not in ("question", "probe"):
+            continue
         if p.get("skipped"):
             skipped[p["skipped"]] += 1
             continue
@@ -112,6 +113,26 @@ def summarize(predictions: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "n_probe_format_mismatch": len(mismatched),
         "skipped": dict(skipped),
     }
+
+
+def _accuracy(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """n, accuracy with its 95% Wilson interval and the share of answers that named a choice (parsed)."""
+    n, k = len(rows), sum(bool(r["correct"]) for r in rows)
+    lo, hi = wilson_interval(k, n)
+    return {"n": n, "accuracy": k / n if n else 0.0, "accuracy_ci95": [lo, hi],
+            "parse_rate": sum(bool(r.get("parsed")) for r in rows) / n if n else 0.0}
+
+
+def summarize_general(predictions: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The held-out general questions (``kind="general"``): accuracy with a 95% Wilson interval, n, parse
+    rate, overall and per ``category``; skipped items (too long, generation failed) are counted apart."""
+    rows = [p for p in predictions if p.get("kind") == "general"]
+    answered = [p for p in rows if not p.get("skipped")]
+    by_category: dict[str, list] = defaultdict(list)
+    for p in answered:
+        by_category[p.get("category") or "uncategorised"].append(p)
+    return {**_accuracy(answered), "skipped": len(rows) - len(answered),
+            "by_category": {c: _accuracy(v) for c, v in sorted(by_category.items())}}
 
 
 # --------------------------------------------------------------------------- #

@@ -5,7 +5,8 @@
 1. synthesis: generated multi-hop QA -> KI paths -> vLLM teacher rationales (Ray Data)
 2. training rows rendered with the student's chat template
 3. SFT baseline and KALE, same data / steps / seed / LoRA, Ray Train + DeepSpeed
-4. evaluation of both (and the untrained base) on the held-out questions through vLLM
+4. evaluation of both (and the untrained base) on the held-out questions through vLLM, and in the same
+   pass on held-out general questions never trained on (``eval.general``): is general ability lost?
 5. metrics.json, report.md, plot.png
 
 Each stage is a ``Run.stage`` (kale_ray.runtime.stages) writing under ``--out``: a rerun with the
@@ -25,9 +26,10 @@ from kale_ray.config import KALEJobConfig, to_dict
 from kale_ray.core.io import read_jsonl
 from kale_ray.runtime.stages import Run, stage_config, without
 from kale_ray.runtime.tracking import TrackingConfig, numeric, start_run
+from kale_ray.methods.kale.general import general_correct, general_file, read_general
 from kale_ray.methods.kale.metrics import BLIND_PRIORS, gate, question_blind_baseline
 from kale_ray.methods.kale.report import plot, write_metrics, write_report
-from kale_ray.runtime.report import machine_info
+from kale_ray.runtime.report import machine_info, paired_difference
 
 
 def _job_tracking(cfg: KALEJobConfig, out: Path, job: str) -> TrackingConfig:
@@ -72,6 +74,14 @@ def _question_blind(cfg: KALEJobConfig, test_file: Path) -> dict:
     return {prior: question_blind_baseline(kg, questions, prior) for prior in BLIND_PRIORS}
 
 
+def _general(out: Path, evals: dict) -> dict:
+    """KALE - SFT on the held-out general questions, paired per question (their evaluations'
+    general_predictions.jsonl); {} when either was evaluated without them."""
+    if not all("general" in evals.get(name, {}) for name in ("sft", "kale")):
+        return {}
+    return {"kale_minus_sft": paired_difference(general_correct(out / "eval_sft"), general_correct(out / "eval_kale"))}
+
+
 def _run_demo(cfg: KALEJobConfig, progress: Callable[[str], None]) -> dict:
     from kale_ray.methods.kale.evaluate import evaluate
     from kale_ray.models import resolve_model
@@ -80,6 +90,10 @@ def _run_demo(cfg: KALEJobConfig, progress: Callable[[str], None]) -> dict:
     from kale_ray.train.trainer import run_training, stage_settings, training_stage
 
     out = Path(cfg.out).expanduser().resolve()
+    # The general questions (eval.general) are read before any work: a bad file stops here, naming its line.
+    general = general_file(cfg.eval.general, "eval.general")
+    if general:
+        read_general(general)
     run = Run(out, cfg, on_change=cfg.on_change, progress=progress, label="demo")
     # Local: logical CPUs for the train workers (one each) plus room for Ray Data's read/split
     # tasks; with exactly os.cpu_count() the data feed can starve.
@@ -120,12 +134,13 @@ def _run_demo(cfg: KALEJobConfig, progress: Callable[[str], None]) -> dict:
     for name, path in models + [(loss, t["merged"]) for loss, t in trained.items()]:
         ecfg = dataclasses.replace(cfg.eval, model=dataclasses.replace(cfg.train.model, name=path), data=str(test_file),
                                    out_dir=str(out / f"eval_{name}"))
-        # A trained model is named by its training settings (its folder's name says nothing).
+        # A trained model is named by its training settings (its folder's name says nothing); the general
+        # questions' file is an input by content (another file, or this one changed: the stage runs again).
         model_id = path if name == "base" else trained[name]["settings_hash"]
         evals[name] = run.stage(f"eval.{name}", lambda ecfg=ecfg, name=name: evaluate(ecfg, label=name, progress=progress),
                                 settings={"eval": without(to_dict(ecfg), ("model.name", "model.cache_dir")),
                                           "model": model_id},
-                                content_inputs=[test_file], outputs=[f"eval_{name}"],
+                                content_inputs=[test_file] + ([general] if general else []), outputs=[f"eval_{name}"],
                                 after="synthesis" if name == "base" else f"train.{name}")
 
     # 5. the shortcut check: how far the choices alone give the answers away (generated questions)
@@ -144,6 +159,7 @@ def _run_demo(cfg: KALEJobConfig, progress: Callable[[str], None]) -> dict:
                   for k, t in trained.items()},
         "eval": evals,
         "question_blind": blind,
+        "general": _general(out, evals),
         "gate": gate(evals.get("sft")),
         "sft": {"accuracy": evals["sft"]["accuracy"], "known_and_incorrect_rate": evals["sft"]["known_and_incorrect_rate"]},
         "kale": {"accuracy": evals["kale"]["accuracy"], "known_and_incorrect_rate": evals["kale"]["known_and_incorrect_rate"]},

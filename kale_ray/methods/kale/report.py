@@ -67,6 +67,7 @@ def write_report(out: Path, metrics: dict[str, Any]) -> None:
                  [[name] + [(f"{fmt(v[h]['accuracy'])} / {fmt(v[h]['probe_accuracy'])} / "
                              f"{fmt(v[h]['known_and_incorrect_rate'])} (n={v[h]['n_with_probes']})") if h in v else "-"
                             for h in hs] for name, v in by_hops.items()])
+    _general_section(md, metrics)
     g, blind = metrics.get("gate") or {}, metrics.get("question_blind") or {}
     if g:
         md.section("Testbed gate (SFT)")
@@ -96,6 +97,29 @@ def write_report(out: Path, metrics: dict[str, Any]) -> None:
     md.timings(metrics["timings"])
     md.para("![plot](plot.png)")
     md.write(out)
+
+
+def _general_section(md: Markdown, metrics: dict[str, Any]) -> None:
+    """Accuracy on the held-out general questions per model, KALE - SFT paired per question, and per
+    category; nothing when the run was evaluated without them (``eval.general=""``)."""
+    gen = {name: m["general"] for name, m in metrics["eval"].items() if m.get("general")}
+    if not gen:
+        return
+    md.section("General ability (held-out general QA, never trained on)")
+    md.table(["model", "accuracy [95% CI]", "parse rate", "n"],
+             [[name, f"{fmt(g['accuracy'])} [{fmt(g['accuracy_ci95'][0])}, {fmt(g['accuracy_ci95'][1])}]",
+               g["parse_rate"], g["n"]] for name, g in gen.items()])
+    d = (metrics.get("general") or {}).get("kale_minus_sft")
+    if d and d.get("diff") is not None:
+        md.para(f"KALE - SFT, paired per question: **{d['diff'] * 100:+.1f} points** (95% CI "
+                f"[{d['ci95'][0] * 100:+.1f}, {d['ci95'][1] * 100:+.1f}], n={d['n']}; "
+                f"only SFT right {d['only_a_right']}, only KALE right {d['only_b_right']}). Questions from `{next(iter(gen.values())).get('source')}`: "
+                "an interval wholly below zero means KALE cost general ability; one across zero, no difference "
+                "measurable with this many questions.")
+    cats = sorted({c for g in gen.values() for c in g.get("by_category", {})})
+    if cats:
+        md.table(["model"] + cats, [[name] + [g["by_category"].get(c, {}).get("accuracy") for c in cats]
+                                    for name, g in gen.items()])
 
 
 def write_metrics(out: Path, metrics: dict[str, Any]) -> None:
