@@ -91,12 +91,17 @@ def test_blind_pick_and_baseline_by_hand():
                    hops=[["ann", "r", "xen"]], num_hops=1)
     q3 = QAExample(id="3", question="?", answer="yam", choices=["yam", "xen"], all_answers=["yam"],
                    hops=[["cid", "r", "xen"], ["xen", "s", "yam"]], num_hops=2)
-    open_q = QAExample(id="4", question="?", answer="yam", num_hops=2)  # no choices: skipped
-    b = question_blind_baseline(kg, [q1, q2, q3.to_dict(), open_q], "range")
+    b = question_blind_baseline(kg, [q1, q2, q3.to_dict()], "range")
     assert b["n"] == 3 and b["prior"] == "range"
     assert b["by_hops"]["1"] == {"accuracy": 0.5, "chance": (1 / 3 + 1 / 2) / 2, "n": 2}
     assert b["by_hops"]["2"] == {"accuracy": 1.0, "chance": 0.5, "n": 1}  # yam is s's only tail
     assert b["accuracy"] == pytest.approx(2 / 3)
+    # an open question guesses among all 5 names: s's range is {yam}, so the range prior gets it
+    open_q = QAExample(id="4", question="?", answer="yam", hops=[["cid", "r", "xen"], ["xen", "s", "yam"]], num_hops=2)
+    o = question_blind_baseline(kg, [open_q], "range")
+    assert o["n"] == 1 and o["accuracy"] == 1.0 and o["chance"] == pytest.approx(1 / 5)
+    assert question_blind_baseline(kg, [open_q], "tail")["accuracy"] == 0.5  # xen and yam tie
+    assert question_blind_baseline(kg, [open_q], "answer")["accuracy"] == pytest.approx(1 / 5)  # no other question
     t = question_blind_baseline(kg, [q3], "tail")
     assert t["accuracy"] == 0.5  # xen and yam are both twice a tail: the credit is split
     assert question_blind_baseline(kg, [])["n"] == 0

@@ -173,13 +173,17 @@ def question_blind_baseline(kg, questions: Iterable[QAExample | Mapping[str, Any
     relation (the choices alone); ``"answer"``: most often the gold answer of the *other* given
     questions of the same hop count and last relation (the answer prior a model fine-tuned on such
     questions can learn; ``kg`` unused). Ties split the credit (1/ties if the gold answer is among
-    them), so the number is an expectation, not a lucky draw. Open questions (no choices) are
-    skipped. Near ``chance`` (the mean of 1/choices) means the choices do not give the answer away.
+    them), so the number is an expectation, not a lucky draw. Open questions (no choices) guess
+    among every entity name the same way (their chance: 1 / the number of names). Near ``chance``
+    (the mean of 1/choices) means the choices do not give the answer away.
     """
     if prior not in BLIND_PRIORS:
         raise ValueError(f"prior must be one of {BLIND_PRIORS}, got {prior!r}")
     qs = [q if isinstance(q, QAExample) else QAExample.from_dict(dict(q)) for q in questions]
-    qs = [q for q in qs if len(q.choices) >= 2]
+    qs = [q for q in qs if len(q.choices) >= 2 or not q.choices]
+    names: list[str] = []  # an open question's candidates: every entity name
+    if any(not q.choices for q in qs):
+        names = sorted(choice_prior(kg, None))
     golds: dict[tuple, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     if prior == "answer":
         for q in qs:
@@ -196,12 +200,13 @@ def question_blind_baseline(kg, questions: Iterable[QAExample | Mapping[str, Any
             if key not in cache:
                 cache[key] = choice_prior(kg, key)
             table = cache[key]
-        picked = blind_pick(q.choices, table)
+        cands = q.choices or names
+        picked = blind_pick(cands, table)
         gold = {normalize(a) for a in (q.all_answers or [q.answer])}
         hit = sum(normalize(c) in gold for c in picked)
         row = by_hops[str(q.num_hops)]
         row[0] += hit / len(picked)
-        row[1] += 1.0 / len(q.choices)
+        row[1] += 1.0 / len(cands)
         row[2] += 1
     n = sum(r[2] for r in by_hops.values())
     return {
