@@ -240,6 +240,9 @@ class SynthConfig:
     on_change: Literal["error", "overwrite"] = "error"
     # Path-search tasks in flight (0 = one per CPU of the cluster); each shares the KG zero-copy.
     search_workers: int = num(0, ge=0)
+    # Shards per path-search task (0 = auto: enough tasks for 8 per worker, at most 16 shards each).
+    # A task per shard costs a scheduling round trip each; each shard still has its own done marker.
+    search_shards_per_task: int = num(0, ge=0)
     # If the teacher's rationale fails verification, keep the example with the template
     # rationale (teacher='template-fallback') instead of only rejecting it. The rejected
     # teacher output is still written aside with its reason.

@@ -61,3 +61,18 @@ def test_landmark_table_is_built_once_into_the_cache_folder(tmp_path, monkeypatc
     table = paths.landmark_table(worker.index(True), build=False)
     assert table is not None and isinstance(table.dist.base, np.memmap) and built == []
     assert table.dist.shape[0] == worker.num_entities
+
+
+def test_shards_per_task_balances_and_caps():
+    from kale_ray.synth.pipeline import shards_per_task
+
+    assert shards_per_task(400, 2) == 16  # capped: a task stays a few seconds
+    assert shards_per_task(40, 2) == 2  # 20 tasks: about 8 a worker
+    assert shards_per_task(5, 2) == 1  # fewer shards than 8 a worker: one each
+    assert shards_per_task(0, 2) == 1
+    assert shards_per_task(10_000, 0) == 16  # no CPU reported: still a sane size
+    assert shards_per_task(400, 2, setting=3) == 3  # the setting wins
+    for shards in range(0, 500, 7):  # every shard is taken: tasks x per_task covers them
+        for workers in (1, 2, 8):
+            per = shards_per_task(shards, workers)
+            assert 1 <= per <= 16 and -(-shards // per) * per >= shards
