@@ -759,7 +759,11 @@ def targets(sizes: dict[str, dict]) -> list[dict[str, Any]]:
             add(n, "cached KG load + index <= 10 s", cached["load_and_index_s"], cold["load_and_index_s"], ratio,
                 cached["load_and_index_s"] <= 10 if n == 5_000_000 else None,
                 f"baseline: cold load; cached = {load.get('cached_means')}{at5}", "s")
-        bare = ((s.get("bare_search") or {}).get("result") or {}).get("qps_per_core")
+        bare_r = (s.get("bare_search") or {}).get("result") or {}
+        # the bare search's faster rate, per core of wall or per CPU-s: where page faults or other load
+        # stretch its wall time, the CPU rate is the honest (harder) baseline
+        rates = [x for x in (bare_r.get("qps_per_core"), bare_r.get("qps_per_cpu_s")) if x]
+        bare = max(rates) if rates else None
         pipes = s.get("pipeline") or {}
         ok_pipes = {qk: pr for qk, pr in pipes.items() if "path_stage_qps_per_core" in pr}
         if ok_pipes:
@@ -767,10 +771,11 @@ def targets(sizes: dict[str, dict]) -> list[dict[str, Any]]:
             pr = ok_pipes[qk]
             v = pr["path_stage_qps_per_core"]
             add(n, "pipeline path stage >= 1,500 questions/s per core", v, bare, v / bare if bare else None,
-                v >= 1500 if n == 1_000_000 else None, f"{pr['rows']} rows; baseline: bare search per core{at}", "q/s/core")
+                v >= 1500 if n == 1_000_000 else None, f"{pr['rows']} rows; baseline: bare search, the faster of per core and per CPU-s{at}", "q/s/core")
             if bare:
                 add(n, "pipeline >= 0.8x bare search per core", v / bare, 0.8, (v / bare) / 0.8,
-                    v / bare >= 0.8 if n == 1_000_000 else None, f"bare search {bare:.1f} q/s per core{at}", "x")
+                    v / bare >= 0.8 if n == 1_000_000 else None,
+                    f"bare search {bare:.1f} q/s (the faster of per core of wall and per CPU-s){at}", "x")
             bare_cpu = ((s.get("bare_search") or {}).get("result") or {}).get("qps_per_cpu_s")
             tq = pr.get("search_tasks_qps_per_cpu_s")
             if bare_cpu and tq:
