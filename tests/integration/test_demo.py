@@ -55,7 +55,7 @@ def test_demo_tiny(tmp_path):
     # every hop of every synthesised path is a KG triple
     from kale_ray.core.kg import load_kg
 
-    kg = load_kg("builtin:umls")
+    kg = load_kg(cfg.synth.kg.source)
     for p in (tmp_path / "synth" / "data").glob("shard-*.jsonl"):
         for line in p.read_text().splitlines():
             for path in json.loads(line)["paths"]:

@@ -1,6 +1,6 @@
-"""The main job: KALE end to end on the embedded defaults (UMLS + SmolLM2-135M-Instruct).
+"""The main job: KALE end to end on the embedded defaults (HPO + SmolLM2-135M-Instruct).
 
-    kale-ray kale --out runs/kale     (or: kale-ray demo --out runs/demo, the same job)
+    kale-ray kale --config configs/demo.yaml --out runs/kale     (or: kale-ray demo ..., the same job)
 
 1. synthesis: generated multi-hop QA -> KI paths -> vLLM teacher rationales (Ray Data)
 2. training rows rendered with the student's chat template
