@@ -276,6 +276,10 @@ def main(argv=None) -> dict:
     if args.quick:
         args.size = "smoke"
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    names = list(KA_GRID) if args.ka_grid == "all" else [n for n in args.ka_grid.split(",") if n]
+    unknown = [n for n in names if n not in KA_GRID]
+    if unknown:
+        raise SystemExit(f"bench_accuracy: --ka-grid {unknown}: not in {sorted(KA_GRID)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     load = Load()
     per_seed = []
@@ -318,21 +322,7 @@ def main(argv=None) -> dict:
           f"KALE - SFT {pts:+.2f} points (paired 95% CI {[round(100 * x, 2) for x in pooled['kale_minus_sft_paired']['ci95']]}); "
           f"K&I SFT {pooled['sft']['known_and_incorrect_rate']:.3f} KALE {pooled['kale']['known_and_incorrect_rate']:.3f}")
 
-    grid = []
-    names = list(KA_GRID) if args.ka_grid == "all" else [n for n in args.ka_grid.split(",") if n]
-    unknown = [n for n in names if n not in KA_GRID]
-    if unknown:
-        raise SystemExit(f"bench_accuracy: --ka-grid {unknown}: not in {sorted(KA_GRID)}")
-    for name in names:
-        g = run_ka_point(args.size, seeds[0], args.overrides, Path(args.out_root), args.key or args.size, name)
-        c = g["compare"]
-        print(f"KA {name} (seed {seeds[0]}): KALE {c['kale']['accuracy']:.3f} vs SFT {c['sft']['accuracy']:.3f}, paired "
-              f"{100 * c['kale_minus_sft_paired']['diff']:+.1f} points {[round(100 * x, 1) for x in c['kale_minus_sft_paired']['ci95']]}; "
-              f"K&I {c['kale']['n_known_and_incorrect']} vs {c['sft']['n_known_and_incorrect']}; unparsed "
-              f"{c['unparsed']['kale']} vs {c['unparsed']['sft']}", flush=True)
-        grid.append(g)
-        load.mark(f"ka {name}")
-
+    grid: list[dict] = []
     result = {
         "benchmark": "accuracy testbed: KALE vs SFT",
         "date": now(),
@@ -359,11 +349,23 @@ def main(argv=None) -> dict:
         "per_seed": per_seed,
         "pooled": pooled,
         "across_seeds": across,
-        "ka_grid": grid,
+        "ka_grid": grid,  # filled below, point by point
         "load": load.as_dict(),
     }
     path = write_result("accuracy", result, key=args.key or args.size)
     print(f"wrote {path}")
+    for name in names:
+        g = run_ka_point(args.size, seeds[0], args.overrides, Path(args.out_root), args.key or args.size, name)
+        c = g["compare"]
+        print(f"KA {name} (seed {seeds[0]}): KALE {c['kale']['accuracy']:.3f} vs SFT {c['sft']['accuracy']:.3f}, paired "
+              f"{100 * c['kale_minus_sft_paired']['diff']:+.1f} points {[round(100 * x, 1) for x in c['kale_minus_sft_paired']['ci95']]}; "
+              f"K&I {c['kale']['n_known_and_incorrect']} vs {c['sft']['n_known_and_incorrect']}; unparsed "
+              f"{c['unparsed']['kale']} vs {c['unparsed']['sft']}", flush=True)
+        grid.append(g)
+        load.mark(f"ka {name}")
+        result["load"] = load.as_dict()
+        print(f"wrote {write_result('accuracy', result, key=args.key or args.size)}", flush=True)  # after each point
+
     return result
 
 
