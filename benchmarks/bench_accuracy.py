@@ -7,8 +7,16 @@
         --ka-grid all                                  # issue 15: 5 seeds, then the KA settings at seed 0
 
 ``--ka-grid`` (names of ``KA_GRID``, or ``all``): after the seeds, KALE is trained again at the first seed
-under each KA setting the paper leaves open (KL direction, temperature, lambda; and the teacher view's own
-cross-entropy) into ``seed<k>/ka/<name>`` and compared, question by question, with that seed's SFT model.
+(or at each of ``--ka-seeds``) under each KA setting the paper leaves open (KL direction, temperature, lambda;
+and the teacher view's own cross-entropy) into ``seed<k>/ka/<name>`` and compared, question by question, with
+that seed's SFT model. Each setting is also pooled over the seeds it ran at, beside the default settings' KALE
+at those same seeds (``ka_pooled``).
+
+Seeds add up across calls: an entry's stored seeds and KA points that this call does not rerun are pooled with
+its own, from their stored counts (the same numbers as pooling the predictions), when the entry was made under
+the same settings (size and overrides); under other settings the entry is replaced, and the call says so.
+``--seeds ''`` reruns nothing and re-pools the stored entry (e.g. to add KA points at a seed of an earlier call:
+``--seeds '' --ka-seeds 3 --ka-grid teacher_ce1``, which needs that seed's run folder).
 
 Each seed is one whole run of the demo's pipeline (``kale_ray.methods.kale.recipe.run_demo``: synthesis on
 Ray Data + vLLM, SFT and KALE with the same rows / steps / LoRA budget on Ray Train +
@@ -49,7 +57,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Load, machine, now, versions, write_result  # noqa: E402
+from common import RESULTS, Load, machine, now, versions, write_result  # noqa: E402
+
+RESULTS_FILE = RESULTS / "accuracy.json"
 
 SIZES = {
     # a few minutes: machinery only
@@ -154,7 +164,8 @@ def counts(pred: dict) -> dict:
 
 
 def rates(c: dict) -> dict:
-    return {"n": c["n"], "accuracy": c["correct"] / c["n"] if c["n"] else 0.0, "accuracy_ci95": wilson(c["correct"], c["n"]),
+    return {"n": c["n"], "correct": c["correct"], "accuracy": c["correct"] / c["n"] if c["n"] else 0.0,
+            "accuracy_ci95": wilson(c["correct"], c["n"]),
             "known_and_incorrect_rate": c["n_ki"] / c["n_probed"] if c["n_probed"] else 0.0,
             "known_and_incorrect_ci95": wilson(c["n_ki"], c["n_probed"]), "n_probed": c["n_probed"],
             "n_known": c["n_known"], "n_known_and_incorrect": c["n_ki"]}
@@ -164,13 +175,80 @@ def paired(a: dict, b: dict) -> dict:
     """b - a per question on the shared questions: mean difference and a 95% normal interval."""
     common = sorted(set(a) & set(b))
     d = [int(b[q]) - int(a[q]) for q in common]
-    n = len(d)
+    return paired_from_counts(len(d), d.count(1), d.count(-1))
+
+
+def paired_from_counts(n: int, up: int, down: int) -> dict:
+    """The paired difference of ``n`` per-question differences in {-1, 0, +1}, ``up`` of them +1 and ``down``
+    -1: their mean and a 95% normal interval (the sample standard deviation, as ``statistics.stdev``). Counts
+    are all it needs, so seeds pool from their stored counts as exactly as from their predictions."""
+    out = {"n": n, "diff": float("nan"), "ci95": [float("nan")] * 2, "kale_only_right": up, "sft_only_right": down}
     if n < 2:
-        return {"n": n, "diff": float("nan"), "ci95": [float("nan")] * 2}
-    m = sum(d) / n
-    sd = statistics.stdev(d)
-    half = 1.96 * sd / math.sqrt(n)
-    return {"n": n, "diff": m, "ci95": [m - half, m + half], "kale_only_right": d.count(1), "sft_only_right": d.count(-1)}
+        return out
+    m = (up - down) / n
+    var = max(0.0, (up + down - n * m * m) / (n - 1))
+    half = 1.96 * math.sqrt(var) / math.sqrt(n)
+    return {**out, "diff": m, "ci95": [m - half, m + half]}
+
+
+def _counts_of(r: dict) -> dict:
+    """A ``rates`` dict back to its counts (entries written before ``correct`` was stored: from the accuracy)."""
+    return {"n": r["n"], "correct": r["correct"] if "correct" in r else round(r["accuracy"] * r["n"]),
+            "n_probed": r["n_probed"], "n_known": r["n_known"], "n_ki": r["n_known_and_incorrect"]}
+
+
+def pool_compares(parts: list[dict]) -> dict:
+    """Several ``compare`` results (one per seed: different test questions) as one, from their counts: the same
+    numbers ``compare`` gives on the seeds' predictions put together (``seeded``)."""
+    def one(cs: list[dict]) -> dict:
+        out = {m: rates({f: sum(_counts_of(c[m])[f] for c in cs) for f in ("n", "correct", "n_probed", "n_known", "n_ki")})
+               for m in ("sft", "kale")}
+        for key in ("kale_minus_sft_paired", "known_and_incorrect_kale_minus_sft_paired"):
+            out[key] = paired_from_counts(sum(c[key]["n"] for c in cs), sum(c[key].get("kale_only_right", 0) for c in cs),
+                                          sum(c[key].get("sft_only_right", 0) for c in cs))
+        out["unparsed"] = {m: sum(c["unparsed"][m] for c in cs) for m in ("sft", "kale")}
+        return out
+
+    out = one(parts)
+    hops = sorted({h for c in parts for h in c.get("by_hops", {})}, key=int)
+    out["by_hops"] = {h: one([c["by_hops"][h] for c in parts if h in c.get("by_hops", {})]) for h in hops}
+    return out
+
+
+def same_settings(stored: dict, size: str, extra: list[str]) -> bool:
+    """Whether a stored entry was made under this run's settings (size, its overrides and the extra ones):
+    only then do its seeds pool with this run's."""
+    cfg = stored.get("config") or {}
+    return (stored.get("size") == size and cfg.get("size_overrides") == SIZES[size]
+            and cfg.get("extra_overrides") == list(extra))
+
+
+def merge_seeds(stored: list[dict], fresh: list[dict]) -> list[dict]:
+    """Per-seed results: this run's, plus the stored ones of the seeds it did not run; by seed."""
+    ran = {r["seed"] for r in fresh}
+    return sorted([r for r in stored if r["seed"] not in ran] + list(fresh), key=lambda r: r["seed"])
+
+
+def merge_grid(stored: list[dict], fresh: list[dict]) -> list[dict]:
+    """KA points: this run's, plus the stored ones of the (setting, seed) pairs it did not run."""
+    ran = {(g["name"], g["seed"]) for g in fresh}
+    order = {n: i for i, n in enumerate(KA_GRID)}
+    return sorted([g for g in stored if (g["name"], g["seed"]) not in ran] + list(fresh),
+                  key=lambda g: (order.get(g["name"], len(order)), g["seed"]))
+
+
+def pool_grid(grid: list[dict], per_seed: list[dict]) -> dict:
+    """Each KA setting pooled over the seeds it ran at, beside the default KA settings at those same seeds (the
+    seeds' own KALE models): like is compared with like, whatever seeds a setting has."""
+    by_seed = {r["seed"]: r for r in per_seed if r.get("compare")}
+    out = {}
+    for name in dict.fromkeys(g["name"] for g in grid):
+        points = [g for g in grid if g["name"] == name]
+        seeds = sorted(g["seed"] for g in points)
+        out[name] = {"seeds": seeds, "overrides": points[0]["overrides"], "compare": pool_compares([g["compare"] for g in points]),
+                     "default_at_same_seeds": (pool_compares([by_seed[s]["compare"] for s in seeds])
+                                               if all(s in by_seed for s in seeds) else None)}
+    return out
 
 
 def run_seed(size: str, seed: int, extra: list[str], out_root: Path, key: str = "") -> dict:
@@ -197,7 +275,7 @@ def run_seed(size: str, seed: int, extra: list[str], out_root: Path, key: str = 
             "path_mode": {"heuristic": cfg.synth.paths.heuristic,
                           "follow_question_relations": cfg.synth.paths.follow_question_relations,
                           "teacher": cfg.synth.generation.backend},
-            "_preds": preds}
+            "compare": compare(preds["sft"], preds["kale"])}
 
 
 # issue 15 item 4: the KA settings the paper leaves open, one seed each, against the seed's own SFT model (the
@@ -271,6 +349,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="= --size smoke (what run_all.py --quick passes)")
     ap.add_argument("--ka-grid", default="", help="after the seeds: the KA settings (comma-separated names of KA_GRID, "
                     "or 'all') at the first seed, each against that seed's SFT")
+    ap.add_argument("--ka-seeds", default="", help="the seeds (comma-separated) the KA settings run at; default: the "
+                    "first of --seeds; each needs that seed's run (in this call or an earlier one)")
     ap.add_argument("overrides", nargs="*", help="extra KALEJobConfig overrides key.sub=value")
     args = ap.parse_args(argv)
     if args.quick:
@@ -280,11 +360,20 @@ def main(argv=None) -> dict:
     unknown = [n for n in names if n not in KA_GRID]
     if unknown:
         raise SystemExit(f"bench_accuracy: --ka-grid {unknown}: not in {sorted(KA_GRID)}")
+    ka_seeds = [int(x) for x in args.ka_seeds.split(",") if x.strip()] or seeds[:1]
+    key = args.key or args.size
+    # the entry's seeds and KA points from earlier calls pool with this call's when made under the same settings
+    stored = json.loads(RESULTS_FILE.read_text()).get(key) if RESULTS_FILE.exists() else None
+    if stored and not same_settings(stored, args.size, args.overrides):
+        print(f"bench_accuracy: the stored entry {key!r} (seeds {stored.get('seeds')}) was made under other settings "
+              f"({(stored.get('config') or {}).get('size_overrides')} + {(stored.get('config') or {}).get('extra_overrides')}); "
+              f"this run replaces it, nothing of it is pooled", flush=True)
+        stored = None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     load = Load()
     per_seed = []
     for s in seeds:
-        r = run_seed(args.size, s, args.overrides, Path(args.out_root), args.key or args.size)
+        r = run_seed(args.size, s, args.overrides, Path(args.out_root), key)
         per_seed.append(r)
         m = r["metrics"]
         print(f"seed {s}: SFT acc {m['sft']['accuracy']:.3f} {[round(x, 3) for x in m['sft']['accuracy_ci95']]}, "
@@ -298,24 +387,25 @@ def main(argv=None) -> dict:
         if ray.is_initialized():  # a fresh local Ray per seed: nothing of one seed's workers carries over
             ray.shutdown()
 
-    pooled_counts = {k: {f: sum(r["counts"][k][f] for r in per_seed) for f in per_seed[0]["counts"][k]}
-                     for k in per_seed[0]["counts"]}
-    pooled = {k: rates(c) for k, c in pooled_counts.items()}
+    fresh_seeds = [r["seed"] for r in per_seed]
+    per_seed = merge_seeds((stored or {}).get("per_seed") or [], per_seed)
+    if not per_seed:
+        raise SystemExit(f"bench_accuracy: no seeds to report: --seeds is empty and {RESULTS_FILE} has no entry {key!r} "
+                         "made under these settings")
+    reused = [r["seed"] for r in per_seed if r["seed"] not in fresh_seeds]
+    if reused:
+        print(f"bench_accuracy: pooling the stored seeds {reused} of {key!r} (same settings) with this run's {fresh_seeds}", flush=True)
+    seeds = [r["seed"] for r in per_seed]
+    models = [k for k in per_seed[0]["counts"] if all(k in r["counts"] for r in per_seed)]
+    pooled = {k: rates({f: sum(r["counts"][k][f] for r in per_seed) for f in per_seed[0]["counts"][k]}) for k in models}
     # paired over all (seed, question) pairs: questions of different seeds are different test items
-    sft_all = {f"{r['seed']}:{q}": v for r in per_seed for q, v in r["_preds"]["sft"]["questions"].items()}
-    kale_all = {f"{r['seed']}:{q}": v for r in per_seed for q, v in r["_preds"]["kale"]["questions"].items()}
-    pooled["kale_minus_sft_paired"] = paired(sft_all, kale_all)
-    pooled["compare"] = compare(seeded([(r["seed"], r["_preds"]["sft"]) for r in per_seed]),
-                                seeded([(r["seed"], r["_preds"]["kale"]) for r in per_seed]))
-    for r in per_seed:
-        r["compare"] = compare(r["_preds"]["sft"], r["_preds"]["kale"])
+    pooled["compare"] = pool_compares([r["compare"] for r in per_seed])
+    pooled["kale_minus_sft_paired"] = pooled["compare"]["kale_minus_sft_paired"]
     diffs = [r["metrics"]["kale"]["accuracy"] - r["metrics"]["sft"]["accuracy"] for r in per_seed]
     across = {"per_seed_diff": diffs, "mean": statistics.mean(diffs)}
     if len(diffs) > 1:
         half = t_quantile_975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
         across["ci95_t"] = [across["mean"] - half, across["mean"] + half]
-    for r in per_seed:
-        r.pop("_preds")
     pts = 100 * pooled["kale"]["accuracy"] - 100 * pooled["sft"]["accuracy"]
     print(f"pooled over seeds {seeds}: SFT {pooled['sft']['accuracy']:.3f} {[round(x, 3) for x in pooled['sft']['accuracy_ci95']]}, "
           f"KALE {pooled['kale']['accuracy']:.3f} {[round(x, 3) for x in pooled['kale']['accuracy_ci95']]}, "
@@ -349,22 +439,32 @@ def main(argv=None) -> dict:
         "per_seed": per_seed,
         "pooled": pooled,
         "across_seeds": across,
-        "ka_grid": grid,  # filled below, point by point
+        "ka_grid": [],  # filled below, point by point: the stored points and this call's
         "load": load.as_dict(),
     }
-    path = write_result("accuracy", result, key=args.key or args.size)
+    stored_grid = (stored or {}).get("ka_grid") or []
+    result["ka_grid"] = merge_grid(stored_grid, [])
+    result["ka_pooled"] = pool_grid(result["ka_grid"], per_seed)
+    if stored and stored.get("load"):
+        result["load_earlier_calls"] = stored.get("load_earlier_calls", []) + [stored["load"]]
+    path = write_result("accuracy", result, key=key)
     print(f"wrote {path}")
-    for name in names:
-        g = run_ka_point(args.size, seeds[0], args.overrides, Path(args.out_root), args.key or args.size, name)
-        c = g["compare"]
-        print(f"KA {name} (seed {seeds[0]}): KALE {c['kale']['accuracy']:.3f} vs SFT {c['sft']['accuracy']:.3f}, paired "
-              f"{100 * c['kale_minus_sft_paired']['diff']:+.1f} points {[round(100 * x, 1) for x in c['kale_minus_sft_paired']['ci95']]}; "
-              f"K&I {c['kale']['n_known_and_incorrect']} vs {c['sft']['n_known_and_incorrect']}; unparsed "
-              f"{c['unparsed']['kale']} vs {c['unparsed']['sft']}", flush=True)
-        grid.append(g)
-        load.mark(f"ka {name}")
-        result["load"] = load.as_dict()
-        print(f"wrote {write_result('accuracy', result, key=args.key or args.size)}", flush=True)  # after each point
+    for ka_seed in ka_seeds:
+        if names and ka_seed not in seeds:
+            raise SystemExit(f"bench_accuracy: --ka-seeds {ka_seed}: no run of seed {ka_seed} in {key!r} (seeds {seeds})")
+        for name in names:
+            g = run_ka_point(args.size, ka_seed, args.overrides, Path(args.out_root), key, name)
+            c = g["compare"]
+            print(f"KA {name} (seed {ka_seed}): KALE {c['kale']['accuracy']:.3f} vs SFT {c['sft']['accuracy']:.3f}, paired "
+                  f"{100 * c['kale_minus_sft_paired']['diff']:+.1f} points {[round(100 * x, 1) for x in c['kale_minus_sft_paired']['ci95']]}; "
+                  f"K&I {c['kale']['n_known_and_incorrect']} vs {c['sft']['n_known_and_incorrect']}; unparsed "
+                  f"{c['unparsed']['kale']} vs {c['unparsed']['sft']}", flush=True)
+            grid.append(g)
+            load.mark(f"ka {name} seed {ka_seed}")
+            result["load"] = load.as_dict()
+            result["ka_grid"] = merge_grid(stored_grid, grid)
+            result["ka_pooled"] = pool_grid(result["ka_grid"], per_seed)
+            print(f"wrote {write_result('accuracy', result, key=key)}", flush=True)  # after each point
 
     return result
 

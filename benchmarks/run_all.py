@@ -230,14 +230,29 @@ def _ka_tables(entry: dict) -> list[str]:
         parts += [""]
     grid = entry.get("ka_grid") or []
     if grid:
-        parts += [f"KA settings at seed {grid[0]['seed']}, each KALE model against that seed's SFT (same rows, steps, LoRA):", "",
-                  "| setting | KALE accuracy | KALE − SFT, points [95% CI] | K&I KALE (SFT) | unparsed answers KALE (SFT) | "
-                  "general QA KALE − SFT [95% CI] |", "|---|---|---|---|---|---|"]
+        parts += ["KA settings, each KALE model against its seed's SFT (same rows, steps, LoRA); the defaults are forward KL, "
+                  "T = 1, λ = 1, no teacher-view CE:", "",
+                  "| setting | seed | KALE accuracy | KALE − SFT, points [95% CI] | K&I KALE (SFT) | unparsed answers KALE (SFT) | "
+                  "general QA KALE − SFT [95% CI] |", "|---|---|---|---|---|---|---|"]
         for g in grid:
             v = g["compare"]
-            parts.append(f"| `{' '.join(g['overrides'])}` | {v['kale']['accuracy']:.3f} | {_pts(v['kale_minus_sft_paired'])} | "
+            parts.append(f"| `{' '.join(g['overrides'])}` | {g['seed']} | {v['kale']['accuracy']:.3f} | {_pts(v['kale_minus_sft_paired'])} | "
                          f"{v['kale']['n_known_and_incorrect']} ({v['sft']['n_known_and_incorrect']}) | "
                          f"{v['unparsed']['kale']} ({v['unparsed']['sft']}) | {_pts(g['general_kale_minus_sft'])} |")
+        parts += [""]
+    pooled = {k: v for k, v in (entry.get("ka_pooled") or {}).items() if len(v["seeds"]) > 1}
+    if pooled:
+        parts += ["KA settings run at more than one seed, pooled over those seeds, beside the default settings' KALE at the "
+                  "same seeds:", "",
+                  "| setting | seeds | n | KALE − SFT, points [95% CI] | default KALE − SFT, same seeds | "
+                  "K&I KALE / default / SFT | unparsed KALE / default / SFT |", "|---|---|---|---|---|---|---|"]
+        for v in pooled.values():
+            c, d = v["compare"], v["default_at_same_seeds"] or {}
+            parts.append(f"| `{' '.join(v['overrides'])}` | {','.join(map(str, v['seeds']))} | {c['sft']['n']} | "
+                         f"{_pts(c['kale_minus_sft_paired'])} | {_pts(d.get('kale_minus_sft_paired'))} | "
+                         f"{c['kale']['n_known_and_incorrect']} / {(d.get('kale') or {}).get('n_known_and_incorrect', '—')} / "
+                         f"{c['sft']['n_known_and_incorrect']} | {c['unparsed']['kale']} / "
+                         f"{(d.get('unparsed') or {}).get('kale', '—')} / {c['unparsed']['sft']} |")
         parts += [""]
     return parts
 
