@@ -215,12 +215,72 @@ def pool_compares(parts: list[dict]) -> dict:
     return out
 
 
+def pool_gate(per_seed: list[dict]) -> dict:
+    """The gate's numbers pooled over seeds, per model and hop count: multi-hop accuracy, hop-fact (probe) accuracy,
+    known and known & incorrect over the probed questions (each question of h hops has h probes), and each
+    question-blind prior's accuracy. A model is pooled over the seeds that evaluated it (``seeds``: the base model
+    is evaluated at some seeds only)."""
+    models: dict = {}
+    for r in per_seed:
+        for m, hops in (r.get("by_hops") or {}).items():
+            if not hops:
+                continue
+            e = models.setdefault(m, {"seeds": [], "by_hops": {}})
+            e["seeds"].append(r["seed"])
+            for h, v in hops.items():
+                n = v["n_with_probes"]
+                c = e["by_hops"].setdefault(h, {"n": 0, "correct": 0, "probes": 0, "probes_correct": 0, "n_known": 0, "n_ki": 0})
+                c["n"] += n
+                c["correct"] += round(v["accuracy"] * n)
+                c["probes"] += n * int(h)
+                c["probes_correct"] += round(v["probe_accuracy"] * n * int(h))
+                c["n_known"] += v["n_known"]
+                c["n_ki"] += v["n_known_and_incorrect"]
+
+    def row(c: dict) -> dict:
+        return {**c, "accuracy": c["correct"] / c["n"] if c["n"] else 0.0, "accuracy_ci95": wilson(c["correct"], c["n"]),
+                "probe_accuracy": c["probes_correct"] / c["probes"] if c["probes"] else 0.0,
+                "known_and_incorrect_rate": c["n_ki"] / c["n"] if c["n"] else 0.0, "known_and_incorrect_ci95": wilson(c["n_ki"], c["n"])}
+
+    out: dict = {"models": {}, "question_blind": {}}
+    for m, e in models.items():
+        total = {k: sum(c[k] for c in e["by_hops"].values()) for k in ("n", "correct", "probes", "probes_correct", "n_known", "n_ki")}
+        out["models"][m] = {"seeds": e["seeds"], "all": row(total),
+                            "by_hops": {h: row(c) for h, c in sorted(e["by_hops"].items(), key=lambda x: int(x[0]))}}
+    for r in per_seed:
+        for prior, v in (r.get("question_blind") or {}).items():
+            e = out["question_blind"].setdefault(prior, {"seeds": [], "n": 0, "correct": 0.0, "chance_sum": 0.0, "by_hops": {}})
+            e["seeds"].append(r["seed"])
+            e["n"] += v["n"]
+            e["correct"] += v["accuracy"] * v["n"]  # a prior's guess may split ties: expected correct, not a count
+            e["chance_sum"] += v["chance"] * v["n"]
+            for h, hv in (v.get("by_hops") or {}).items():
+                b = e["by_hops"].setdefault(h, {"n": 0, "correct": 0.0})
+                b["n"] += hv["n"]
+                b["correct"] += hv["accuracy"] * hv["n"]
+    for e in out["question_blind"].values():
+        e["accuracy"] = e["correct"] / e["n"] if e["n"] else 0.0
+        e["chance"] = e.pop("chance_sum") / e["n"] if e["n"] else 0.0
+        for b in e["by_hops"].values():
+            b["accuracy"] = b["correct"] / b["n"] if b["n"] else 0.0
+    return out
+
+
+# overrides that add a measurement without changing any output that is compared (the base model's evaluation is
+# a stage of its own; SFT's and KALE's stages do not depend on it): they do not stop seeds from pooling
+ADD_ONLY = ("eval_base=",)
+
+
 def same_settings(stored: dict, size: str, extra: list[str]) -> bool:
-    """Whether a stored entry was made under this run's settings (size, its overrides and the extra ones):
-    only then do its seeds pool with this run's."""
+    """Whether a stored entry was made under this run's settings (size, its overrides and the extra ones, but for
+    ``ADD_ONLY``): only then do its seeds pool with this run's."""
     cfg = stored.get("config") or {}
+
+    def outputs(xs) -> list[str]:
+        return [x for x in xs or [] if not x.startswith(ADD_ONLY)]
+
     return (stored.get("size") == size and cfg.get("size_overrides") == SIZES[size]
-            and cfg.get("extra_overrides") == list(extra))
+            and outputs(cfg.get("extra_overrides")) == outputs(extra))
 
 
 def merge_seeds(stored: list[dict], fresh: list[dict]) -> list[dict]:
@@ -396,8 +456,13 @@ def main(argv=None) -> dict:
     if reused:
         print(f"bench_accuracy: pooling the stored seeds {reused} of {key!r} (same settings) with this run's {fresh_seeds}", flush=True)
     seeds = [r["seed"] for r in per_seed]
-    models = [k for k in per_seed[0]["counts"] if all(k in r["counts"] for r in per_seed)]
-    pooled = {k: rates({f: sum(r["counts"][k][f] for r in per_seed) for f in per_seed[0]["counts"][k]}) for k in models}
+    pooled = {}
+    for k in dict.fromkeys(m for r in per_seed for m in r["counts"]):  # a model over the seeds that evaluated it
+        have = [r for r in per_seed if k in r["counts"]]
+        pooled[k] = rates({f: sum(r["counts"][k][f] for r in have) for f in have[0]["counts"][k]})
+        if len(have) < len(per_seed):
+            pooled[k]["seeds"] = [r["seed"] for r in have]
+    pooled["gate"] = pool_gate(per_seed)
     # paired over all (seed, question) pairs: questions of different seeds are different test items
     pooled["compare"] = pool_compares([r["compare"] for r in per_seed])
     pooled["kale_minus_sft_paired"] = pooled["compare"]["kale_minus_sft_paired"]

@@ -216,6 +216,27 @@ def _pts(d: dict) -> str:
 def _ka_tables(entry: dict) -> list[str]:
     """bench_accuracy's pooled per-hop comparison and its KA settings grid (when the entry has them)."""
     parts: list[str] = []
+    g = (entry.get("pooled") or {}).get("gate")
+    if g and g.get("models"):
+        hops = sorted({h for m in g["models"].values() for h in m["by_hops"]}, key=int)
+        parts += [f"The gate, pooled over seeds {entry['seeds']} (per hop count: multi-hop accuracy / hop-fact accuracy / "
+                  "known & incorrect rate, over the probed questions):", "",
+                  "| model | seeds | n | multi-hop accuracy [95% CI] | hop-fact accuracy | known | known & incorrect [95% CI] | "
+                  + " | ".join(f"{h}-hop" for h in hops) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(hops)]
+        for name in [m for m in ("base", "sft", "kale") if m in g["models"]]:
+            m = g["models"][name]
+            a = m["all"]
+            cells = [f"{m['by_hops'][h]['accuracy']:.3f} / {m['by_hops'][h]['probe_accuracy']:.3f} / "
+                     f"{m['by_hops'][h]['known_and_incorrect_rate']:.3f}" if h in m["by_hops"] else "—" for h in hops]
+            parts.append(f"| {name} | {','.join(map(str, m['seeds']))} | {a['n']} | {a['accuracy']:.3f} "
+                         f"[{a['accuracy_ci95'][0]:.3f}, {a['accuracy_ci95'][1]:.3f}] | {a['probe_accuracy']:.3f} | {a['n_known']} | "
+                         f"{a['n_ki']} ({a['known_and_incorrect_rate']:.3f} [{a['known_and_incorrect_ci95'][0]:.3f}, "
+                         f"{a['known_and_incorrect_ci95'][1]:.3f}]) | " + " | ".join(cells) + " |")
+        for prior, b in sorted(g.get("question_blind", {}).items()):
+            cells = [f"{b['by_hops'][h]['accuracy']:.3f}" if h in b["by_hops"] else "—" for h in hops]
+            parts.append(f"| question-blind, {prior} prior (chance {b['chance']:.3f}) | {','.join(map(str, b['seeds']))} | {b['n']} | "
+                         f"{b['accuracy']:.3f} | — | — | — | " + " | ".join(cells) + " |")
+        parts += [""]
     c = (entry.get("pooled") or {}).get("compare")
     if c:
         parts += [f"Pooled over seeds {entry['seeds']}, per hop count (known & incorrect: share of the probed questions; "
@@ -277,7 +298,9 @@ def method_tables() -> str:
                          f"{100 * d['diff']:+.1f} pts [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] | "
                          f"{m['sft']['known_and_incorrect_rate']:.3f} | {m['kale']['known_and_incorrect_rate']:.3f} |")
         p, d = entry["pooled"], entry["pooled"]["kale_minus_sft_paired"]
-        parts.append(f"| pooled | {p['kale']['n']} | {_f((p.get('base') or {}).get('accuracy'))} | {cell(p['sft'])} | {cell(p['kale'])} | "
+        base = _f((p.get('base') or {}).get('accuracy')) + (f" (seeds {','.join(map(str, p['base']['seeds']))})"
+                                                            if (p.get('base') or {}).get('seeds') else "")
+        parts.append(f"| pooled | {p['kale']['n']} | {base} | {cell(p['sft'])} | {cell(p['kale'])} | "
                      f"{100 * d['diff']:+.1f} pts [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] | "
                      f"{p['sft']['known_and_incorrect_rate']:.3f} | {p['kale']['known_and_incorrect_rate']:.3f} |")
         a = entry.get("across_seeds") or {}

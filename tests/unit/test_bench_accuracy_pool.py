@@ -87,6 +87,8 @@ def test_other_settings_never_pool():
     assert ba.same_settings(entry, "testbed", ["eval_base=false"])
     assert not ba.same_settings(entry, "testbed", ["eval_base=false", "train.epochs=2"])
     assert not ba.same_settings(entry, "smoke", ["eval_base=false"])
+    # the base model's evaluation adds a measurement and changes nothing compared: the seeds still pool
+    assert ba.same_settings(entry, "testbed", []) and ba.same_settings(entry, "testbed", ["eval_base=true"])
     changed = {**entry, "config": {**entry["config"], "size_overrides": ba.SIZES["testbed"][:-1]}}
     assert not ba.same_settings(changed, "testbed", ["eval_base=false"])
 
@@ -106,3 +108,39 @@ def test_ka_setting_pooled_beside_the_default_at_the_same_seeds():
     assert p["seeds"] == [0, 3]
     assert p["compare"]["sft"]["n"] == 60 and p["default_at_same_seeds"]["sft"]["n"] == 60
     _close(p["default_at_same_seeds"], ba.pool_compares([per_seed[0]["compare"], per_seed[1]["compare"]]))
+
+
+def _scored(rng: random.Random, seed: int, n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        h = rng.choice([2, 3])
+        qid = f"{seed}:q{i}"
+        rows.append({"kind": "question", "qid": qid, "correct": rng.random() < 0.45, "parsed": True, "num_hops": h})
+        rows += [{"kind": "probe", "qid": qid, "correct": rng.random() < 0.65, "parsed": True, "num_hops": 1} for _ in range(h)]
+    return rows
+
+
+def test_pooled_gate_equals_the_gate_over_all_seeds_predictions():
+    from kale_ray.methods.kale.metrics import summarize
+
+    rng = random.Random(3)
+    seeds = {s: {m: _scored(rng, s, rng.randint(15, 40)) for m in ("sft", "kale")} for s in (0, 1, 2)}
+    seeds[1]["base"] = _scored(rng, 1, 25)  # the base model at one seed only
+    per_seed = [{"seed": s, "by_hops": {m: summarize(rows)["known_and_incorrect_by_hops"] for m, rows in ms.items()}}
+                for s, ms in seeds.items()]
+    gate = ba.pool_gate(per_seed)
+    for m in ("sft", "kale"):
+        whole = summarize([r for ms in seeds.values() for r in ms[m]])
+        got = gate["models"][m]
+        assert got["seeds"] == [0, 1, 2]
+        assert got["all"]["n"] == whole["n_with_probes"]
+        assert got["all"]["accuracy"] == pytest.approx(whole["accuracy"])
+        assert got["all"]["probe_accuracy"] == pytest.approx(whole["probe_accuracy"])
+        assert got["all"]["n_ki"] == whole["n_known_and_incorrect"]
+        assert got["all"]["known_and_incorrect_rate"] == pytest.approx(whole["known_and_incorrect_rate"])
+        for h, v in whole["known_and_incorrect_by_hops"].items():
+            assert got["by_hops"][h]["accuracy"] == pytest.approx(v["accuracy"])
+            assert got["by_hops"][h]["probe_accuracy"] == pytest.approx(v["probe_accuracy"])
+            assert got["by_hops"][h]["n_known"] == v["n_known"]
+    assert gate["models"]["base"]["seeds"] == [1]
+    assert gate["models"]["base"]["all"]["n"] == summarize(seeds[1]["base"])["n_with_probes"]
