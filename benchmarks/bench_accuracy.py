@@ -421,6 +421,8 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"bench_accuracy: --ka-grid {unknown}: not in {sorted(KA_GRID)}")
     ka_seeds = [int(x) for x in args.ka_seeds.split(",") if x.strip()] or seeds[:1]
+    if names and not ka_seeds:
+        raise SystemExit("bench_accuracy: --ka-grid with an empty --seeds needs --ka-seeds (the seeds to train at)")
     key = args.key or args.size
     # the entry's seeds and KA points from earlier calls pool with this call's when made under the same settings
     stored = json.loads(RESULTS_FILE.read_text()).get(key) if RESULTS_FILE.exists() else None
