@@ -240,7 +240,11 @@ def pool_gate(per_seed: list[dict]) -> dict:
     def row(c: dict) -> dict:
         return {**c, "accuracy": c["correct"] / c["n"] if c["n"] else 0.0, "accuracy_ci95": wilson(c["correct"], c["n"]),
                 "probe_accuracy": c["probes_correct"] / c["probes"] if c["probes"] else 0.0,
-                "known_and_incorrect_rate": c["n_ki"] / c["n"] if c["n"] else 0.0, "known_and_incorrect_ci95": wilson(c["n_ki"], c["n"])}
+                "known_and_incorrect_rate": c["n_ki"] / c["n"] if c["n"] else 0.0, "known_and_incorrect_ci95": wilson(c["n_ki"], c["n"]),
+                # of the questions whose every hop fact is known, the share missed: a model that knows fewer facts
+                # has fewer known & incorrect questions without composing any better; this rate does not move so
+                "known_and_incorrect_given_known": c["n_ki"] / c["n_known"] if c["n_known"] else 0.0,
+                "known_and_incorrect_given_known_ci95": wilson(c["n_ki"], c["n_known"])}
 
     out: dict = {"models": {}, "question_blind": {}}
     for m, e in models.items():

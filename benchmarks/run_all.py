@@ -222,7 +222,8 @@ def _ka_tables(entry: dict) -> list[str]:
         parts += [f"The gate, pooled over seeds {entry['seeds']} (per hop count: multi-hop accuracy / hop-fact accuracy / "
                   "known & incorrect rate, over the probed questions):", "",
                   "| model | seeds | n | multi-hop accuracy [95% CI] | hop-fact accuracy | known | known & incorrect [95% CI] | "
-                  + " | ".join(f"{h}-hop" for h in hops) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(hops)]
+                  "missed when known [95% CI] | " + " | ".join(f"{h}-hop" for h in hops) + " |",
+                  "|---|---|---|---|---|---|---|---|" + "---|" * len(hops)]
         for name in [m for m in ("base", "sft", "kale") if m in g["models"]]:
             m = g["models"][name]
             a = m["all"]
@@ -231,11 +232,13 @@ def _ka_tables(entry: dict) -> list[str]:
             parts.append(f"| {name} | {','.join(map(str, m['seeds']))} | {a['n']} | {a['accuracy']:.3f} "
                          f"[{a['accuracy_ci95'][0]:.3f}, {a['accuracy_ci95'][1]:.3f}] | {a['probe_accuracy']:.3f} | {a['n_known']} | "
                          f"{a['n_ki']} ({a['known_and_incorrect_rate']:.3f} [{a['known_and_incorrect_ci95'][0]:.3f}, "
-                         f"{a['known_and_incorrect_ci95'][1]:.3f}]) | " + " | ".join(cells) + " |")
+                         f"{a['known_and_incorrect_ci95'][1]:.3f}]) | {a['known_and_incorrect_given_known']:.3f} "
+                         f"[{a['known_and_incorrect_given_known_ci95'][0]:.3f}, {a['known_and_incorrect_given_known_ci95'][1]:.3f}] | "
+                         + " | ".join(cells) + " |")
         for prior, b in sorted(g.get("question_blind", {}).items()):
             cells = [f"{b['by_hops'][h]['accuracy']:.3f}" if h in b["by_hops"] else "—" for h in hops]
             parts.append(f"| question-blind, {prior} prior (chance {b['chance']:.3f}) | {','.join(map(str, b['seeds']))} | {b['n']} | "
-                         f"{b['accuracy']:.3f} | — | — | — | " + " | ".join(cells) + " |")
+                         f"{b['accuracy']:.3f} | — | — | — | — | " + " | ".join(cells) + " |")
         parts += [""]
     c = (entry.get("pooled") or {}).get("compare")
     if c:

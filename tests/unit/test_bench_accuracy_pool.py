@@ -144,3 +144,12 @@ def test_pooled_gate_equals_the_gate_over_all_seeds_predictions():
             assert got["by_hops"][h]["n_known"] == v["n_known"]
     assert gate["models"]["base"]["seeds"] == [1]
     assert gate["models"]["base"]["all"]["n"] == summarize(seeds[1]["base"])["n_with_probes"]
+
+
+def test_missed_when_known_is_the_share_of_known_questions():
+    per_seed = [{"seed": 0, "by_hops": {"sft": {"2": {"n_with_probes": 10, "n_known": 4, "n_known_and_incorrect": 1,
+                                                      "accuracy": 0.5, "probe_accuracy": 0.6}}}}]
+    a = ba.pool_gate(per_seed)["models"]["sft"]["all"]
+    assert a["known_and_incorrect_rate"] == pytest.approx(0.1)
+    assert a["known_and_incorrect_given_known"] == pytest.approx(0.25)
+    assert a["probes"] == 20 and a["probes_correct"] == 12
