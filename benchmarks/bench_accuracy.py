@@ -270,6 +270,20 @@ def pool_gate(per_seed: list[dict]) -> dict:
     return out
 
 
+def pool_general(per_seed: list[dict]) -> dict:
+    """The general questions over the seeds that recorded them: each model's accuracy (the same 200 questions at
+    every seed, so a mean over seeds) and KALE - SFT paired per (seed, question)."""
+    have = [r for r in per_seed if (r.get("general") or {}).get("kale_minus_sft")]
+    if not have:
+        return {}
+    acc = {m: statistics.mean(r["general"]["accuracy"][m] for r in have if r["general"]["accuracy"].get(m) is not None)
+           for m in dict.fromkeys(m for r in have for m, a in r["general"]["accuracy"].items() if a is not None)}
+    d = [r["general"]["kale_minus_sft"] for r in have]
+    return {"seeds": [r["seed"] for r in have], "mean_accuracy": acc,
+            "kale_minus_sft": paired_from_counts(sum(x["n"] for x in d), sum(x["only_b_right"] for x in d),
+                                                 sum(x["only_a_right"] for x in d))}
+
+
 # overrides that add a measurement without changing any output that is compared (the base model's evaluation is
 # a stage of its own; SFT's and KALE's stages do not depend on it): they do not stop seeds from pooling
 ADD_ONLY = ("eval_base=",)
@@ -309,7 +323,10 @@ def pool_grid(grid: list[dict], per_seed: list[dict]) -> dict:
     for name in dict.fromkeys(g["name"] for g in grid):
         points = [g for g in grid if g["name"] == name]
         seeds = sorted(g["seed"] for g in points)
+        gen = [g["general_kale_minus_sft"] for g in points if (g.get("general_kale_minus_sft") or {}).get("n")]
         out[name] = {"seeds": seeds, "overrides": points[0]["overrides"], "compare": pool_compares([g["compare"] for g in points]),
+                     "general_kale_minus_sft": paired_from_counts(sum(x["n"] for x in gen), sum(x["only_b_right"] for x in gen),
+                                                                  sum(x["only_a_right"] for x in gen)) if gen else None,
                      "default_at_same_seeds": (pool_compares([by_seed[s]["compare"] for s in seeds])
                                                if all(s in by_seed for s in seeds) else None)}
     return out
@@ -339,7 +356,11 @@ def run_seed(size: str, seed: int, extra: list[str], out_root: Path, key: str = 
             "path_mode": {"heuristic": cfg.synth.paths.heuristic,
                           "follow_question_relations": cfg.synth.paths.follow_question_relations,
                           "teacher": cfg.synth.generation.backend},
-            "compare": compare(preds["sft"], preds["kale"])}
+            "compare": compare(preds["sft"], preds["kale"]),
+            # the held-out general questions (never trained on): each model's accuracy and KALE - SFT paired
+            "general": {"accuracy": {k: (v.get("general") or {}).get("accuracy") for k, v in metrics["eval"].items()},
+                        "n": max([(v.get("general") or {}).get("n") or 0 for v in metrics["eval"].values()] or [0]),
+                        "kale_minus_sft": (metrics.get("general") or {}).get("kale_minus_sft")}}
 
 
 # issue 15 item 4: the KA settings the paper leaves open, one seed each, against the seed's own SFT model (the
@@ -469,6 +490,7 @@ def main(argv=None) -> dict:
         if len(have) < len(per_seed):
             pooled[k]["seeds"] = [r["seed"] for r in have]
     pooled["gate"] = pool_gate(per_seed)
+    pooled["general"] = pool_general(per_seed)
     # paired over all (seed, question) pairs: questions of different seeds are different test items
     pooled["compare"] = pool_compares([r["compare"] for r in per_seed])
     pooled["kale_minus_sft_paired"] = pooled["compare"]["kale_minus_sft_paired"]

@@ -269,14 +269,14 @@ def _ka_tables(entry: dict) -> list[str]:
         parts += ["KA settings run at more than one seed, pooled over those seeds, beside the default settings' KALE at the "
                   "same seeds:", "",
                   "| setting | seeds | n | KALE − SFT, points [95% CI] | default KALE − SFT, same seeds | "
-                  "K&I KALE / default / SFT | unparsed KALE / default / SFT |", "|---|---|---|---|---|---|---|"]
+                  "K&I KALE / default / SFT | unparsed KALE / default / SFT | general QA KALE − SFT |", "|---|---|---|---|---|---|---|---|"]
         for v in pooled.values():
             c, d = v["compare"], v["default_at_same_seeds"] or {}
             parts.append(f"| `{' '.join(v['overrides'])}` | {','.join(map(str, v['seeds']))} | {c['sft']['n']} | "
                          f"{_pts(c['kale_minus_sft_paired'])} | {_pts(d.get('kale_minus_sft_paired'))} | "
                          f"{c['kale']['n_known_and_incorrect']} / {(d.get('kale') or {}).get('n_known_and_incorrect', '—')} / "
                          f"{c['sft']['n_known_and_incorrect']} | {c['unparsed']['kale']} / "
-                         f"{(d.get('unparsed') or {}).get('kale', '—')} / {c['unparsed']['sft']} |")
+                         f"{(d.get('unparsed') or {}).get('kale', '—')} / {c['unparsed']['sft']} | {_pts(v.get('general_kale_minus_sft'))} |")
         parts += [""]
     return parts
 
@@ -310,6 +310,11 @@ def method_tables() -> str:
         if a.get("ci95_t"):
             parts += ["", f"Across seeds: mean KALE − SFT {100 * a['mean']:+.1f} points (t interval "
                       f"{100 * a['ci95_t'][0]:+.1f} .. {100 * a['ci95_t'][1]:+.1f}, {len(a['per_seed_diff'])} seeds)."]
+        gq = (entry.get("pooled") or {}).get("general") or {}
+        if gq:
+            accs = ", ".join(f"{m} {a:.3f}" for m, a in gq["mean_accuracy"].items())
+            parts += ["", f"General questions (200, never trained on; seeds {','.join(map(str, gq['seeds']))}): mean accuracy {accs}; "
+                      f"KALE − SFT paired over (seed, question) {_pts(gq['kale_minus_sft'])} points."]
         parts += [""] + _ka_tables(entry)
     kt = (_load("knowtuning.json") or {}).get("full") or (_load("knowtuning.json") or {}).get("quick")
     if kt:

@@ -153,3 +153,24 @@ def test_missed_when_known_is_the_share_of_known_questions():
     assert a["known_and_incorrect_rate"] == pytest.approx(0.1)
     assert a["known_and_incorrect_given_known"] == pytest.approx(0.25)
     assert a["probes"] == 20 and a["probes_correct"] == 12
+
+
+def test_general_questions_pool_paired_over_seeds():
+    from kale_ray.runtime.report import paired_difference
+
+    rng = random.Random(5)
+    per_seed, sft_all, kale_all = [], {}, {}
+    for s in (0, 1):
+        sft = {f"g{i}": rng.random() < 0.4 for i in range(200)}
+        kale = {f"g{i}": rng.random() < 0.42 for i in range(200)}
+        sft_all.update({f"{s}:{k}": v for k, v in sft.items()})
+        kale_all.update({f"{s}:{k}": v for k, v in kale.items()})
+        per_seed.append({"seed": s, "general": {"accuracy": {"sft": sum(sft.values()) / 200, "kale": sum(kale.values()) / 200,
+                                                             "base": None}, "n": 200,
+                                                "kale_minus_sft": paired_difference(sft, kale)}})
+    per_seed.append({"seed": 2})  # a seed stored before the general questions were recorded
+    g = ba.pool_general(per_seed)
+    whole = paired_difference(sft_all, kale_all)
+    assert g["seeds"] == [0, 1] and set(g["mean_accuracy"]) == {"sft", "kale"}
+    assert g["kale_minus_sft"]["diff"] == pytest.approx(whole["diff"])
+    assert g["kale_minus_sft"]["ci95"] == pytest.approx(whole["ci95"])
