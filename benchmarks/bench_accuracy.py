@@ -424,6 +424,30 @@ def run_ka_point(size: str, seed: int, extra: list[str], out_root: Path, key: st
             "timings": run.timings()}
 
 
+def seed_list(text: str, flag: str) -> list[int]:
+    """``"0,1, 2"`` -> ``[0, 1, 2]``; anything else stops with one line naming the flag and the item."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        try:
+            out.append(int(item))
+        except ValueError:
+            raise SystemExit(f"bench_accuracy: {flag} {text!r}: {item!r} is not a seed (comma-separated integers)") from None
+    return out
+
+
+def stored_entry(path: Path, key: str) -> dict | None:
+    """The entry ``key`` of the results file, or None; a file that is not JSON stops with one line (its seeds would
+    otherwise be overwritten unseen)."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text()).get(key)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"bench_accuracy: {path}: not JSON (line {e.lineno}: {e.msg}); fix or move it to keep its seeds") from None
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="smoke")
@@ -440,17 +464,17 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.quick:
         args.size = "smoke"
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = seed_list(args.seeds, "--seeds")
     names = list(KA_GRID) if args.ka_grid == "all" else [n for n in args.ka_grid.split(",") if n]
     unknown = [n for n in names if n not in KA_GRID]
     if unknown:
         raise SystemExit(f"bench_accuracy: --ka-grid {unknown}: not in {sorted(KA_GRID)}")
-    ka_seeds = [int(x) for x in args.ka_seeds.split(",") if x.strip()] or seeds[:1]
+    ka_seeds = seed_list(args.ka_seeds, "--ka-seeds") or seeds[:1]
     if names and not ka_seeds:
         raise SystemExit("bench_accuracy: --ka-grid with an empty --seeds needs --ka-seeds (the seeds to train at)")
     key = args.key or args.size
     # the entry's seeds and KA points from earlier calls pool with this call's when made under the same settings
-    stored = json.loads(RESULTS_FILE.read_text()).get(key) if RESULTS_FILE.exists() else None
+    stored = stored_entry(RESULTS_FILE, key)
     if stored and not same_settings(stored, args.size, args.overrides):
         print(f"bench_accuracy: the stored entry {key!r} (seeds {stored.get('seeds')}) was made under other settings "
               f"({(stored.get('config') or {}).get('size_overrides')} + {(stored.get('config') or {}).get('extra_overrides')}); "

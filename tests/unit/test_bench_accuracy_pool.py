@@ -174,3 +174,16 @@ def test_general_questions_pool_paired_over_seeds():
     assert g["seeds"] == [0, 1] and set(g["mean_accuracy"]) == {"sft", "kale"}
     assert g["kale_minus_sft"]["diff"] == pytest.approx(whole["diff"])
     assert g["kale_minus_sft"]["ci95"] == pytest.approx(whole["ci95"])
+
+
+def test_bad_seed_lists_and_results_files_stop_with_one_line(tmp_path):
+    assert ba.seed_list("0, 3,4,", "--seeds") == [0, 3, 4] and ba.seed_list("", "--ka-seeds") == []
+    with pytest.raises(SystemExit, match=r"--ka-seeds '3,x': 'x' is not a seed"):
+        ba.seed_list("3,x", "--ka-seeds")
+    bad = tmp_path / "accuracy.json"
+    bad.write_text('{"testbed": {"seeds": [0]},\n oops')
+    with pytest.raises(SystemExit, match=r"accuracy.json: not JSON \(line 2"):
+        ba.stored_entry(bad, "testbed")
+    assert ba.stored_entry(tmp_path / "missing.json", "testbed") is None
+    bad.write_text('{"testbed": {"seeds": [0]}}')
+    assert ba.stored_entry(bad, "testbed") == {"seeds": [0]} and ba.stored_entry(bad, "other") is None
